@@ -1,0 +1,356 @@
+//! The GLM model, written like the equations of spec section 1:
+//!
+//! ```text
+//! x = E[tokens]
+//! per layer:  a = LN1(x);  y = alpha*a + Attn(a);  m = LN2(y);  x = alpha*m + FFN(m)
+//! logits = LN_final(x) · Eᵀ          (or · lm_headᵀ when the head is untied)
+//! ```
+//!
+//! Every projection comes from a `LinearFactory` (dense, quantized or tensor-parallel: one model for
+//! all). Masks and positions arrive as a per-row `AttnLayout` and position ids. The KV cache is an
+//! argument, so the model stays `&self` and one model can serve many sequences.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+use glm_checkpoint::Checkpoint;
+use glm_nn::{AttnLayout, LayerNorm, Linear, LinearFactory, LinearSpec, ParallelRole, Rope};
+
+use crate::config::{Config, FfnKind};
+use crate::weights::*;
+use crate::{Error, Result};
+
+/// Keys and values of every layer seen so far: per layer (k, v), each [B, N, T_past, D].
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            layers: vec![None; cfg.num_layers],
+        }
+    }
+
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dims().get(2).copied().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+}
+
+/// Values every layer of one forward shares.
+struct Step<'a> {
+    rope: &'a Rope,
+    cos: Tensor,  // (B, 1, T, D)
+    sin: Tensor,  // (B, 1, T, D)
+    mask: Tensor, // (B, 1, T, T_past + T), additive, f32
+}
+
+struct Attention {
+    query_key_value: Box<dyn Linear>,
+    dense: Box<dyn Linear>,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &Config, vb: &VarBuilder, lin: &dyn LinearFactory) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let spec = |name, out_dim, role| LinearSpec {
+            name,
+            in_dim: h,
+            out_dim,
+            bias: true,
+            role,
+        };
+        Ok(Self {
+            // One column chunk: heads are contiguous [q|k|v] blocks of 3D rows, so a rank's slice
+            // of rows holds whole heads.
+            query_key_value: lin.make(vb, spec(QKV, 3 * h, ParallelRole::Column { chunks: 1 }))?,
+            dense: lin.make(vb, spec(DENSE, h, ParallelRole::Row))?,
+            num_heads: cfg.num_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (n, d) = (self.num_heads, self.head_dim);
+        // (B, T, N, 3D): the fused weight is per-head interleaved, q | k | v inside each head.
+        let qkv = self.query_key_value.forward(x)?.reshape((b, t, n, 3 * d))?;
+        let heads = |i: usize| qkv.narrow(3, i * d, d)?.transpose(1, 2)?.contiguous(); // (B, N, T, D)
+        let q = step.rope.apply(&heads(0)?, &step.cos, &step.sin)?;
+        let mut k = step.rope.apply(&heads(1)?, &step.cos, &step.sin)?;
+        let mut v = heads(2)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?; // (B, N, T_past + T, D)
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let q = (q * (1.0 / (d as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?; // (B, N, T, T_k)
+                                         // Softmax in f32 whatever the activation dtype.
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(&step.mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+        let ctx = probs.matmul(&v)?; // (B, N, T, D)
+        let ctx = ctx.transpose(1, 2)?.reshape((b, t, n * d))?; // (B, T, H)
+        Ok(self.dense.forward(&ctx)?)
+    }
+}
+
+struct Mlp {
+    dense_h_to_4h: Box<dyn Linear>,
+    dense_4h_to_h: Box<dyn Linear>,
+    kind: FfnKind,
+    ffn: usize,
+}
+
+impl Mlp {
+    fn new(cfg: &Config, vb: &VarBuilder, lin: &dyn LinearFactory) -> Result<Self> {
+        let (h, f, up) = (cfg.hidden_size, cfg.ffn_hidden_size, cfg.ffn_up_size());
+        let chunks = match cfg.ffn {
+            FfnKind::GeGlu => 2,
+            FfnKind::GeluTanh => 1,
+        };
+        let up_spec = LinearSpec {
+            name: H_TO_4H,
+            in_dim: h,
+            out_dim: up,
+            bias: true,
+            role: ParallelRole::Column { chunks },
+        };
+        let down_spec = LinearSpec {
+            name: FOURH_TO_H,
+            in_dim: f,
+            out_dim: h,
+            bias: true,
+            role: ParallelRole::Row,
+        };
+        Ok(Self {
+            dense_h_to_4h: lin.make(vb, up_spec)?,
+            dense_4h_to_h: lin.make(vb, down_spec)?,
+            kind: cfg.ffn,
+            ffn: f,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let u = self.dense_h_to_4h.forward(x)?; // (B, T, 2F) or (B, T, F)
+        let act = match self.kind {
+            // GeGLU: the first half is linear, the second half goes through exact (erf) GELU.
+            FfnKind::GeGlu => {
+                (u.narrow(D::Minus1, 0, self.ffn)?
+                    * u.narrow(D::Minus1, self.ffn, self.ffn)?.gelu_erf()?)?
+            }
+            FfnKind::GeluTanh => u.gelu()?,
+        };
+        Ok(self.dense_4h_to_h.forward(&act)?)
+    }
+}
+
+struct Block {
+    input_layernorm: LayerNorm,
+    attention: Attention,
+    post_attention_layernorm: LayerNorm,
+    mlp: Mlp,
+    alpha: f64,
+}
+
+impl Block {
+    fn new(cfg: &Config, vb: VarBuilder, lin: &dyn LinearFactory) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.layernorm_eps);
+        Ok(Self {
+            input_layernorm: LayerNorm::load(vb.pp(INPUT_LAYERNORM), h, eps)?,
+            attention: Attention::new(cfg, &vb.pp(ATTENTION), lin)?,
+            post_attention_layernorm: LayerNorm::load(vb.pp(POST_ATTENTION_LAYERNORM), h, eps)?,
+            mlp: Mlp::new(cfg, &vb.pp(MLP), lin)?,
+            alpha: cfg.deepnorm_alpha(),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let a = self.input_layernorm.forward(x)?; //           a = LN1(x)
+        let y = ((&a * self.alpha)? + self.attention.forward(&a, step, cache)?)?; // y = alpha*a + Attn(a)
+        let m = self.post_attention_layernorm.forward(&y)?; // m = LN2(y)
+        Ok(((&m * self.alpha)? + self.mlp.forward(&m)?)?) //  x = alpha*m + FFN(m)
+    }
+}
+
+pub struct Glm {
+    cfg: Config,
+    word_embeddings: Tensor, // (V, H)
+    layers: Vec<Block>,
+    final_layernorm: LayerNorm,
+    lm_head: Option<Tensor>, // (V, H), only when untied
+    rope: Rope,
+}
+
+impl Glm {
+    /// Build from a VarBuilder whose paths are the checkpoint names (see `weights`).
+    pub fn new(cfg: &Config, vb: VarBuilder, lin: &dyn LinearFactory) -> Result<Self> {
+        cfg.validate()?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let tf = vb.pp(TRANSFORMER);
+        let layers = (0..cfg.num_layers)
+            .map(|i| Block::new(cfg, tf.pp(LAYERS).pp(i), lin))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            word_embeddings: tf.pp(WORD_EMBEDDINGS).get((v, h), "weight")?,
+            layers,
+            final_layernorm: LayerNorm::load(tf.pp(FINAL_LAYERNORM), h, cfg.layernorm_eps)?,
+            lm_head: if cfg.tie_word_embeddings {
+                None
+            } else {
+                Some(vb.pp(LM_HEAD).get((v, h), "weight")?)
+            },
+            rope: Rope::new(cfg.head_dim(), cfg.rope_parts(), cfg.rope_base, vb.device())?,
+        })
+    }
+
+    /// Check every tensor of the checkpoint against the parameter table (names and shapes, all
+    /// reported with the file), then build.
+    pub fn from_checkpoint(
+        cfg: &Config,
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        lin: &dyn LinearFactory,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let tensors = ckpt.load_all(&tensor_specs(cfg), dtype, device)?;
+        Self::new(cfg, VarBuilder::from_tensors(tensors, dtype, device), lin)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.word_embeddings.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.word_embeddings.dtype()
+    }
+
+    /// Logits [B, T, V] for tokens `ids` [B, T] at `positions` ([B, T], or [B, 2, T] for 2-D RoPE),
+    /// attending as `layout` says. With a cache, `ids` continue the cached tokens: they are row
+    /// positions cache.len().. of the layout, and their keys and values are appended to the cache.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        layout: &AttnLayout,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = self.check_inputs(ids, positions, layout)?;
+        let past = match cache.as_deref_mut() {
+            Some(c) => {
+                if c.layers.len() != self.layers.len() {
+                    c.layers = vec![None; self.layers.len()];
+                }
+                if let Some(Some((k, _))) = c.layers.first() {
+                    if k.dim(0)? != b {
+                        return Err(Error::Input(format!(
+                            "KV cache holds batch {}, input has batch {b}",
+                            k.dim(0)?
+                        )));
+                    }
+                }
+                c.len()
+            }
+            None => 0,
+        };
+        let dtype = self.dtype();
+        let (cos, sin) = self.rope.tables(positions, dtype)?;
+        let step = Step {
+            rope: &self.rope,
+            cos,
+            sin,
+            mask: layout.mask(past, t, past + t, self.device())?,
+        };
+
+        let mut x = self
+            .word_embeddings
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?; // (B, T, H)
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
+            x = layer.forward(&x, &step, slot)?;
+        }
+        let out = self.final_layernorm.forward(&x)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.word_embeddings);
+        Ok(out.broadcast_matmul(&head.t()?)?) // (B, T, V)
+    }
+
+    fn check_inputs(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        layout: &AttnLayout,
+    ) -> Result<(usize, usize)> {
+        let (b, t) = ids
+            .dims2()
+            .map_err(|_| Error::Input(format!("token ids must be [B, T], got {:?}", ids.dims())))?;
+        if t == 0 {
+            return Err(Error::Input("empty input: no tokens".into()));
+        }
+        let parts = self.cfg.rope_parts();
+        let want: Vec<usize> = if parts == 1 {
+            vec![b, t]
+        } else {
+            vec![b, parts, t]
+        };
+        if positions.dims() != want.as_slice() {
+            return Err(Error::Input(format!(
+                "position ids must be {want:?} for {:?}, got {:?}",
+                self.cfg.position_encoding,
+                positions.dims()
+            )));
+        }
+        if layout.batch() != b {
+            return Err(Error::Input(format!(
+                "attention layout has {} rows, input has {b}",
+                layout.batch()
+            )));
+        }
+        let host: Vec<i64> = ids.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+        if let Some((i, &id)) = host
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id < 0 || id as usize >= self.cfg.vocab_size)
+        {
+            return Err(Error::Input(format!(
+                "token id {id} at row {}, column {} is outside the vocabulary (size {})",
+                i / t,
+                i % t,
+                self.cfg.vocab_size
+            )));
+        }
+        Ok((b, t))
+    }
+}

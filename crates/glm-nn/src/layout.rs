@@ -1,0 +1,170 @@
+//! The GLM attention layout, described per row instead of as a dense T x T mask.
+//!
+//! A row holds one or more packed samples (`Segment`s). A token attends only inside its own sample:
+//! to every token of that sample's prefix (bidirectional context: everything before `<sop>`), and
+//! causally to the tokens after it. Samples packed into one row never see each other
+//! (block-diagonal), which [MASK] training needs. Tokens outside every segment (padding) see only
+//! themselves. The layout turns into an additive mask [B, 1, Tq, Tk] for any window of queries, so
+//! the same description serves the full forward and KV-cache decoding.
+
+use candle_core::{Device, Result, Tensor};
+
+/// One sample in a row: tokens [start, start + len), of which the first `prefix` are context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: usize,
+    pub len: usize,
+    pub prefix: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttnLayout {
+    rows: Vec<Vec<Segment>>,
+}
+
+impl AttnLayout {
+    /// One sample per row, starting at token 0; `prefix_lens[b]` tokens of row b are context.
+    /// The sample extends without end, so decoding may append tokens to it.
+    pub fn prefix_lm(prefix_lens: &[usize]) -> Self {
+        let rows = prefix_lens
+            .iter()
+            .map(|&p| {
+                vec![Segment {
+                    start: 0,
+                    len: usize::MAX,
+                    prefix: p,
+                }]
+            })
+            .collect();
+        Self { rows }
+    }
+
+    /// Several samples per row. Segments of a row must be sorted, disjoint and have
+    /// `prefix <= len`, `len >= 1`. The last segment of a row may be open-ended (`len = usize::MAX`).
+    pub fn packed(rows: Vec<Vec<Segment>>) -> Result<Self> {
+        for (b, row) in rows.iter().enumerate() {
+            let mut end = 0usize;
+            for s in row {
+                if s.len == 0 || s.prefix > s.len || s.start < end {
+                    candle_core::bail!(
+                        "row {b}: bad segment {s:?} (segments must be non-empty, sorted, disjoint, prefix <= len)"
+                    )
+                }
+                end = s.start.saturating_add(s.len);
+            }
+        }
+        Ok(Self { rows })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn rows(&self) -> &[Vec<Segment>] {
+        &self.rows
+    }
+
+    fn segment_of(&self, b: usize, i: usize) -> Option<&Segment> {
+        self.rows[b]
+            .iter()
+            .find(|s| i >= s.start && i - s.start < s.len)
+    }
+
+    /// May token i of row b attend to token j?
+    pub fn allowed(&self, b: usize, i: usize, j: usize) -> bool {
+        match self.segment_of(b, i) {
+            None => i == j,
+            Some(s) => j >= s.start && (j < s.start + s.prefix || j <= i),
+        }
+    }
+
+    /// Additive mask [B, 1, q_len, k_len] (0 = attend, -inf = blocked) for queries
+    /// q_start..q_start+q_len over keys 0..k_len.
+    pub fn mask(
+        &self,
+        q_start: usize,
+        q_len: usize,
+        k_len: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let b = self.rows.len();
+        let mut m = vec![0f32; b * q_len * k_len];
+        for r in 0..b {
+            for qi in 0..q_len {
+                let i = q_start + qi;
+                let row = &mut m[(r * q_len + qi) * k_len..(r * q_len + qi + 1) * k_len];
+                for (j, v) in row.iter_mut().enumerate() {
+                    if !self.allowed(r, i, j) {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, q_len, k_len), device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_then_causal() {
+        let l = AttnLayout::prefix_lm(&[3]);
+        // Tokens 0..3 see each other both ways; token 4 sees 0..=4 but not 5.
+        assert!(l.allowed(0, 0, 2));
+        assert!(!l.allowed(0, 0, 3));
+        assert!(l.allowed(0, 4, 3) && l.allowed(0, 4, 4) && !l.allowed(0, 4, 5));
+    }
+
+    #[test]
+    fn packed_samples_are_block_diagonal() {
+        let l = AttnLayout::packed(vec![vec![
+            Segment {
+                start: 0,
+                len: 4,
+                prefix: 2,
+            },
+            Segment {
+                start: 4,
+                len: 3,
+                prefix: 1,
+            },
+        ]])
+        .unwrap();
+        assert!(!l.allowed(0, 5, 1) && !l.allowed(0, 1, 5));
+        assert!(l.allowed(0, 5, 4) && l.allowed(0, 4, 4) && !l.allowed(0, 4, 5));
+        // Padding after the last segment sees only itself.
+        assert!(l.allowed(0, 8, 8) && !l.allowed(0, 8, 7));
+        assert!(AttnLayout::packed(vec![vec![
+            Segment {
+                start: 0,
+                len: 4,
+                prefix: 2
+            },
+            Segment {
+                start: 3,
+                len: 3,
+                prefix: 1
+            }
+        ]])
+        .is_err());
+    }
+
+    #[test]
+    fn mask_window_matches_allowed() -> Result<()> {
+        let l = AttnLayout::prefix_lm(&[2, 4]);
+        let m = l.mask(3, 2, 5, &Device::Cpu)?;
+        assert_eq!(m.dims(), &[2, 1, 2, 5]);
+        let v: Vec<f32> = m.flatten_all()?.to_vec1()?;
+        for b in 0..2 {
+            for qi in 0..2 {
+                for j in 0..5 {
+                    let blocked = v[(b * 2 + qi) * 5 + j].is_infinite();
+                    assert_eq!(blocked, !l.allowed(b, 3 + qi, j));
+                }
+            }
+        }
+        Ok(())
+    }
+}

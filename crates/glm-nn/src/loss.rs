@@ -1,0 +1,63 @@
+//! Cross entropy with an ignore index, kept outside the model (the model returns logits).
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Targets equal to this are not scored (PyTorch's default).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Mean cross entropy over the targets that are not `IGNORE_INDEX`, computed in f32.
+/// logits [.., V], targets [..] (i64). With no scored target the loss is 0.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let v = logits.dim(candle_core::D::Minus1)?;
+    let logits = logits.reshape(((), v))?;
+    let t: Vec<i64> = targets.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+    if t.len() != logits.dim(0)? {
+        candle_core::bail!(
+            "cross_entropy: {} targets for {} logit rows",
+            t.len(),
+            logits.dim(0)?
+        )
+    }
+    let (mut rows, mut labels) = (Vec::new(), Vec::new());
+    for (i, &y) in t.iter().enumerate() {
+        if y == IGNORE_INDEX {
+            continue;
+        }
+        if y < 0 || y as usize >= v {
+            candle_core::bail!(
+                "cross_entropy: target {y} at position {i} is outside the vocabulary (size {v})"
+            )
+        }
+        rows.push(i as u32);
+        labels.push(y as u32);
+    }
+    if rows.is_empty() {
+        return Tensor::zeros((), DType::F32, logits.device());
+    }
+    let n = rows.len();
+    let dev = logits.device();
+    let picked = logits
+        .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
+        .to_dtype(DType::F32)?;
+    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
+    let labels = Tensor::from_vec(labels, (n, 1), dev)?;
+    logp.gather(&labels, 1)?.mean_all()?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn ignores_masked_targets() -> Result<()> {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[[[0f32, 0., 0., 0.], [10., 0., 0., 0.]]], &dev)?;
+        let t = Tensor::new(&[[2i64, IGNORE_INDEX]], &dev)?;
+        let l = cross_entropy(&logits, &t)?.to_scalar::<f32>()?;
+        assert!((l - 4f32.ln()).abs() < 1e-6);
+        let bad = Tensor::new(&[[7i64, 0]], &dev)?;
+        assert!(cross_entropy(&logits, &bad).is_err());
+        Ok(())
+    }
+}
