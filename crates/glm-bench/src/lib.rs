@@ -1,1 +1,290 @@
+//! `glm bench forward`: tokens/s of the model's forward and forward+backward on this machine,
+//! beside (a) PyTorch eager running the same architecture and shapes in the same run, when a Python
+//! with torch is available, and (b) the machine's measured sgemm peak, as model-FLOP utilization.
+//! Nothing here is asserted in tests: these are measurements, printed and returned as JSON.
 
+use std::io::Write;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use glm_model::{init_weights, param_count, var_map, Config, Glm};
+use glm_nn::{cross_entropy, AttnLayout, DenseFactory};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+const TORCH_SCRIPT: &str = include_str!("../py/torch_forward.py");
+
+#[derive(Debug, Clone)]
+pub struct ForwardBench {
+    pub presets: Vec<String>,
+    pub batch: usize,
+    pub seq: usize,
+    pub iters: usize,
+    /// Python to run the PyTorch baseline with; `None` skips it.
+    pub torch_python: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub gflops: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PresetResult {
+    pub preset: String,
+    pub params: u64,
+    pub batch: usize,
+    pub seq: usize,
+    pub forward: Timing,
+    pub forward_backward: Timing,
+    pub torch_forward: Option<Timing>,
+    pub torch_forward_backward: Option<Timing>,
+    pub torch_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardReport {
+    pub threads: usize,
+    pub sgemm_peak_gflops: f64,
+    pub results: Vec<PresetResult>,
+    pub torch_note: Option<String>,
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median seconds of `iters` runs after one warm-up.
+fn time_it(iters: usize, bar: &ProgressBar, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut ts = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        f()?;
+        ts.push(t.elapsed().as_secs_f64());
+        bar.inc(1);
+    }
+    Ok(median(ts))
+}
+
+/// candle's f32 matmul throughput at 1024^3: the practical peak a CPU forward can reach here.
+pub fn sgemm_peak_gflops() -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1., (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1., (n, n), &Device::Cpu)?;
+    let s = time_it(5, &ProgressBar::hidden(), || {
+        Ok(a.matmul(&b).map(|_| ())?)
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / s / 1e9)
+}
+
+/// Model FLOPs per token of a forward (the anchor's accounting): 2 per parameter plus attention
+/// scores and context, 4 * L * H * T; a backward costs twice the forward.
+fn forward_flops_per_token(cfg: &Config, seq: usize) -> f64 {
+    2.0 * param_count(cfg) as f64 + 4.0 * (cfg.num_layers * cfg.hidden_size * seq) as f64
+}
+
+fn timing(seconds: f64, tokens: usize, flops_per_token: f64) -> Timing {
+    let tps = tokens as f64 / seconds;
+    Timing {
+        seconds,
+        tokens_per_s: tps,
+        gflops: tps * flops_per_token / 1e9,
+    }
+}
+
+fn inputs(cfg: &Config, b: usize, t: usize) -> Result<(Tensor, Tensor, AttnLayout)> {
+    let dev = Device::Cpu;
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+    let pos = Tensor::arange(0i64, t as i64, &dev)?
+        .unsqueeze(0)?
+        .repeat((b, 1))?;
+    Ok((ids, pos, AttnLayout::prefix_lm(&vec![t / 2; b])))
+}
+
+fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<(f64, f64, String)> {
+    let script = tempfile_path("glm-torch-bench.py");
+    std::fs::File::create(&script)
+        .and_then(|mut f| f.write_all(TORCH_SCRIPT.as_bytes()))
+        .with_context(|| format!("writing {}", script.display()))?;
+    let args = serde_json::json!({
+        "threads": threads(), "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_heads, "ffn_hidden_size": cfg.ffn_hidden_size, "vocab_size": cfg.vocab_size,
+        "batch": opts.batch, "seq": opts.seq, "iters": opts.iters,
+    });
+    let out = Command::new(python)
+        .arg(&script)
+        .arg(args.to_string())
+        .output()
+        .with_context(|| format!("running {python}"))?;
+    let _ = std::fs::remove_file(&script);
+    if !out.status.success() {
+        return Err(anyhow!(
+            "{python} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        ));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing torch bench output")?;
+    let f = |k: &str| {
+        v[k].as_f64()
+            .ok_or_else(|| anyhow!("torch bench output lacks {k}"))
+    };
+    Ok((
+        f("forward_s")?,
+        f("forward_backward_s")?,
+        v["torch"].as_str().unwrap_or("?").to_string(),
+    ))
+}
+
+fn tempfile_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{}-{name}", std::process::id()))
+}
+
+/// Does `python` import torch?
+pub fn torch_available(python: &str) -> bool {
+    Command::new(python)
+        .args(["-c", "import torch"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
+    if opts.iters == 0 || opts.batch == 0 || opts.seq == 0 {
+        return Err(anyhow!("--iters, --batch and --seq must be positive"));
+    }
+    let peak = sgemm_peak_gflops()?;
+    let torch = opts.torch_python.as_deref().filter(|p| torch_available(p));
+    let torch_note = match (&opts.torch_python, torch) {
+        (None, _) => Some("PyTorch baseline skipped (no --torch-python)".to_string()),
+        (Some(p), None) => Some(format!(
+            "PyTorch baseline skipped: `{p}` cannot import torch"
+        )),
+        _ => None,
+    };
+    let mut results = Vec::new();
+    for name in &opts.presets {
+        let cfg = Config::preset(name)?;
+        let (b, t) = (opts.batch, opts.seq);
+        let bar = ProgressBar::new(2 * opts.iters as u64).with_style(
+            ProgressStyle::with_template(
+                "{prefix:>8} [{bar:30}] {pos}/{len} runs  {per_sec}  eta {eta}",
+            )
+            .map_err(|e| anyhow!("{e}"))?,
+        );
+        bar.set_prefix(name.clone());
+        let (ids, pos, layout) = inputs(&cfg, b, t)?;
+        // Inference path: plain tensors, no autograd graph. Training path: variables.
+        let weights = init_weights(&cfg, 0, &Device::Cpu)?;
+        let infer = Glm::new(
+            &cfg,
+            VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu),
+            &DenseFactory,
+        )?;
+        let vm = var_map(weights)?;
+        let train = Glm::new(
+            &cfg,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            &DenseFactory,
+        )?;
+        let fwd = time_it(opts.iters, &bar, || {
+            infer.forward(&ids, &pos, &layout, None)?;
+            Ok(())
+        })?;
+        let targets = ids.to_dtype(DType::I64)?;
+        let fwd_bwd = time_it(opts.iters, &bar, || {
+            let loss = cross_entropy(&train.forward(&ids, &pos, &layout, None)?, &targets)?;
+            loss.backward()?;
+            Ok(())
+        })?;
+        bar.finish_and_clear();
+        let fpt = forward_flops_per_token(&cfg, t);
+        let (mut tf, mut tfb, mut tv) = (None, None, None);
+        if let Some(py) = torch {
+            eprintln!("{name}: running the PyTorch baseline ...");
+            let (f, fb, v) = run_torch(py, &cfg, opts)?;
+            tf = Some(timing(f, b * t, fpt));
+            tfb = Some(timing(fb, b * t, 3.0 * fpt));
+            tv = Some(v);
+        }
+        results.push(PresetResult {
+            preset: name.clone(),
+            params: param_count(&cfg),
+            batch: b,
+            seq: t,
+            forward: timing(fwd, b * t, fpt),
+            forward_backward: timing(fwd_bwd, b * t, 3.0 * fpt),
+            torch_forward: tf,
+            torch_forward_backward: tfb,
+            torch_version: tv,
+        });
+    }
+    Ok(ForwardReport {
+        threads: threads(),
+        sgemm_peak_gflops: peak,
+        results,
+        torch_note,
+    })
+}
+
+/// The report as a table for people.
+pub fn render(r: &ForwardReport) -> String {
+    let mut s = format!(
+        "CPU, {} threads; candle sgemm peak (1024^3): {:.1} GFLOP/s\n\n\
+         | preset | params | B x T | pass | glm tok/s | GFLOP/s (% peak) | torch eager tok/s | glm / torch |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        r.threads, r.sgemm_peak_gflops
+    );
+    for p in &r.results {
+        for (pass, ours, theirs) in [
+            ("fwd", &p.forward, &p.torch_forward),
+            ("fwd+bwd", &p.forward_backward, &p.torch_forward_backward),
+        ] {
+            let (tt, ratio) = match theirs {
+                Some(t) => (
+                    format!("{:.0}", t.tokens_per_s),
+                    format!("{:.2}x", ours.tokens_per_s / t.tokens_per_s),
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            s += &format!(
+                "| {} | {:.2}M | {} x {} | {} | {:.0} | {:.1} ({:.0}%) | {} | {} |\n",
+                p.preset,
+                p.params as f64 / 1e6,
+                p.batch,
+                p.seq,
+                pass,
+                ours.tokens_per_s,
+                ours.gflops,
+                100.0 * ours.gflops / r.sgemm_peak_gflops,
+                tt,
+                ratio
+            );
+        }
+    }
+    if let Some(n) = &r.torch_note {
+        s += &format!("\n{n}\n");
+    } else if let Some(v) = r.results.iter().find_map(|p| p.torch_version.clone()) {
+        s += &format!("\nPyTorch {v}, eager, same architecture, shapes and thread count, measured in this run.\n");
+    }
+    s
+}

@@ -1,1 +1,171 @@
-fn main() {}
+//! `glm`: the command line. Each subcommand parses its flags, builds a config and calls a library.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use glm_model::{param_count, weight_bytes, Config, PRESETS};
+
+#[derive(Parser)]
+#[command(
+    name = "glm",
+    version,
+    about = "GLM-130B in Rust: model, training, quantized inference, evaluation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print a model's config, exact parameter count and weight memory (fp32/fp16/int8/int4).
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a preset's config as JSON (to edit and pass back with --config).
+    Config {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Output file (stdout when absent).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A named preset.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS), conflicts_with = "config")]
+    preset: Option<String>,
+    /// A config JSON file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn resolve(&self) -> Result<Config> {
+        match (&self.preset, &self.config) {
+            (_, Some(p)) => Ok(Config::load(p)?),
+            (Some(name), None) => Ok(Config::preset(name)?),
+            (None, None) => Ok(Config::preset("tiny")?),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Forward and forward+backward tokens/s on CPU, beside PyTorch eager and the sgemm peak.
+    Forward {
+        /// Comma-separated presets.
+        #[arg(long, default_value = "tiny,small", value_delimiter = ',')]
+        presets: Vec<String>,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Python interpreter with torch for the baseline (env GLM_TORCH_PYTHON; default python3).
+        #[arg(long, env = "GLM_TORCH_PYTHON", default_value = "python3")]
+        torch_python: String,
+        /// Skip the PyTorch baseline.
+        #[arg(long)]
+        no_torch: bool,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB ({:.1} GB)", b / (1u64 << 30) as f64, b / 1e9)
+    } else {
+        format!("{:.2} MiB ({:.1} MB)", b / (1u64 << 20) as f64, b / 1e6)
+    }
+}
+
+fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n => format!("{:.1}K", n as f64 / 1e3),
+    }
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Info { model, json } => {
+            let cfg = model.resolve()?;
+            let (params, bytes) = (param_count(&cfg), weight_bytes(&cfg));
+            if json {
+                let v = serde_json::json!({
+                    "name": cfg.name, "params": params, "weight_bytes": bytes, "config": cfg,
+                    "head_dim": cfg.head_dim(), "deepnorm_alpha": cfg.deepnorm_alpha(),
+                });
+                println!("{v}");
+            } else {
+                println!("{}: {} layers, hidden {}, {} heads x {}, ffn {} ({:?}), vocab {}, {:?}, head {}",
+                    cfg.name, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim(), cfg.ffn_hidden_size,
+                    cfg.ffn, cfg.vocab_size, cfg.position_encoding,
+                    if cfg.tie_word_embeddings { "tied" } else { "untied" });
+                println!("parameters: {params} ({})", human_count(params));
+                println!(
+                    "DeepNorm alpha = sqrt(2L) = {:.4}, init beta = {:.4}",
+                    cfg.deepnorm_alpha(),
+                    cfg.deepnorm_beta()
+                );
+                println!("weights fp32: {}", human_bytes(bytes.fp32));
+                println!("weights fp16: {}", human_bytes(bytes.fp16));
+                println!(
+                    "weights int8: {}  (block linears int8 + fp16 row scales; rest fp16)",
+                    human_bytes(bytes.int8)
+                );
+                println!(
+                    "weights int4: {}  (block linears int4 + fp16 row scales; rest fp16)",
+                    human_bytes(bytes.int4)
+                );
+            }
+        }
+        Cmd::Config { model, out } => {
+            let cfg = model.resolve()?;
+            match out {
+                Some(p) => cfg.save(&p)?,
+                None => println!("{}", cfg.to_json()),
+            }
+        }
+        Cmd::Bench(BenchCmd::Forward {
+            presets,
+            batch,
+            seq,
+            iters,
+            torch_python,
+            no_torch,
+            json,
+        }) => {
+            let opts = glm_bench::ForwardBench {
+                presets,
+                batch,
+                seq,
+                iters,
+                torch_python: if no_torch { None } else { Some(torch_python) },
+            };
+            let report = glm_bench::forward(&opts)?;
+            println!("{}", glm_bench::render(&report));
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -11,6 +11,7 @@ use crate::{Error, Result};
 #[serde(rename_all = "kebab-case")]
 pub enum FfnKind {
     /// GLM-130B: `dense_h_to_4h` gives [x1 | x2] (2F), out = dense_4h_to_h(x1 * gelu_erf(x2)).
+    #[serde(rename = "geglu")]
     GeGlu,
     /// ChatGLM-6B: out = dense_4h_to_h(gelu_tanh(dense_h_to_4h(x))), no gating.
     GeluTanh,
@@ -21,8 +22,10 @@ pub enum FfnKind {
 #[serde(rename_all = "kebab-case")]
 pub enum PositionEncoding {
     /// GLM-130B: one position id per token, RoPE over the whole head.
+    #[serde(rename = "rope-1d")]
     Rope1d,
     /// ChatGLM-6B: (position, block position) per token, each turning one half of the head.
+    #[serde(rename = "rope-2d")]
     Rope2d,
 }
 

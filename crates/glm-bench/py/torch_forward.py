@@ -1,0 +1,84 @@
+"""PyTorch eager baseline for `glm bench forward`: the same GLM-130B architecture and the same
+shapes as the Rust model (post-LN DeepNorm, fused per-head QKV, 1-D RoPE in rotate-half layout,
+GeGLU with exact GELU, prefix-bidirectional mask, fp32 softmax, tied head), timed the same way:
+median seconds of `iters` runs after one warm-up, forward under no_grad, and forward + cross
+entropy + backward. Reads one JSON object on argv[1], prints one JSON object."""
+import json, math, sys, time
+import torch, torch.nn as nn, torch.nn.functional as F
+
+a = json.loads(sys.argv[1])
+torch.manual_seed(0)
+torch.set_num_threads(a["threads"])
+L, H, N, Fd, V = a["num_layers"], a["hidden_size"], a["num_heads"], a["ffn_hidden_size"], a["vocab_size"]
+B, T, iters, D = a["batch"], a["seq"], a["iters"], a["hidden_size"] // a["num_heads"]
+alpha = math.sqrt(2 * L)
+
+def rope_tables(pos):
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    f = pos[:, None].float() * inv[None]
+    emb = torch.cat((f, f), -1)
+    return emb.cos()[None, None], emb.sin()[None, None]  # (1, 1, T, D)
+
+def rope(x, cos, sin):
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+class Block(nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.ln1, s.ln2 = nn.LayerNorm(H), nn.LayerNorm(H)
+        s.qkv, s.dense = nn.Linear(H, 3 * H), nn.Linear(H, H)
+        s.up, s.down = nn.Linear(H, 2 * Fd), nn.Linear(Fd, H)
+
+    def attn(s, x, cos, sin, mask):
+        qkv = s.qkv(x).view(B, T, N, 3 * D).transpose(1, 2)  # (B, N, T, 3D) per-head q|k|v
+        q, k, v = qkv.split(D, -1)
+        q, k = rope(q, cos, sin) / math.sqrt(D), rope(k, cos, sin)
+        p = torch.softmax((q @ k.transpose(-1, -2)).float() + mask, -1)
+        return s.dense((p @ v).transpose(1, 2).reshape(B, T, H))
+
+    def forward(s, x, cos, sin, mask):
+        a_ = s.ln1(x)
+        m = s.ln2(alpha * a_ + s.attn(a_, cos, sin, mask))
+        u1, u2 = s.up(m).chunk(2, -1)
+        return alpha * m + s.down(u1 * F.gelu(u2))
+
+class GLM(nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.emb = nn.Embedding(V, H)
+        s.blocks = nn.ModuleList(Block() for _ in range(L))
+        s.ln = nn.LayerNorm(H)
+
+    def forward(s, ids, cos, sin, mask):
+        x = s.emb(ids)
+        for b in s.blocks:
+            x = b(x, cos, sin, mask)
+        return s.ln(x) @ s.emb.weight.t()
+
+m = GLM()
+ids = torch.randint(0, V, (B, T))
+cos, sin = rope_tables(torch.arange(T))
+allowed = torch.ones(T, T, dtype=torch.bool).tril()
+allowed[:, : T // 2] = True
+mask = torch.zeros(T, T).masked_fill(~allowed, float("-inf"))
+
+def timed(fn):
+    fn()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+def fwd():
+    with torch.no_grad():
+        m(ids, cos, sin, mask)
+
+def fwd_bwd():
+    loss = F.cross_entropy(m(ids, cos, sin, mask).view(-1, V), ids.view(-1))
+    loss.backward()
+    m.zero_grad(set_to_none=True)
+
+print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "params": sum(p.numel() for p in m.parameters()),
+                  "forward_s": timed(fwd), "forward_backward_s": timed(fwd_bwd)}))
