@@ -249,7 +249,7 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
 /// The report as a table for people.
 pub fn render(r: &ForwardReport) -> String {
     let mut s = format!(
-        "CPU, {} threads; candle sgemm peak (1024^3): {:.1} GFLOP/s\n\n\
+        "CPU, {} threads; candle sgemm peak (best of 512^3..2048^3): {:.1} GFLOP/s\n\n\
          | preset | params | B x T | pass | glm tok/s | GFLOP/s (% peak) | torch eager tok/s | glm / torch |\n\
          |---|---|---|---|---|---|---|---|\n",
         r.threads, r.sgemm_peak_gflops

@@ -108,8 +108,8 @@ impl Attention {
         let q = (q * (1.0 / (d as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?; // (B, N, T, T_k)
                                          // Softmax in f32 whatever the activation dtype.
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(&step.mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+        let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &step.mask)?
+            .to_dtype(v.dtype())?;
         let ctx = probs.matmul(&v)?; // (B, N, T, D)
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, n * d))?; // (B, T, H)
         Ok(self.dense.forward(&ctx)?)

@@ -5,12 +5,14 @@
 //!
 //! Shapes use one alphabet: B batch, T sequence, H hidden, N heads, D head dim, F ffn, V vocab.
 
+pub mod kernels;
 pub mod layout;
 pub mod linear;
 pub mod loss;
 pub mod norm;
 pub mod rope;
 
+pub use kernels::{layer_norm, masked_softmax};
 pub use layout::{AttnLayout, Segment};
 pub use linear::{DenseFactory, Linear, LinearFactory, LinearSpec, ParallelRole};
 pub use loss::{cross_entropy, IGNORE_INDEX};

@@ -48,7 +48,33 @@ impl LinearFactory for DenseFactory {
         } else {
             None
         };
-        Ok(Box::new(candle_nn::Linear::new(weight, bias)))
+        Ok(Box::new(Dense { weight, bias }))
+    }
+}
+
+/// A dense linear: the leading dims are flattened so the product is one [B*T, in] x [in, out] GEMM
+/// rather than one per batch row.
+#[derive(Debug, Clone)]
+pub struct Dense {
+    weight: Tensor,       // (out, in)
+    bias: Option<Tensor>, // (out)
+}
+
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (inp, out) = (self.weight.dim(1)?, self.weight.dim(0)?);
+        let rows = x.elem_count() / inp.max(1);
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?; // (rows, out)
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out;
+        }
+        y.reshape(shape)
     }
 }
 

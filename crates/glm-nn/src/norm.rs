@@ -1,7 +1,8 @@
 //! LayerNorm with weight and bias. Statistics are always taken in f32 (candle's 16-bit CPU
-//! reductions accumulate in 16 bits), then the result is cast back to the input dtype.
+//! reductions accumulate in 16 bits), then the result is cast back to the input dtype. The fused
+//! kernel and its reference live in `kernels`.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
@@ -24,23 +25,14 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = y
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?;
-        y.to_dtype(dtype)
+        crate::kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device, D};
 
     #[test]
     fn normalizes_rows() -> Result<()> {
