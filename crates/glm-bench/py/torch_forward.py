@@ -79,6 +79,16 @@ def fwd_bwd():
     loss.backward()
     m.zero_grad(set_to_none=True)
 
-print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+def sgemm_gflops():
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        for _ in range(5):
+            t = time.perf_counter(); a @ b
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "sgemm_gflops": sgemm_gflops(),
                   "params": sum(p.numel() for p in m.parameters()),
                   "forward_s": timed(fwd), "forward_backward_s": timed(fwd_bwd)}))

@@ -50,7 +50,14 @@ pub struct PresetResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct ForwardReport {
     pub threads: usize,
+    /// The best sgemm rate measured in this run (candle, BLAS, torch): what "% of peak" is against.
     pub sgemm_peak_gflops: f64,
+    pub candle_sgemm_gflops: f64,
+    /// The BLAS the dense layers use (None: candle's gemm).
+    pub blas: Option<String>,
+    pub blas_sgemm_gflops: Option<f64>,
+    /// PyTorch's own matmul rate on the same sizes (its bundled BLAS).
+    pub torch_sgemm_gflops: Option<f64>,
     pub results: Vec<PresetResult>,
     pub torch_note: Option<String>,
 }
@@ -79,15 +86,22 @@ fn time_it(iters: usize, bar: &ProgressBar, mut f: impl FnMut() -> Result<()>) -
     Ok(median(ts))
 }
 
-/// candle's f32 matmul throughput at 1024^3: the practical peak a CPU forward can reach here.
-pub fn sgemm_peak_gflops() -> Result<f64> {
-    let n = 1024;
-    let a = Tensor::randn(0f32, 1., (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1., (n, n), &Device::Cpu)?;
-    let s = time_it(5, &ProgressBar::hidden(), || {
-        Ok(a.matmul(&b).map(|_| ())?)
-    })?;
-    Ok(2.0 * (n * n * n) as f64 / s / 1e9)
+const PEAK_SIZES: [usize; 3] = [512, 1024, 2048];
+
+/// candle's best f32 matmul throughput over square sizes 512..2048 (best of 5 runs each).
+pub fn candle_sgemm_gflops() -> Result<f64> {
+    let mut best = 0f64;
+    for n in PEAK_SIZES {
+        let a = Tensor::randn(0f32, 1., (n, n), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1., (n, n), &Device::Cpu)?;
+        a.matmul(&b)?;
+        for _ in 0..5 {
+            let t = Instant::now();
+            a.matmul(&b)?;
+            best = best.max(2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    Ok(best)
 }
 
 /// Model FLOPs per token of a forward (the anchor's accounting): 2 per parameter plus attention
@@ -117,7 +131,14 @@ fn inputs(cfg: &Config, b: usize, t: usize) -> Result<(Tensor, Tensor, AttnLayou
     Ok((ids, pos, AttnLayout::prefix_lm(&vec![t / 2; b])))
 }
 
-fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<(f64, f64, String)> {
+struct TorchRun {
+    forward_s: f64,
+    forward_backward_s: f64,
+    version: String,
+    sgemm_gflops: Option<f64>,
+}
+
+fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<TorchRun> {
     let script = tempfile_path("glm-torch-bench.py");
     std::fs::File::create(&script)
         .and_then(|mut f| f.write_all(TORCH_SCRIPT.as_bytes()))
@@ -148,11 +169,12 @@ fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<(f64, f6
         v[k].as_f64()
             .ok_or_else(|| anyhow!("torch bench output lacks {k}"))
     };
-    Ok((
-        f("forward_s")?,
-        f("forward_backward_s")?,
-        v["torch"].as_str().unwrap_or("?").to_string(),
-    ))
+    Ok(TorchRun {
+        forward_s: f("forward_s")?,
+        forward_backward_s: f("forward_backward_s")?,
+        version: v["torch"].as_str().unwrap_or("?").to_string(),
+        sgemm_gflops: v["sgemm_gflops"].as_f64(),
+    })
 }
 
 fn tempfile_path(name: &str) -> std::path::PathBuf {
@@ -172,7 +194,9 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
     if opts.iters == 0 || opts.batch == 0 || opts.seq == 0 {
         return Err(anyhow!("--iters, --batch and --seq must be positive"));
     }
-    let peak = sgemm_peak_gflops()?;
+    let candle_peak = candle_sgemm_gflops()?;
+    let blas_peak = glm_nn::blas::sgemm_gflops(&PEAK_SIZES, 5)?;
+    let mut peak = candle_peak.max(blas_peak.unwrap_or(0.0));
     let torch = opts.torch_python.as_deref().filter(|p| torch_available(p));
     let torch_note = match (&opts.torch_python, torch) {
         (None, _) => Some("PyTorch baseline skipped (no --torch-python)".to_string()),
@@ -182,6 +206,7 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
         _ => None,
     };
     let mut results = Vec::new();
+    let mut torch_sgemm = None;
     for name in &opts.presets {
         let cfg = Config::preset(name)?;
         let (b, t) = (opts.batch, opts.seq);
@@ -221,10 +246,11 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
         let (mut tf, mut tfb, mut tv) = (None, None, None);
         if let Some(py) = torch {
             eprintln!("{name}: running the PyTorch baseline ...");
-            let (f, fb, v) = run_torch(py, &cfg, opts)?;
-            tf = Some(timing(f, b * t, fpt));
-            tfb = Some(timing(fb, b * t, 3.0 * fpt));
-            tv = Some(v);
+            let run = run_torch(py, &cfg, opts)?;
+            tf = Some(timing(run.forward_s, b * t, fpt));
+            tfb = Some(timing(run.forward_backward_s, b * t, 3.0 * fpt));
+            tv = Some(run.version);
+            torch_sgemm = torch_sgemm.or(run.sgemm_gflops);
         }
         results.push(PresetResult {
             preset: name.clone(),
@@ -238,9 +264,14 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
             torch_version: tv,
         });
     }
+    peak = peak.max(torch_sgemm.unwrap_or(0.0));
     Ok(ForwardReport {
         threads: threads(),
         sgemm_peak_gflops: peak,
+        candle_sgemm_gflops: candle_peak,
+        blas: glm_nn::blas::backend().map(str::to_string),
+        blas_sgemm_gflops: blas_peak,
+        torch_sgemm_gflops: torch_sgemm,
         results,
         torch_note,
     })
@@ -248,11 +279,19 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
 
 /// The report as a table for people.
 pub fn render(r: &ForwardReport) -> String {
+    let blas = match (&r.blas, r.blas_sgemm_gflops) {
+        (Some(name), Some(g)) => format!("{name} sgemm {g:.1} GFLOP/s (used by the dense layers)"),
+        _ => "no BLAS found: dense layers use candle's gemm".to_string(),
+    };
+    let torch = match r.torch_sgemm_gflops {
+        Some(g) => format!("; torch sgemm {g:.1} GFLOP/s"),
+        None => String::new(),
+    };
     let mut s = format!(
-        "CPU, {} threads; candle sgemm peak (best of 512^3..2048^3): {:.1} GFLOP/s\n\n\
+        "CPU, {} threads. sgemm, best of 512^3..2048^3: candle {:.1} GFLOP/s; {blas}{torch}\n\n\
          | preset | params | B x T | pass | glm tok/s | GFLOP/s (% peak) | torch eager tok/s | glm / torch |\n\
          |---|---|---|---|---|---|---|---|\n",
-        r.threads, r.sgemm_peak_gflops
+        r.threads, r.candle_sgemm_gflops
     );
     for p in &r.results {
         for (pass, ours, theirs) in [

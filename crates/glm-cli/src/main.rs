@@ -118,6 +118,7 @@ fn human_count(n: u64) -> String {
 
 fn main() -> Result<()> {
     keep_freed_memory();
+    glm_nn::blas::configure_env();
     match Cli::parse().cmd {
         Cmd::Info { model, json } => {
             let cfg = model.resolve()?;

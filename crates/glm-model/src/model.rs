@@ -10,7 +10,7 @@
 //! all). Masks and positions arrive as a per-row `AttnLayout` and position ids. The KV cache is an
 //! argument, so the model stays `&self` and one model can serve many sequences.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use glm_checkpoint::Checkpoint;
 use glm_nn::{AttnLayout, LayerNorm, Linear, LinearFactory, LinearSpec, ParallelRole, Rope};
@@ -120,7 +120,6 @@ struct Mlp {
     dense_h_to_4h: Box<dyn Linear>,
     dense_4h_to_h: Box<dyn Linear>,
     kind: FfnKind,
-    ffn: usize,
 }
 
 impl Mlp {
@@ -148,7 +147,6 @@ impl Mlp {
             dense_h_to_4h: lin.make(vb, up_spec)?,
             dense_4h_to_h: lin.make(vb, down_spec)?,
             kind: cfg.ffn,
-            ffn: f,
         })
     }
 
@@ -156,10 +154,7 @@ impl Mlp {
         let u = self.dense_h_to_4h.forward(x)?; // (B, T, 2F) or (B, T, F)
         let act = match self.kind {
             // GeGLU: the first half is linear, the second half goes through exact (erf) GELU.
-            FfnKind::GeGlu => {
-                (u.narrow(D::Minus1, 0, self.ffn)?
-                    * u.narrow(D::Minus1, self.ffn, self.ffn)?.gelu_erf()?)?
-            }
+            FfnKind::GeGlu => glm_nn::kernels::geglu(&u)?, // x1 * gelu_erf(x2), (B, T, F)
             FfnKind::GeluTanh => u.gelu()?,
         };
         Ok(self.dense_4h_to_h.forward(&act)?)

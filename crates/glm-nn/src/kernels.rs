@@ -1,9 +1,11 @@
 //! Fused CPU kernels with backward, for the hot paths of training and inference on CPU: the masked
-//! attention softmax and LayerNorm. Each has a slow `_ref` twin built from plain candle ops (which
+//! attention softmax, LayerNorm, RoPE, GeGLU and the cross-entropy over the vocabulary. Each has a slow `_ref` twin built from plain candle ops (which
 //! runs on every device and dtype) and tests between them. The public functions take the fused path
 //! for contiguous-able f32 tensors on the CPU, and the reference otherwise.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
 use rayon::prelude::*;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -231,6 +233,326 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
+fn on_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// Rotary embedding, rotate-half layout, on `parts` chunks of the head dim:
+/// x [B, N, T, D], cos and sin [B, 1, T, D] as `Rope::tables` makes them.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, parts: usize) -> Result<Tensor> {
+    let fits = x.rank() == 4
+        && cos.dims() == sin.dims()
+        && cos.rank() == 4
+        && cos.dim(1)? == 1
+        && cos.dim(0)? == x.dim(0)?
+        && cos.dims()[2..] == x.dims()[2..]
+        && x.dim(3)? % (2 * parts) == 0;
+    if fits && on_cpu_f32(&[x, cos, sin]) {
+        x.contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp { parts })
+    } else {
+        rope_ref(x, cos, sin, parts)
+    }
+}
+
+pub fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor, parts: usize) -> Result<Tensor> {
+    let halves = x.chunk(2 * parts, D::Minus1)?;
+    let mut rot = Vec::with_capacity(halves.len());
+    for pair in halves.chunks(2) {
+        rot.push(pair[1].neg()?);
+        rot.push(pair[0].clone());
+    }
+    let rot = Tensor::cat(&rot, D::Minus1)?;
+    x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
+}
+
+struct RopeOp {
+    parts: usize,
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "glm-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let (cos, sin) = (
+            f32_slice(s2, l2, self.name())?,
+            f32_slice(s3, l3, self.name())?,
+        );
+        let (_, n, t, d) = l1.shape().dims4()?;
+        let half = d / (2 * self.parts);
+        let mut out = vec![0f32; x.len()];
+        // One (b, head, token) row of D at a time; its tables are row (b, token).
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(r, (o, x))| {
+                let (b, tok) = (r / (n * t), r % t);
+                let (c, s) = (
+                    &cos[(b * t + tok) * d..][..d],
+                    &sin[(b * t + tok) * d..][..d],
+                );
+                for p in 0..self.parts {
+                    let base = 2 * half * p;
+                    for i in base..base + half {
+                        let j = i + half;
+                        o[i] = x[i] * c[i] - x[j] * s[i];
+                        o[j] = x[j] * c[j] + x[i] * s[j];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The rotation's transpose is the rotation by -angle: sin is equal on both halves of a part.
+        let dx = rope(g, cos, &sin.neg()?, self.parts)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// GeGLU: u [.., 2F] = [x1 | x2] -> x1 * gelu_erf(x2) [.., F].
+pub fn geglu(u: &Tensor) -> Result<Tensor> {
+    if on_cpu_f32(&[u]) {
+        u.contiguous()?.apply_op1(GeGlu)
+    } else {
+        geglu_ref(u)
+    }
+}
+
+pub fn geglu_ref(u: &Tensor) -> Result<Tensor> {
+    let f = u.dim(D::Minus1)? / 2;
+    u.narrow(D::Minus1, 0, f)? * u.narrow(D::Minus1, f, f)?.gelu_erf()?
+}
+
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// d/dx gelu(x) = Phi(x) + x * phi(x)
+fn gelu_erf_grad(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp() * 0.398_942_3; // 1/sqrt(2 pi)
+    cdf + x * pdf
+}
+
+struct GeGlu;
+
+impl CustomOp1 for GeGlu {
+    fn name(&self) -> &'static str {
+        "glm-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let u = f32_slice(s, l, self.name())?;
+        let two_f = l.shape().dims().last().copied().unwrap_or(0);
+        if two_f % 2 != 0 {
+            candle_core::bail!("geglu: last dim {two_f} is odd")
+        }
+        let f = two_f / 2;
+        let mut out = vec![0f32; u.len() / 2];
+        out.par_chunks_mut(f.max(1))
+            .zip(u.par_chunks(two_f.max(1)))
+            .for_each(|(o, u)| {
+                for i in 0..f {
+                    o[i] = u[i] * gelu_erf(u[f + i]);
+                }
+            });
+        let mut dims = l.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = f;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, u: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(u.apply_op2_no_bwd(&g.contiguous()?, &GeGluGrad)?))
+    }
+}
+
+/// du = [g * gelu(x2) | g * x1 * gelu'(x2)]
+struct GeGluGrad;
+
+impl CustomOp2 for GeGluGrad {
+    fn name(&self) -> &'static str {
+        "glm-geglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (u, g) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+        );
+        let two_f = l1.shape().dims().last().copied().unwrap_or(0);
+        let f = two_f / 2;
+        let mut du = vec![0f32; u.len()];
+        du.par_chunks_mut(two_f.max(1))
+            .zip(u.par_chunks(two_f.max(1)).zip(g.par_chunks(f.max(1))))
+            .for_each(|(du, (u, g))| {
+                for i in 0..f {
+                    du[i] = g[i] * gelu_erf(u[f + i]);
+                    du[f + i] = g[i] * u[i] * gelu_erf_grad(u[f + i]);
+                }
+            });
+        Ok((CpuStorage::F32(du), l1.shape().clone()))
+    }
+}
+
+/// Per-row cross entropy: logits [N, V] (f32), targets [N] (i64; rows with `ignore` get 0).
+/// Targets must already be checked to lie in [0, V) or equal `ignore`.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor, ignore: i64) -> Result<Tensor> {
+    if on_cpu_f32(&[logits]) && targets.dtype() == DType::I64 && logits.rank() == 2 {
+        logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, CrossEntropy { ignore })
+    } else {
+        cross_entropy_rows_ref(logits, targets, ignore)
+    }
+}
+
+pub fn cross_entropy_rows_ref(logits: &Tensor, targets: &Tensor, ignore: i64) -> Result<Tensor> {
+    let keep = targets.ne(ignore)?.to_dtype(DType::F32)?; // (N)
+    let safe = targets.maximum(0i64)?.to_dtype(DType::U32)?.unsqueeze(1)?; // (N, 1)
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    logp.gather(&safe, 1)?.squeeze(1)?.neg()? * keep
+}
+
+struct CrossEntropy {
+    ignore: i64,
+}
+
+fn i64_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [i64]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::I64(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: expected contiguous i64 targets"),
+    }
+}
+
+/// (max, log-sum-exp) of one row.
+fn row_lse(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+    (max, max + sum.ln())
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "glm-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, t) = (
+            f32_slice(s1, l1, self.name())?,
+            i64_slice(s2, l2, self.name())?,
+        );
+        let (n, v) = l1.shape().dims2()?;
+        if t.len() != n {
+            candle_core::bail!("cross entropy: {} targets for {n} rows", t.len())
+        }
+        let mut out = vec![0f32; n];
+        out.par_iter_mut()
+            .zip(x.par_chunks(v.max(1)))
+            .zip(t.par_iter())
+            .for_each(|((o, row), &y)| {
+                if y != self.ignore && (y as usize) < v {
+                    *o = row_lse(row).1 - row[y as usize];
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(
+            t,
+            &g.contiguous()?,
+            &CrossEntropyGrad {
+                ignore: self.ignore,
+            },
+        )?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// d logits = g_row * (softmax(row) - onehot(target)), 0 for ignored rows.
+struct CrossEntropyGrad {
+    ignore: i64,
+}
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "glm-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, t, g) = (
+            f32_slice(s1, l1, self.name())?,
+            i64_slice(s2, l2, self.name())?,
+            f32_slice(s3, l3, self.name())?,
+        );
+        let (_, v) = l1.shape().dims2()?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(v.max(1))
+            .zip(x.par_chunks(v.max(1)))
+            .enumerate()
+            .for_each(|(r, (d, row))| {
+                let y = t[r];
+                if y == self.ignore || y < 0 || y as usize >= v {
+                    return;
+                }
+                let lse = row_lse(row).1;
+                for (d, &xv) in d.iter_mut().zip(row) {
+                    *d = g[r] * (xv - lse).exp();
+                }
+                d[y as usize] -= g[r];
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +615,71 @@ mod tests {
             );
             assert!(max_rel(a, c) < 1e-5, "{}", max_rel(a, c));
         }
+        Ok(())
+    }
+
+    #[test]
+    fn rope_matches_ref_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        for parts in [1usize, 2] {
+            let r = crate::Rope::new(8, parts, 10000.0, &dev)?;
+            let pos = if parts == 1 {
+                Tensor::new(&[[0i64, 3, 7], [1, 2, 9]], &dev)?
+            } else {
+                Tensor::new(&[[[0i64, 3, 7], [0, 0, 1]], [[1, 2, 9], [0, 1, 2]]], &dev)?
+            };
+            let (c, s) = r.tables(&pos, DType::F32)?;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 3, 8), &dev)?)?;
+            let w = Tensor::randn(0f32, 1., (2, 3, 3, 8), &dev)?;
+            let (yf, yr) = (rope(&x, &c, &s, parts)?, rope_ref(&x, &c, &s, parts)?);
+            assert!(max_rel(&yf, &yr) < 1e-6);
+            let gf = (yf * &w)?.sum_all()?.backward()?;
+            let gr = (yr * &w)?.sum_all()?.backward()?;
+            let (a, b) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gr.get(x.as_tensor()).unwrap(),
+            );
+            assert!(max_rel(a, b) < 1e-6, "{}", max_rel(a, b));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn geglu_matches_ref_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let u = Var::from_tensor(&Tensor::randn(0f32, 2., (2, 3, 10), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (2, 3, 5), &dev)?;
+        let (yf, yr) = (geglu(&u)?, geglu_ref(&u)?);
+        assert!(max_rel(&yf, &yr) < 1e-6);
+        let gf = (yf * &w)?.sum_all()?.backward()?;
+        let gr = (yr * &w)?.sum_all()?.backward()?;
+        let (a, b) = (
+            gf.get(u.as_tensor()).unwrap(),
+            gr.get(u.as_tensor()).unwrap(),
+        );
+        assert!(max_rel(a, b) < 1e-5, "{}", max_rel(a, b));
+        Ok(())
+    }
+
+    #[test]
+    fn cross_entropy_matches_ref_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3., (5, 11), &dev)?)?;
+        let t = Tensor::new(&[3i64, -100, 0, 10, 7], &dev)?;
+        let w = Tensor::new(&[1f32, 2., 3., 4., 5.], &dev)?;
+        let (yf, yr) = (
+            cross_entropy_rows(&x, &t, -100)?,
+            cross_entropy_rows_ref(&x, &t, -100)?,
+        );
+        assert!(max_rel(&yf, &yr) < 1e-6);
+        assert_eq!(yf.to_vec1::<f32>()?[1], 0.0);
+        let gf = (yf * &w)?.sum_all()?.backward()?;
+        let gr = (yr * &w)?.sum_all()?.backward()?;
+        let (a, b) = (
+            gf.get(x.as_tensor()).unwrap(),
+            gr.get(x.as_tensor()).unwrap(),
+        );
+        assert!(max_rel(a, b) < 1e-6, "{}", max_rel(a, b));
         Ok(())
     }
 }

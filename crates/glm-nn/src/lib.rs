@@ -5,6 +5,7 @@
 //!
 //! Shapes use one alphabet: B batch, T sequence, H hidden, N heads, D head dim, F ffn, V vocab.
 
+pub mod blas;
 pub mod kernels;
 pub mod layout;
 pub mod linear;

@@ -65,7 +65,7 @@ impl Module for Dense {
         let dims = x.dims();
         let (inp, out) = (self.weight.dim(1)?, self.weight.dim(0)?);
         let rows = x.elem_count() / inp.max(1);
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?; // (rows, out)
+        let y = crate::blas::linear(&x.reshape((rows, inp))?, &self.weight)?; // (rows, out)
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -1,6 +1,6 @@
 //! Cross entropy with an ignore index, kept outside the model (the model returns logits).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
 /// Targets equal to this are not scored (PyTorch's default).
 pub const IGNORE_INDEX: i64 = -100;
@@ -18,7 +18,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             logits.dim(0)?
         )
     }
-    let (mut rows, mut labels) = (Vec::new(), Vec::new());
+    let mut scored = 0usize;
     for (i, &y) in t.iter().enumerate() {
         if y == IGNORE_INDEX {
             continue;
@@ -28,20 +28,15 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
                 "cross_entropy: target {y} at position {i} is outside the vocabulary (size {v})"
             )
         }
-        rows.push(i as u32);
-        labels.push(y as u32);
+        scored += 1;
     }
-    if rows.is_empty() {
+    if scored == 0 {
         return Tensor::zeros((), DType::F32, logits.device());
     }
-    let n = rows.len();
-    let dev = logits.device();
-    let picked = logits
-        .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
-        .to_dtype(DType::F32)?;
-    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
-    let labels = Tensor::from_vec(labels, (n, 1), dev)?;
-    logp.gather(&labels, 1)?.mean_all()?.neg()
+    let n = t.len();
+    let targets = Tensor::from_vec(t, n, logits.device())?;
+    let per_row = crate::kernels::cross_entropy_rows(&logits, &targets, IGNORE_INDEX)?; // (N)
+    per_row.sum_all()? / scored as f64
 }
 
 #[cfg(test)]

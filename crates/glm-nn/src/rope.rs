@@ -60,16 +60,9 @@ impl Rope {
         Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
     }
 
-    /// Rotate x [B, N, T, D] with tables from `tables`.
+    /// Rotate x [B, N, T, D] with tables from `tables` (fused kernel in `kernels::rope`).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let halves = x.chunk(2 * self.parts, D::Minus1)?;
-        let mut rot = Vec::with_capacity(halves.len());
-        for pair in halves.chunks(2) {
-            rot.push(pair[1].neg()?);
-            rot.push(pair[0].clone());
-        }
-        let rot = Tensor::cat(&rot, D::Minus1)?;
-        x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
+        crate::kernels::rope(x, cos, sin, self.parts)
     }
 }
 

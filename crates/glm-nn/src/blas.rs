@@ -1,0 +1,301 @@
+//! Debian's OpenBLAS for the big CPU matrix products, loaded at run time when the system has it
+//! (`apt-get install libopenblas0-pthread`), so nothing is needed to build and the program runs
+//! without it. On the 2-core AVX2 machines measured here its sgemm beats candle's `gemm` crate
+//! (see docs/benchmarks.md). `linear` is the dense layer's product x · Wᵀ with backward; its
+//! reference twin is candle's matmul.
+
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+type Sgemm = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const f32,
+    i32,
+    *const f32,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
+
+const ROW_MAJOR: i32 = 101;
+const NO_TRANS: i32 = 111;
+const TRANS: i32 = 112;
+
+struct Blas {
+    sgemm: Sgemm,
+    name: &'static str,
+    _lib: libloading::Library,
+}
+
+static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
+
+fn blas() -> Option<&'static Blas> {
+    BLAS.get_or_init(|| {
+        for name in ["libopenblas.so.0", "libopenblas.so"] {
+            // SAFETY: loading a system BLAS runs its initializers, which are designed for dlopen;
+            // the symbol has the standard CBLAS signature.
+            unsafe {
+                let Ok(lib) = libloading::Library::new(name) else {
+                    continue;
+                };
+                let sgemm = match lib.get::<Sgemm>(b"cblas_sgemm\0") {
+                    Ok(f) => *f,
+                    Err(_) => continue,
+                };
+                return Some(Blas {
+                    sgemm,
+                    name,
+                    _lib: lib,
+                });
+            }
+        }
+        None
+    })
+    .as_ref()
+}
+
+/// The BLAS library in use, if any.
+pub fn backend() -> Option<&'static str> {
+    blas().map(|b| b.name)
+}
+
+/// Tune OpenBLAS through its environment before it loads; call at program start, before any thread
+/// exists (the `glm` binary does). Settings the user already made are kept.
+/// - `OPENBLAS_CORETYPE`: OpenBLAS 0.3.21 does not recognise recent Xeons and falls back to a
+///   generic kernel (35-45 GFLOP/s here); the CPU's features pick SkylakeX (AVX-512) or Haswell
+///   (AVX2) kernels instead (177-265 GFLOP/s measured on the 2-core dev machine).
+/// - `OPENBLAS_THREAD_TIMEOUT=4`: its workers stop spinning almost at once after a call, leaving
+///   the cores to the rayon threads of the other kernels.
+pub fn configure_env() {
+    let set = |k: &str, v: &str| {
+        if std::env::var_os(k).is_none() {
+            std::env::set_var(k, v);
+        }
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if avx512 {
+            set("OPENBLAS_CORETYPE", "SkylakeX");
+        } else if avx2 {
+            set("OPENBLAS_CORETYPE", "Haswell");
+        }
+    }
+    set("OPENBLAS_THREAD_TIMEOUT", "4");
+}
+
+/// Best f32 GEMM rate of the BLAS, in GFLOP/s, over square sizes (None without a BLAS).
+pub fn sgemm_gflops(sizes: &[usize], reps: usize) -> Result<Option<f64>> {
+    if blas().is_none() {
+        return Ok(None);
+    }
+    let mut best = 0f64;
+    for &n in sizes {
+        let a = Tensor::randn(0f32, 1., (n, n), &candle_core::Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1., (n, n), &candle_core::Device::Cpu)?;
+        a.apply_op2_no_bwd(
+            &b,
+            &Gemm {
+                ta: false,
+                tb: true,
+            },
+        )?;
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            a.apply_op2_no_bwd(
+                &b,
+                &Gemm {
+                    ta: false,
+                    tb: true,
+                },
+            )?;
+            best = best.max(2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    Ok(Some(best))
+}
+
+/// Products smaller than this many multiply-adds stay on candle (call overhead dominates).
+const MIN_MACS: usize = 1 << 18;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("blas gemm: expected contiguous f32 matrices"),
+    }
+}
+
+/// C = op(A) · op(B) for 2-D contiguous f32 matrices; op transposes when the flag is set.
+#[derive(Clone, Copy)]
+struct Gemm {
+    ta: bool,
+    tb: bool,
+}
+
+impl Gemm {
+    fn dims(&self, a: &[usize], b: &[usize]) -> Result<(usize, usize, usize)> {
+        let (m, k) = if self.ta { (a[1], a[0]) } else { (a[0], a[1]) };
+        let (k2, n) = if self.tb { (b[1], b[0]) } else { (b[0], b[1]) };
+        if k != k2 {
+            candle_core::bail!("blas gemm: inner dims {k} and {k2} differ")
+        }
+        Ok((m, n, k))
+    }
+}
+
+impl CustomOp2 for Gemm {
+    fn name(&self) -> &'static str {
+        "glm-blas-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (m, n, k) = self.dims(l1.dims(), l2.dims())?;
+        let Some(blas) = blas() else {
+            candle_core::bail!("blas gemm: no BLAS library loaded")
+        };
+        let mut c = vec![0f32; m * n];
+        let (lda, ldb) = (l1.dims()[1] as i32, l2.dims()[1] as i32);
+        let t = |f: bool| if f { TRANS } else { NO_TRANS };
+        // SAFETY: a, b and c hold exactly the (m x k), (k x n), (m x n) row-major matrices the call
+        // describes, with the leading dimensions of their storage.
+        unsafe {
+            (blas.sgemm)(
+                ROW_MAJOR,
+                t(self.ta),
+                t(self.tb),
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a.as_ptr(),
+                lda,
+                b.as_ptr(),
+                ldb,
+                0.0,
+                c.as_mut_ptr(),
+                n as i32,
+            );
+        }
+        Ok((CpuStorage::F32(c), Shape::from((m, n))))
+    }
+}
+
+/// x [M, K] · w [N, K]ᵀ -> [M, N], differentiable in both.
+struct LinearT;
+
+impl CustomOp2 for LinearT {
+    fn name(&self) -> &'static str {
+        "glm-blas-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Gemm {
+            ta: false,
+            tb: true,
+        }
+        .cpu_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = g.apply_op2_no_bwd(
+            w,
+            &Gemm {
+                ta: false,
+                tb: false,
+            },
+        )?; // (M, N)(N, K)
+        let dw = g.apply_op2_no_bwd(
+            x,
+            &Gemm {
+                ta: true,
+                tb: false,
+            },
+        )?; // (M, N)ᵀ(M, K)
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// x [M, K] · w [N, K]ᵀ, through BLAS for big f32 products on the CPU when a BLAS is present,
+/// otherwise through candle (`linear_ref`).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let big = x.rank() == 2 && w.rank() == 2 && x.dim(0)? * w.dim(0)? * w.dim(1)? >= MIN_MACS;
+    let cpu_f32 = [x, w]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
+    if big && cpu_f32 && blas().is_some() {
+        x.contiguous()?.apply_op2(&w.contiguous()?, LinearT)
+    } else {
+        linear_ref(x, w)
+    }
+}
+
+pub fn linear_ref(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.matmul(&w.t()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn blas_linear_matches_candle_forward_and_backward() -> Result<()> {
+        let Some(name) = backend() else {
+            eprintln!("no OpenBLAS on this machine: the BLAS path is not used, nothing to compare");
+            return Ok(());
+        };
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (96, 80), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (72, 80), &dev)?)?;
+        let r = Tensor::randn(0f32, 1., (96, 72), &dev)?;
+        let (yf, yr) = (linear(&x, &w)?, linear_ref(&x, &w)?);
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?
+                / b.abs()?.max_all()?.to_scalar::<f32>()?)
+        };
+        assert!(rel(&yf, &yr)? < 1e-5, "{name}");
+        let gf = (yf * &r)?.sum_all()?.backward()?;
+        let gr = (yr * &r)?.sum_all()?.backward()?;
+        for v in [&x, &w] {
+            let (a, b) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gr.get(v.as_tensor()).unwrap(),
+            );
+            assert!(rel(a, b)? < 1e-5);
+        }
+        Ok(())
+    }
+}
