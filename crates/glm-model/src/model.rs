@@ -299,7 +299,7 @@ impl Glm {
         }
         let out = self.final_layernorm.forward(&x)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.word_embeddings);
-        Ok(out.broadcast_matmul(&head.t()?)?) // (B, T, V)
+        Ok(glm_nn::linear::linear_nd(&out, head, None)?) // (B, T, V)
     }
 
     fn check_inputs(

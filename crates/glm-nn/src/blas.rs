@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 type Sgemm = unsafe extern "C" fn(
     i32,
@@ -138,22 +138,72 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
+/// C = op(A) · op(B) + beta · C for row-major matrices A (rows x lda), B (rows x ldb), C (m x n).
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    a: &[f32],
+    a_dims: &[usize],
+    b: &[f32],
+    b_dims: &[usize],
+    ta: bool,
+    tb: bool,
+    beta: f32,
+    c: &mut [f32],
+) -> Result<()> {
+    let (m, k) = if ta {
+        (a_dims[1], a_dims[0])
+    } else {
+        (a_dims[0], a_dims[1])
+    };
+    let (k2, n) = if tb {
+        (b_dims[1], b_dims[0])
+    } else {
+        (b_dims[0], b_dims[1])
+    };
+    if k != k2 || c.len() != m * n {
+        candle_core::bail!(
+            "blas gemm: shapes {a_dims:?} x {b_dims:?} (ta={ta}, tb={tb}) into {} values",
+            c.len()
+        )
+    }
+    let Some(blas) = blas() else {
+        candle_core::bail!("blas gemm: no BLAS library loaded")
+    };
+    let t = |f: bool| if f { TRANS } else { NO_TRANS };
+    // SAFETY: a, b and c hold the row-major matrices the call describes (checked above), with the
+    // leading dimensions of their storage.
+    unsafe {
+        (blas.sgemm)(
+            ROW_MAJOR,
+            t(ta),
+            t(tb),
+            m as i32,
+            n as i32,
+            k as i32,
+            1.0,
+            a.as_ptr(),
+            a_dims[1] as i32,
+            b.as_ptr(),
+            b_dims[1] as i32,
+            beta,
+            c.as_mut_ptr(),
+            n as i32,
+        );
+    }
+    Ok(())
+}
+
+fn out_dims(l1: &Layout, ta: bool, l2: &Layout, tb: bool) -> (usize, usize) {
+    let m = if ta { l1.dims()[1] } else { l1.dims()[0] };
+    let n = if tb { l2.dims()[0] } else { l2.dims()[1] };
+    (m, n)
+}
+
 /// C = op(A) · op(B) for 2-D contiguous f32 matrices; op transposes when the flag is set.
 #[derive(Clone, Copy)]
 struct Gemm {
     ta: bool,
     tb: bool,
-}
-
-impl Gemm {
-    fn dims(&self, a: &[usize], b: &[usize]) -> Result<(usize, usize, usize)> {
-        let (m, k) = if self.ta { (a[1], a[0]) } else { (a[0], a[1]) };
-        let (k2, n) = if self.tb { (b[1], b[0]) } else { (b[0], b[1]) };
-        if k != k2 {
-            candle_core::bail!("blas gemm: inner dims {k} and {k2} differ")
-        }
-        Ok((m, n, k))
-    }
 }
 
 impl CustomOp2 for Gemm {
@@ -168,36 +218,40 @@ impl CustomOp2 for Gemm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let (m, n, k) = self.dims(l1.dims(), l2.dims())?;
-        let Some(blas) = blas() else {
-            candle_core::bail!("blas gemm: no BLAS library loaded")
-        };
+        let (m, n) = out_dims(l1, self.ta, l2, self.tb);
         let mut c = vec![0f32; m * n];
-        let (lda, ldb) = (l1.dims()[1] as i32, l2.dims()[1] as i32);
-        let t = |f: bool| if f { TRANS } else { NO_TRANS };
-        // SAFETY: a, b and c hold exactly the (m x k), (k x n), (m x n) row-major matrices the call
-        // describes, with the leading dimensions of their storage.
-        unsafe {
-            (blas.sgemm)(
-                ROW_MAJOR,
-                t(self.ta),
-                t(self.tb),
-                m as i32,
-                n as i32,
-                k as i32,
-                1.0,
-                a.as_ptr(),
-                lda,
-                b.as_ptr(),
-                ldb,
-                0.0,
-                c.as_mut_ptr(),
-                n as i32,
-            );
-        }
+        sgemm(
+            f32_slice(s1, l1)?,
+            l1.dims(),
+            f32_slice(s2, l2)?,
+            l2.dims(),
+            self.ta,
+            self.tb,
+            0.0,
+            &mut c,
+        )?;
         Ok((CpuStorage::F32(c), Shape::from((m, n))))
     }
+}
+
+/// Gradients of y = x · wᵀ (+ b): dx = g · w, dw = gᵀ · x.
+fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = g.contiguous()?;
+    let dx = g.apply_op2_no_bwd(
+        w,
+        &Gemm {
+            ta: false,
+            tb: false,
+        },
+    )?; // (M, N)(N, K)
+    let dw = g.apply_op2_no_bwd(
+        x,
+        &Gemm {
+            ta: true,
+            tb: false,
+        },
+    )?; // (M, N)ᵀ(M, K)
+    Ok((dx, dw, g))
 }
 
 /// x [M, K] · w [N, K]ᵀ -> [M, N], differentiable in both.
@@ -229,41 +283,85 @@ impl CustomOp2 for LinearT {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let dx = g.apply_op2_no_bwd(
-            w,
-            &Gemm {
-                ta: false,
-                tb: false,
-            },
-        )?; // (M, N)(N, K)
-        let dw = g.apply_op2_no_bwd(
-            x,
-            &Gemm {
-                ta: true,
-                tb: false,
-            },
-        )?; // (M, N)ᵀ(M, K)
+        let (dx, dw, _) = linear_grads(x, w, g)?;
         Ok((Some(dx), Some(dw)))
     }
 }
 
-/// x [M, K] · w [N, K]ᵀ, through BLAS for big f32 products on the CPU when a BLAS is present,
-/// otherwise through candle (`linear_ref`).
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let big = x.rank() == 2 && w.rank() == 2 && x.dim(0)? * w.dim(0)? * w.dim(1)? >= MIN_MACS;
-    let cpu_f32 = [x, w]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
-    if big && cpu_f32 && blas().is_some() {
-        x.contiguous()?.apply_op2(&w.contiguous()?, LinearT)
-    } else {
-        linear_ref(x, w)
+/// x [M, K] · w [N, K]ᵀ + b [N]: C starts as the bias rows and the GEMM adds into it (beta = 1),
+/// saving a pass and an allocation per layer.
+struct LinearBiasT;
+
+impl CustomOp3 for LinearBiasT {
+    fn name(&self) -> &'static str {
+        "glm-blas-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, n) = out_dims(l1, false, l2, true);
+        let bias = f32_slice(s3, l3)?;
+        if bias.len() != n {
+            candle_core::bail!("blas linear: bias of {} for {n} outputs", bias.len())
+        }
+        let mut c = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            c.extend_from_slice(bias);
+        }
+        sgemm(
+            f32_slice(s1, l1)?,
+            l1.dims(),
+            f32_slice(s2, l2)?,
+            l2.dims(),
+            false,
+            true,
+            1.0,
+            &mut c,
+        )?;
+        Ok((CpuStorage::F32(c), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, g) = linear_grads(x, w, g)?;
+        Ok((Some(dx), Some(dw), Some(g.sum(0)?)))
     }
 }
 
-pub fn linear_ref(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.matmul(&w.t()?)
+/// x [M, K] · w [N, K]ᵀ (+ b [N]), through BLAS for big f32 products on the CPU when a BLAS is
+/// present, otherwise through candle (`linear_ref`).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let big = x.rank() == 2 && w.rank() == 2 && x.dim(0)? * w.dim(0)? * w.dim(1)? >= MIN_MACS;
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(big && on_cpu_f32(x) && on_cpu_f32(w) && b.is_none_or(on_cpu_f32) && blas().is_some()) {
+        return linear_ref(x, w, b);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasT),
+        None => x.apply_op2(&w, LinearT),
+    }
+}
+
+pub fn linear_ref(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 #[cfg(test)]
@@ -280,8 +378,9 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (96, 80), &dev)?)?;
         let w = Var::from_tensor(&Tensor::randn(0f32, 1., (72, 80), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., 72, &dev)?)?;
         let r = Tensor::randn(0f32, 1., (96, 72), &dev)?;
-        let (yf, yr) = (linear(&x, &w)?, linear_ref(&x, &w)?);
+        let (yf, yr) = (linear(&x, &w, None)?, linear_ref(&x, &w, None)?);
         let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
             Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?
                 / b.abs()?.max_all()?.to_scalar::<f32>()?)
@@ -295,6 +394,18 @@ mod tests {
                 gr.get(v.as_tensor()).unwrap(),
             );
             assert!(rel(a, b)? < 1e-5);
+        }
+        // With the bias folded into the GEMM.
+        let (yf, yr) = (linear(&x, &w, Some(&b))?, linear_ref(&x, &w, Some(&b))?);
+        assert!(rel(&yf, &yr)? < 1e-5);
+        let gf = (yf * &r)?.sum_all()?.backward()?;
+        let gr = (yr * &r)?.sum_all()?.backward()?;
+        for v in [&x, &w, &b] {
+            let (a, c) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gr.get(v.as_tensor()).unwrap(),
+            );
+            assert!(rel(a, c)? < 1e-5);
         }
         Ok(())
     }

@@ -62,20 +62,21 @@ pub struct Dense {
 
 impl Module for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let (inp, out) = (self.weight.dim(1)?, self.weight.dim(0)?);
-        let rows = x.elem_count() / inp.max(1);
-        let y = crate::blas::linear(&x.reshape((rows, inp))?, &self.weight)?; // (rows, out)
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = out;
-        }
-        y.reshape(shape)
+        linear_nd(x, &self.weight, self.bias.as_ref())
     }
+}
+
+/// `x · Wᵀ + b` for x [.., in] and W [out, in], as one [rows, in] x [in, out] product (through BLAS
+/// when it pays, see `blas::linear`).
+pub fn linear_nd(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (inp, out) = (weight.dim(1)?, weight.dim(0)?);
+    let rows = x.elem_count() / inp.max(1);
+    let y = crate::blas::linear(&x.reshape((rows, inp))?, weight, bias)?; // (rows, out)
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = out;
+    }
+    y.reshape(shape)
 }
 
 /// `x · Wᵀ + b` written out, the reference the dense layer is checked against.
