@@ -63,9 +63,7 @@ pub struct ForwardReport {
 }
 
 fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -112,22 +110,14 @@ fn forward_flops_per_token(cfg: &Config, seq: usize) -> f64 {
 
 fn timing(seconds: f64, tokens: usize, flops_per_token: f64) -> Timing {
     let tps = tokens as f64 / seconds;
-    Timing {
-        seconds,
-        tokens_per_s: tps,
-        gflops: tps * flops_per_token / 1e9,
-    }
+    Timing { seconds, tokens_per_s: tps, gflops: tps * flops_per_token / 1e9 }
 }
 
 fn inputs(cfg: &Config, b: usize, t: usize) -> Result<(Tensor, Tensor, AttnLayout)> {
     let dev = Device::Cpu;
-    let ids: Vec<u32> = (0..b * t)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
-        .collect();
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
     let ids = Tensor::from_vec(ids, (b, t), &dev)?;
-    let pos = Tensor::arange(0i64, t as i64, &dev)?
-        .unsqueeze(0)?
-        .repeat((b, 1))?;
+    let pos = Tensor::arange(0i64, t as i64, &dev)?.unsqueeze(0)?.repeat((b, 1))?;
     Ok((ids, pos, AttnLayout::prefix_lm(&vec![t / 2; b])))
 }
 
@@ -155,20 +145,10 @@ fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<TorchRun
         .with_context(|| format!("running {python}"))?;
     let _ = std::fs::remove_file(&script);
     if !out.status.success() {
-        return Err(anyhow!(
-            "{python} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        ));
+        return Err(anyhow!("{python} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")));
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing torch bench output")?;
-    let f = |k: &str| {
-        v[k].as_f64()
-            .ok_or_else(|| anyhow!("torch bench output lacks {k}"))
-    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing torch bench output")?;
+    let f = |k: &str| v[k].as_f64().ok_or_else(|| anyhow!("torch bench output lacks {k}"));
     Ok(TorchRun {
         forward_s: f("forward_s")?,
         forward_backward_s: f("forward_backward_s")?,
@@ -183,11 +163,7 @@ fn tempfile_path(name: &str) -> std::path::PathBuf {
 
 /// Does `python` import torch?
 pub fn torch_available(python: &str) -> bool {
-    Command::new(python)
-        .args(["-c", "import torch"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new(python).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
@@ -200,9 +176,7 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
     let torch = opts.torch_python.as_deref().filter(|p| torch_available(p));
     let torch_note = match (&opts.torch_python, torch) {
         (None, _) => Some("PyTorch baseline skipped (no --torch-python)".to_string()),
-        (Some(p), None) => Some(format!(
-            "PyTorch baseline skipped: `{p}` cannot import torch"
-        )),
+        (Some(p), None) => Some(format!("PyTorch baseline skipped: `{p}` cannot import torch")),
         _ => None,
     };
     let mut results = Vec::new();
@@ -211,26 +185,16 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
         let cfg = Config::preset(name)?;
         let (b, t) = (opts.batch, opts.seq);
         let bar = ProgressBar::new(2 * opts.iters as u64).with_style(
-            ProgressStyle::with_template(
-                "{prefix:>8} [{bar:30}] {pos}/{len} runs  {per_sec}  eta {eta}",
-            )
-            .map_err(|e| anyhow!("{e}"))?,
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} runs  {per_sec}  eta {eta}")
+                .map_err(|e| anyhow!("{e}"))?,
         );
         bar.set_prefix(name.clone());
         let (ids, pos, layout) = inputs(&cfg, b, t)?;
         // Inference path: plain tensors, no autograd graph. Training path: variables.
         let weights = init_weights(&cfg, 0, &Device::Cpu)?;
-        let infer = Glm::new(
-            &cfg,
-            VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu),
-            &DenseFactory,
-        )?;
+        let infer = Glm::new(&cfg, VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu), &DenseFactory)?;
         let vm = var_map(weights)?;
-        let train = Glm::new(
-            &cfg,
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-            &DenseFactory,
-        )?;
+        let train = Glm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &DenseFactory)?;
         let fwd = time_it(opts.iters, &bar, || {
             infer.forward(&ids, &pos, &layout, None)?;
             Ok(())
@@ -294,15 +258,11 @@ pub fn render(r: &ForwardReport) -> String {
         r.threads, r.candle_sgemm_gflops
     );
     for p in &r.results {
-        for (pass, ours, theirs) in [
-            ("fwd", &p.forward, &p.torch_forward),
-            ("fwd+bwd", &p.forward_backward, &p.torch_forward_backward),
-        ] {
+        for (pass, ours, theirs) in
+            [("fwd", &p.forward, &p.torch_forward), ("fwd+bwd", &p.forward_backward, &p.torch_forward_backward)]
+        {
             let (tt, ratio) = match theirs {
-                Some(t) => (
-                    format!("{:.0}", t.tokens_per_s),
-                    format!("{:.2}x", ours.tokens_per_s / t.tokens_per_s),
-                ),
+                Some(t) => (format!("{:.0}", t.tokens_per_s), format!("{:.2}x", ours.tokens_per_s / t.tokens_per_s)),
                 None => ("-".into(), "-".into()),
             };
             s += &format!(

@@ -12,37 +12,17 @@ use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path}: cannot read checkpoint: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid safetensors file (truncated or corrupt?): {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: tensor `{name}` is missing (expected shape {expected:?})")]
-    Missing {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-    },
+    Missing { path: PathBuf, name: String, expected: Vec<usize> },
     #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    Shape {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    Shape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: tensor `{name}` has dtype {found:?}, which cannot be used as a model weight")]
-    Dtype {
-        path: PathBuf,
-        name: String,
-        found: safetensors::Dtype,
-    },
+    Dtype { path: PathBuf, name: String, found: safetensors::Dtype },
     #[error("{path}: tensor `{name}`: {source}")]
-    Tensor {
-        path: PathBuf,
-        name: String,
-        source: candle_core::Error,
-    },
+    Tensor { path: PathBuf, name: String, source: candle_core::Error },
 }
 
 pub type Result<T> = std::result::Result<T, CheckpointError>;
@@ -71,28 +51,18 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(paths.len());
         for (i, path) in paths.iter().enumerate() {
             if let Err(source) = fs::metadata(path) {
-                return Err(CheckpointError::Io {
-                    path: path.clone(),
-                    source,
-                });
+                return Err(CheckpointError::Io { path: path.clone(), source });
             }
             // SAFETY: like every mmap-based loader (candle, llama.cpp) we require that the file is
             // not modified while the checkpoint is open.
-            let st =
-                unsafe { MmapedSafetensors::new(path) }.map_err(|e| CheckpointError::Format {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+            let st = unsafe { MmapedSafetensors::new(path) }
+                .map_err(|e| CheckpointError::Format { path: path.clone(), reason: e.to_string() })?;
             for (name, view) in st.tensors() {
                 index.insert(name, (view.shape().to_vec(), view.dtype(), i));
             }
             files.push(st);
         }
-        Ok(Self {
-            paths,
-            files,
-            index,
-        })
+        Ok(Self { paths, files, index })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -144,11 +114,7 @@ impl Checkpoint {
 
     /// Load one tensor onto `device`, converted to `dtype`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let wrap = |source| CheckpointError::Tensor {
-            path: self.path_of(name),
-            name: name.to_string(),
-            source,
-        };
+        let wrap = |source| CheckpointError::Tensor { path: self.path_of(name), name: name.to_string(), source };
         let Some((_, _, file)) = self.index.get(name) else {
             return Err(CheckpointError::Missing {
                 path: self.paths.first().cloned().unwrap_or_default(),
@@ -156,24 +122,13 @@ impl Checkpoint {
                 expected: vec![],
             });
         };
-        self.files[*file]
-            .load(name, device)
-            .and_then(|t| t.to_dtype(dtype))
-            .map_err(wrap)
+        self.files[*file].load(name, device).and_then(|t| t.to_dtype(dtype)).map_err(wrap)
     }
 
     /// Load the listed tensors (after `verify`) into a name -> tensor map.
-    pub fn load_all(
-        &self,
-        specs: &[TensorSpec],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<HashMap<String, Tensor>> {
+    pub fn load_all(&self, specs: &[TensorSpec], dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
         self.verify(specs)?;
-        specs
-            .iter()
-            .map(|s| Ok((s.name.clone(), self.load(&s.name, dtype, device)?)))
-            .collect()
+        specs.iter().map(|s| Ok((s.name.clone(), self.load(&s.name, dtype, device)?))).collect()
     }
 }
 
@@ -182,18 +137,12 @@ impl Checkpoint {
 /// a torn one.
 pub fn save_atomic<P: AsRef<Path>>(path: P, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let path = path.as_ref();
-    let io = |source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
+    let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let bytes = serialize(tensors).map_err(|(name, source)| CheckpointError::Tensor {
         path: path.to_path_buf(),
@@ -217,19 +166,14 @@ pub fn save_atomic<P: AsRef<Path>>(path: P, tensors: &HashMap<String, Tensor>) -
     })
 }
 
-fn serialize(
-    tensors: &HashMap<String, Tensor>,
-) -> std::result::Result<Vec<u8>, (String, candle_core::Error)> {
+fn serialize(tensors: &HashMap<String, Tensor>) -> std::result::Result<Vec<u8>, (String, candle_core::Error)> {
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     // Make each tensor contiguous on the CPU; candle's View impl serializes those directly.
     let cpu: Vec<(String, Tensor)> = sorted
         .into_iter()
         .map(|(n, t)| {
-            t.to_device(&Device::Cpu)
-                .and_then(|t| t.contiguous())
-                .map(|t| (n.clone(), t))
-                .map_err(|e| (n.clone(), e))
+            t.to_device(&Device::Cpu).and_then(|t| t.contiguous()).map(|t| (n.clone(), t)).map_err(|e| (n.clone(), e))
         })
         .collect::<std::result::Result<_, _>>()?;
     safetensors::tensor::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), None)
@@ -249,30 +193,15 @@ mod tests {
     fn sample() -> HashMap<String, Tensor> {
         let dev = Device::Cpu;
         let mut m = HashMap::new();
-        m.insert(
-            "a.weight".to_string(),
-            Tensor::arange(0f32, 6., &dev)
-                .unwrap()
-                .reshape((2, 3))
-                .unwrap(),
-        );
-        m.insert(
-            "a.bias".to_string(),
-            Tensor::ones(3, DType::F32, &dev).unwrap(),
-        );
+        m.insert("a.weight".to_string(), Tensor::arange(0f32, 6., &dev).unwrap().reshape((2, 3)).unwrap());
+        m.insert("a.bias".to_string(), Tensor::ones(3, DType::F32, &dev).unwrap());
         m
     }
 
     fn specs() -> Vec<TensorSpec> {
         vec![
-            TensorSpec {
-                name: "a.weight".into(),
-                shape: vec![2, 3],
-            },
-            TensorSpec {
-                name: "a.bias".into(),
-                shape: vec![3],
-            },
+            TensorSpec { name: "a.weight".into(), shape: vec![2, 3] },
+            TensorSpec { name: "a.bias".into(), shape: vec![3] },
         ]
     }
 
@@ -299,14 +228,8 @@ mod tests {
         let mut s = specs();
         s[0].shape = vec![3, 2];
         let e = ck.verify(&s).unwrap_err().to_string();
-        assert!(
-            e.contains("a.weight") && e.contains("[2, 3]") && e.contains("[3, 2]"),
-            "{e}"
-        );
-        s.push(TensorSpec {
-            name: "b.weight".into(),
-            shape: vec![4],
-        });
+        assert!(e.contains("a.weight") && e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+        s.push(TensorSpec { name: "b.weight".into(), shape: vec![4] });
         s[0].shape = vec![2, 3];
         let e = ck.verify(&s).unwrap_err().to_string();
         assert!(e.contains("b.weight") && e.contains("missing"), "{e}");
@@ -320,16 +243,10 @@ mod tests {
         let bytes = fs::read(&p).unwrap();
         for cut in [0, 4, 8, 20, bytes.len() - 3] {
             fs::write(&p, &bytes[..cut]).unwrap();
-            let e = Checkpoint::open(&[&p])
-                .err()
-                .expect("must fail")
-                .to_string();
+            let e = Checkpoint::open(&[&p]).err().expect("must fail").to_string();
             assert!(e.contains("m.safetensors"), "{e}");
         }
-        let e = Checkpoint::open(&[d.join("nope.safetensors")])
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Checkpoint::open(&[d.join("nope.safetensors")]).err().unwrap().to_string();
         assert!(e.contains("nope.safetensors"), "{e}");
     }
 

@@ -21,11 +21,7 @@ fn keep_freed_memory() {
 }
 
 #[derive(Parser)]
-#[command(
-    name = "glm",
-    version,
-    about = "GLM-130B in Rust: model, training, quantized inference, evaluation"
-)]
+#[command(name = "glm", version, about = "GLM-130B in Rust: model, training, quantized inference, evaluation")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -130,10 +126,19 @@ fn main() -> Result<()> {
                 });
                 println!("{v}");
             } else {
-                println!("{}: {} layers, hidden {}, {} heads x {}, ffn {} ({:?}), vocab {}, {:?}, head {}",
-                    cfg.name, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim(), cfg.ffn_hidden_size,
-                    cfg.ffn, cfg.vocab_size, cfg.position_encoding,
-                    if cfg.tie_word_embeddings { "tied" } else { "untied" });
+                println!(
+                    "{}: {} layers, hidden {}, {} heads x {}, ffn {} ({:?}), vocab {}, {:?}, head {}",
+                    cfg.name,
+                    cfg.num_layers,
+                    cfg.hidden_size,
+                    cfg.num_heads,
+                    cfg.head_dim(),
+                    cfg.ffn_hidden_size,
+                    cfg.ffn,
+                    cfg.vocab_size,
+                    cfg.position_encoding,
+                    if cfg.tie_word_embeddings { "tied" } else { "untied" }
+                );
                 println!("parameters: {params} ({})", human_count(params));
                 println!(
                     "DeepNorm alpha = sqrt(2L) = {:.4}, init beta = {:.4}",
@@ -159,15 +164,7 @@ fn main() -> Result<()> {
                 None => println!("{}", cfg.to_json()),
             }
         }
-        Cmd::Bench(BenchCmd::Forward {
-            presets,
-            batch,
-            seq,
-            iters,
-            torch_python,
-            no_torch,
-            json,
-        }) => {
+        Cmd::Bench(BenchCmd::Forward { presets, batch, seq, iters, torch_python, no_torch, json }) => {
             let opts = glm_bench::ForwardBench {
                 presets,
                 batch,

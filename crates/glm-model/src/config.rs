@@ -43,14 +43,7 @@ pub struct SpecialTokens {
 impl SpecialTokens {
     /// The six ids in a row from `first`, in GLM-130B's order.
     pub const fn from(first: u32) -> Self {
-        Self {
-            mask: first,
-            gmask: first + 1,
-            smask: first + 2,
-            eod: first + 3,
-            sop: first + 4,
-            eop: first + 5,
-        }
+        Self { mask: first, gmask: first + 1, smask: first + 2, eod: first + 3, sop: first + 4, eop: first + 5 }
     }
 
     pub fn all(&self) -> [(&'static str, u32); 6] {
@@ -88,14 +81,7 @@ pub const PRESETS: [&str; 6] = ["tiny", "small", "base", "1b", "chatglm-6b", "gl
 
 impl Config {
     /// A GLM-130B-architecture config (post-LN DeepNorm, GeGLU, 1-D RoPE, tied head).
-    pub fn glm_arch(
-        name: &str,
-        layers: usize,
-        hidden: usize,
-        heads: usize,
-        ffn: usize,
-        vocab: usize,
-    ) -> Self {
+    pub fn glm_arch(name: &str, layers: usize, hidden: usize, heads: usize, ffn: usize, vocab: usize) -> Self {
         Self {
             name: name.to_string(),
             num_layers: layers,
@@ -116,18 +102,12 @@ impl Config {
 
     /// ~1.9M parameters: trains in minutes on 2 CPU cores.
     pub fn tiny() -> Self {
-        Self {
-            max_seq_len: 512,
-            ..Self::glm_arch("tiny", 4, 128, 4, 384, 8192)
-        }
+        Self { max_seq_len: 512, ..Self::glm_arch("tiny", 4, 128, 4, 384, 8192) }
     }
 
     /// ~23M parameters.
     pub fn small() -> Self {
-        Self {
-            max_seq_len: 1024,
-            ..Self::glm_arch("small", 6, 384, 6, 1024, 32768)
-        }
+        Self { max_seq_len: 1024, ..Self::glm_arch("small", 6, 384, 6, 1024, 32768) }
     }
 
     /// ~110M parameters (BERT-base / GPT-2-small size).
@@ -141,10 +121,7 @@ impl Config {
     }
 
     pub fn glm_130b() -> Self {
-        Self {
-            special_tokens: SpecialTokens::from(150000),
-            ..Self::glm_arch("glm-130b", 70, 12288, 96, 32768, 150528)
-        }
+        Self { special_tokens: SpecialTokens::from(150000), ..Self::glm_arch("glm-130b", 70, 12288, 96, 32768, 150528) }
     }
 
     /// ChatGLM-6B v1.1: 2-D RoPE, tanh-GELU MLP (not gated), untied head, ids = GLM-130B's - 20000.
@@ -175,10 +152,7 @@ impl Config {
             "chatglm-6b" => Self::chatglm_6b(),
             "glm-130b" => Self::glm_130b(),
             other => {
-                return Err(Error::Config(format!(
-                    "unknown preset `{other}`; known presets: {}",
-                    PRESETS.join(", ")
-                )))
+                return Err(Error::Config(format!("unknown preset `{other}`; known presets: {}", PRESETS.join(", "))))
             }
         };
         cfg.validate()?;
@@ -186,8 +160,7 @@ impl Config {
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text)
-            .map_err(|e| Error::Config(format!("bad config JSON: {e}")))?;
+        let cfg: Self = serde_json::from_str(text).map_err(|e| Error::Config(format!("bad config JSON: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -254,10 +227,7 @@ impl Config {
             }
         }
         if self.hidden_size % self.num_heads != 0 {
-            return bad(format!(
-                "hidden_size {} is not divisible by num_heads {}",
-                self.hidden_size, self.num_heads
-            ));
+            return bad(format!("hidden_size {} is not divisible by num_heads {}", self.hidden_size, self.num_heads));
         }
         let d = self.head_dim();
         let parts = self.rope_parts();
@@ -267,18 +237,11 @@ impl Config {
                  (RoPE rotates pairs of halves{})",
                 2 * parts,
                 self.position_encoding,
-                if parts == 2 {
-                    " in each of two halves"
-                } else {
-                    ""
-                }
+                if parts == 2 { " in each of two halves" } else { "" }
             ));
         }
         if !(self.layernorm_eps > 0.0 && self.layernorm_eps.is_finite()) {
-            return bad(format!(
-                "layernorm_eps must be a positive number, got {}",
-                self.layernorm_eps
-            ));
+            return bad(format!("layernorm_eps must be a positive number, got {}", self.layernorm_eps));
         }
         if !(self.rope_base > 1.0 && self.rope_base.is_finite()) {
             return bad(format!("rope_base must be > 1, got {}", self.rope_base));
@@ -305,60 +268,27 @@ mod tests {
             let cfg = Config::preset(name).expect(name);
             assert_eq!(Config::from_json(&cfg.to_json()).expect("json"), cfg);
         }
-        assert!(Config::preset("nope")
-            .unwrap_err()
-            .to_string()
-            .contains("tiny"));
+        assert!(Config::preset("nope").unwrap_err().to_string().contains("tiny"));
     }
 
     #[test]
     fn invalid_configs_fail_clearly() {
         let msg = |c: Config| c.validate().unwrap_err().to_string();
-        assert!(msg(Config {
-            num_heads: 3,
-            ..Config::tiny()
-        })
-        .contains("not divisible by num_heads"));
+        assert!(msg(Config { num_heads: 3, ..Config::tiny() }).contains("not divisible by num_heads"));
         // head dim 130 / 2 = 65: odd, RoPE cannot rotate halves.
-        let odd = Config {
-            hidden_size: 130,
-            num_heads: 2,
-            ..Config::tiny()
-        };
+        let odd = Config { hidden_size: 130, num_heads: 2, ..Config::tiny() };
         assert!(msg(odd).contains("head dim 65"));
         // 2-D RoPE needs the head dim divisible by 4.
-        let c = Config {
-            hidden_size: 12,
-            num_heads: 2,
-            position_encoding: PositionEncoding::Rope2d,
-            ..Config::tiny()
-        };
+        let c = Config { hidden_size: 12, num_heads: 2, position_encoding: PositionEncoding::Rope2d, ..Config::tiny() };
         assert!(msg(c).contains("divisible by 4"));
-        assert!(msg(Config {
-            num_layers: 0,
-            ..Config::tiny()
-        })
-        .contains("num_layers must be positive"));
-        assert!(msg(Config {
-            layernorm_eps: 0.0,
-            ..Config::tiny()
-        })
-        .contains("layernorm_eps"));
-        let c = Config {
-            special_tokens: SpecialTokens::from(9000),
-            ..Config::tiny()
-        };
+        assert!(msg(Config { num_layers: 0, ..Config::tiny() }).contains("num_layers must be positive"));
+        assert!(msg(Config { layernorm_eps: 0.0, ..Config::tiny() }).contains("layernorm_eps"));
+        let c = Config { special_tokens: SpecialTokens::from(9000), ..Config::tiny() };
         assert!(msg(c).contains("outside the vocabulary"));
-        assert!(Config::from_json("{\"name\": 1}")
-            .unwrap_err()
-            .to_string()
-            .contains("bad config JSON"));
+        assert!(Config::from_json("{\"name\": 1}").unwrap_err().to_string().contains("bad config JSON"));
         let mut j: serde_json::Value = serde_json::from_str(&Config::tiny().to_json()).unwrap();
         j["hidden_size"] = serde_json::json!(100);
-        assert!(Config::from_json(&j.to_string())
-            .unwrap_err()
-            .to_string()
-            .contains("divisible"));
+        assert!(Config::from_json(&j.to_string()).unwrap_err().to_string().contains("divisible"));
     }
 
     #[test]

@@ -34,14 +34,10 @@ pub fn init_weights(cfg: &Config, seed: u64, device: &Device) -> Result<HashMap<
     for p in param_table(cfg) {
         let n = p.numel() as usize;
         let data = match p.kind {
-            ParamKind::Embedding | ParamKind::LmHead => {
-                normal(&mut rng, n, (1.0 / (3.0 * h as f64)).sqrt())
-            }
+            ParamKind::Embedding | ParamKind::LmHead => normal(&mut rng, n, (1.0 / (3.0 * h as f64)).sqrt()),
             ParamKind::NormWeight => vec![1.0; n],
             ParamKind::NormBias | ParamKind::Bias => vec![0.0; n],
-            ParamKind::LinearWeight => {
-                normal(&mut rng, n, xavier_std(p.shape[1], p.shape[0], beta))
-            }
+            ParamKind::LinearWeight => normal(&mut rng, n, xavier_std(p.shape[1], p.shape[0], beta)),
             ParamKind::QkvWeight => {
                 // Rows are per-head interleaved: head j owns [q_j; k_j; v_j], D rows each. q and k
                 // are plain Xavier over an H x H projection, v is DeepNorm-scaled.
@@ -60,10 +56,7 @@ pub fn init_weights(cfg: &Config, seed: u64, device: &Device) -> Result<HashMap<
                 w
             }
         };
-        out.insert(
-            p.name.clone(),
-            Tensor::from_vec(data, p.shape.as_slice(), device)?,
-        );
+        out.insert(p.name.clone(), Tensor::from_vec(data, p.shape.as_slice(), device)?);
     }
     Ok(out)
 }
@@ -73,10 +66,7 @@ pub fn init_weights(cfg: &Config, seed: u64, device: &Device) -> Result<HashMap<
 pub fn var_map(tensors: HashMap<String, Tensor>) -> Result<VarMap> {
     let vm = VarMap::new();
     {
-        let mut data = vm
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("var map lock poisoned".into()))?;
+        let mut data = vm.data().lock().map_err(|_| candle_core::Error::Msg("var map lock poisoned".into()))?;
         for (name, t) in tensors {
             data.insert(name, Var::from_tensor(&t)?);
         }
@@ -94,25 +84,17 @@ mod tests {
         let a = init_weights(&cfg, 7, &Device::Cpu)?;
         let b = init_weights(&cfg, 7, &Device::Cpu)?;
         let name = "transformer.layers.1.mlp.dense_4h_to_h.weight";
-        let (wa, wb): (Vec<f32>, Vec<f32>) = (
-            a[name].flatten_all()?.to_vec1()?,
-            b[name].flatten_all()?.to_vec1()?,
-        );
+        let (wa, wb): (Vec<f32>, Vec<f32>) = (a[name].flatten_all()?.to_vec1()?, b[name].flatten_all()?.to_vec1()?);
         assert_eq!(wa, wb);
         let std = (wa.iter().map(|x| x * x).sum::<f32>() / wa.len() as f32).sqrt() as f64;
         let want = cfg.deepnorm_beta() * (2.0 / (128.0 + 384.0f64)).sqrt();
         assert!((std / want - 1.0).abs() < 0.05, "{std} vs {want}");
         // v rows of head 0 are beta-scaled relative to its q rows.
-        let qkv: Vec<f32> = a["transformer.layers.0.attention.query_key_value.weight"]
-            .flatten_all()?
-            .to_vec1()?;
+        let qkv: Vec<f32> = a["transformer.layers.0.attention.query_key_value.weight"].flatten_all()?.to_vec1()?;
         let rms = |s: &[f32]| (s.iter().map(|x| x * x).sum::<f32>() / s.len() as f32).sqrt();
         let block = cfg.head_dim() * cfg.hidden_size;
         let ratio = rms(&qkv[2 * block..3 * block]) / rms(&qkv[..block]);
-        assert!(
-            (ratio as f64 / cfg.deepnorm_beta() - 1.0).abs() < 0.1,
-            "{ratio}"
-        );
+        assert!((ratio as f64 / cfg.deepnorm_beta() - 1.0).abs() < 0.1, "{ratio}");
         Ok(())
     }
 }

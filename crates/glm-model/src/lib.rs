@@ -14,9 +14,7 @@ pub mod weights;
 pub use config::{Config, FfnKind, PositionEncoding, SpecialTokens, PRESETS};
 pub use init::{init_weights, var_map};
 pub use model::{Glm, KvCache};
-pub use weights::{
-    param_count, param_table, tensor_specs, weight_bytes, ParamKind, ParamSpec, WeightBytes,
-};
+pub use weights::{param_count, param_table, tensor_specs, weight_bytes, ParamKind, ParamSpec, WeightBytes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -27,9 +27,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &Config) -> Self {
-        Self {
-            layers: vec![None; cfg.num_layers],
-        }
+        Self { layers: vec![None; cfg.num_layers] }
     }
 
     /// Tokens cached so far.
@@ -67,13 +65,7 @@ struct Attention {
 impl Attention {
     fn new(cfg: &Config, vb: &VarBuilder, lin: &dyn LinearFactory) -> Result<Self> {
         let h = cfg.hidden_size;
-        let spec = |name, out_dim, role| LinearSpec {
-            name,
-            in_dim: h,
-            out_dim,
-            bias: true,
-            role,
-        };
+        let spec = |name, out_dim, role| LinearSpec { name, in_dim: h, out_dim, bias: true, role };
         Ok(Self {
             // One column chunk: heads are contiguous [q|k|v] blocks of 3D rows, so a rank's slice
             // of rows holds whole heads.
@@ -84,12 +76,7 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        step: &Step,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (n, d) = (self.num_heads, self.head_dim);
         // (B, T, N, 3D): the fused weight is per-head interleaved, q | k | v inside each head.
@@ -108,8 +95,7 @@ impl Attention {
         let q = (q * (1.0 / (d as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?; // (B, N, T, T_k)
                                          // Softmax in f32 whatever the activation dtype.
-        let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &step.mask)?
-            .to_dtype(v.dtype())?;
+        let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &step.mask)?.to_dtype(v.dtype())?;
         let ctx = probs.matmul(&v)?; // (B, N, T, D)
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, n * d))?; // (B, T, H)
         Ok(self.dense.forward(&ctx)?)
@@ -129,25 +115,10 @@ impl Mlp {
             FfnKind::GeGlu => 2,
             FfnKind::GeluTanh => 1,
         };
-        let up_spec = LinearSpec {
-            name: H_TO_4H,
-            in_dim: h,
-            out_dim: up,
-            bias: true,
-            role: ParallelRole::Column { chunks },
-        };
-        let down_spec = LinearSpec {
-            name: FOURH_TO_H,
-            in_dim: f,
-            out_dim: h,
-            bias: true,
-            role: ParallelRole::Row,
-        };
-        Ok(Self {
-            dense_h_to_4h: lin.make(vb, up_spec)?,
-            dense_4h_to_h: lin.make(vb, down_spec)?,
-            kind: cfg.ffn,
-        })
+        let up_spec =
+            LinearSpec { name: H_TO_4H, in_dim: h, out_dim: up, bias: true, role: ParallelRole::Column { chunks } };
+        let down_spec = LinearSpec { name: FOURH_TO_H, in_dim: f, out_dim: h, bias: true, role: ParallelRole::Row };
+        Ok(Self { dense_h_to_4h: lin.make(vb, up_spec)?, dense_4h_to_h: lin.make(vb, down_spec)?, kind: cfg.ffn })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -181,12 +152,7 @@ impl Block {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        step: &Step,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let a = self.input_layernorm.forward(x)?; //           a = LN1(x)
         let y = ((&a * self.alpha)? + self.attention.forward(&a, step, cache)?)?; // y = alpha*a + Attn(a)
         let m = self.post_attention_layernorm.forward(&y)?; // m = LN2(y)
@@ -209,19 +175,14 @@ impl Glm {
         cfg.validate()?;
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let tf = vb.pp(TRANSFORMER);
-        let layers = (0..cfg.num_layers)
-            .map(|i| Block::new(cfg, tf.pp(LAYERS).pp(i), lin))
-            .collect::<Result<Vec<_>>>()?;
+        let layers =
+            (0..cfg.num_layers).map(|i| Block::new(cfg, tf.pp(LAYERS).pp(i), lin)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             word_embeddings: tf.pp(WORD_EMBEDDINGS).get((v, h), "weight")?,
             layers,
             final_layernorm: LayerNorm::load(tf.pp(FINAL_LAYERNORM), h, cfg.layernorm_eps)?,
-            lm_head: if cfg.tie_word_embeddings {
-                None
-            } else {
-                Some(vb.pp(LM_HEAD).get((v, h), "weight")?)
-            },
+            lm_head: if cfg.tie_word_embeddings { None } else { Some(vb.pp(LM_HEAD).get((v, h), "weight")?) },
             rope: Rope::new(cfg.head_dim(), cfg.rope_parts(), cfg.rope_base, vb.device())?,
         })
     }
@@ -270,10 +231,7 @@ impl Glm {
                 }
                 if let Some(Some((k, _))) = c.layers.first() {
                     if k.dim(0)? != b {
-                        return Err(Error::Input(format!(
-                            "KV cache holds batch {}, input has batch {b}",
-                            k.dim(0)?
-                        )));
+                        return Err(Error::Input(format!("KV cache holds batch {}, input has batch {b}", k.dim(0)?)));
                     }
                 }
                 c.len()
@@ -282,17 +240,9 @@ impl Glm {
         };
         let dtype = self.dtype();
         let (cos, sin) = self.rope.tables(positions, dtype)?;
-        let step = Step {
-            rope: &self.rope,
-            cos,
-            sin,
-            mask: layout.mask(past, t, past + t, self.device())?,
-        };
+        let step = Step { rope: &self.rope, cos, sin, mask: layout.mask(past, t, past + t, self.device())? };
 
-        let mut x = self
-            .word_embeddings
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, ()))?; // (B, T, H)
+        let mut x = self.word_embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?; // (B, T, H)
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
             x = layer.forward(&x, &step, slot)?;
@@ -302,24 +252,14 @@ impl Glm {
         Ok(glm_nn::linear::linear_nd(&out, head, None)?) // (B, T, V)
     }
 
-    fn check_inputs(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        layout: &AttnLayout,
-    ) -> Result<(usize, usize)> {
-        let (b, t) = ids
-            .dims2()
-            .map_err(|_| Error::Input(format!("token ids must be [B, T], got {:?}", ids.dims())))?;
+    fn check_inputs(&self, ids: &Tensor, positions: &Tensor, layout: &AttnLayout) -> Result<(usize, usize)> {
+        let (b, t) =
+            ids.dims2().map_err(|_| Error::Input(format!("token ids must be [B, T], got {:?}", ids.dims())))?;
         if t == 0 {
             return Err(Error::Input("empty input: no tokens".into()));
         }
         let parts = self.cfg.rope_parts();
-        let want: Vec<usize> = if parts == 1 {
-            vec![b, t]
-        } else {
-            vec![b, parts, t]
-        };
+        let want: Vec<usize> = if parts == 1 { vec![b, t] } else { vec![b, parts, t] };
         if positions.dims() != want.as_slice() {
             return Err(Error::Input(format!(
                 "position ids must be {want:?} for {:?}, got {:?}",
@@ -328,17 +268,10 @@ impl Glm {
             )));
         }
         if layout.batch() != b {
-            return Err(Error::Input(format!(
-                "attention layout has {} rows, input has {b}",
-                layout.batch()
-            )));
+            return Err(Error::Input(format!("attention layout has {} rows, input has {b}", layout.batch())));
         }
         let host: Vec<i64> = ids.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
-        if let Some((i, &id)) = host
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id < 0 || id as usize >= self.cfg.vocab_size)
-        {
+        if let Some((i, &id)) = host.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= self.cfg.vocab_size) {
             return Err(Error::Input(format!(
                 "token id {id} at row {}, column {} is outside the vocabulary (size {})",
                 i / t,

@@ -62,19 +62,10 @@ pub fn layer_prefix(i: usize) -> String {
 
 /// Every parameter of `cfg`, in checkpoint order.
 pub fn param_table(cfg: &Config) -> Vec<ParamSpec> {
-    let (h, v, up, f) = (
-        cfg.hidden_size,
-        cfg.vocab_size,
-        cfg.ffn_up_size(),
-        cfg.ffn_hidden_size,
-    );
+    let (h, v, up, f) = (cfg.hidden_size, cfg.vocab_size, cfg.ffn_up_size(), cfg.ffn_hidden_size);
     let mut t = Vec::with_capacity(12 * cfg.num_layers + 4);
     let mut add = |name: String, shape: Vec<usize>, kind| t.push(ParamSpec { name, shape, kind });
-    add(
-        format!("{TRANSFORMER}.{WORD_EMBEDDINGS}.weight"),
-        vec![v, h],
-        ParamKind::Embedding,
-    );
+    add(format!("{TRANSFORMER}.{WORD_EMBEDDINGS}.weight"), vec![v, h], ParamKind::Embedding);
     for i in 0..cfg.num_layers {
         let p = layer_prefix(i);
         for ln in [INPUT_LAYERNORM, POST_ATTENTION_LAYERNORM] {
@@ -82,46 +73,18 @@ pub fn param_table(cfg: &Config) -> Vec<ParamSpec> {
             add(format!("{p}.{ln}.bias"), vec![h], ParamKind::NormBias);
         }
         let linears = [
-            (
-                format!("{p}.{ATTENTION}.{QKV}"),
-                3 * h,
-                h,
-                ParamKind::QkvWeight,
-            ),
-            (
-                format!("{p}.{ATTENTION}.{DENSE}"),
-                h,
-                h,
-                ParamKind::LinearWeight,
-            ),
-            (
-                format!("{p}.{MLP}.{H_TO_4H}"),
-                up,
-                h,
-                ParamKind::LinearWeight,
-            ),
-            (
-                format!("{p}.{MLP}.{FOURH_TO_H}"),
-                h,
-                f,
-                ParamKind::LinearWeight,
-            ),
+            (format!("{p}.{ATTENTION}.{QKV}"), 3 * h, h, ParamKind::QkvWeight),
+            (format!("{p}.{ATTENTION}.{DENSE}"), h, h, ParamKind::LinearWeight),
+            (format!("{p}.{MLP}.{H_TO_4H}"), up, h, ParamKind::LinearWeight),
+            (format!("{p}.{MLP}.{FOURH_TO_H}"), h, f, ParamKind::LinearWeight),
         ];
         for (name, out, inp, kind) in linears {
             add(format!("{name}.weight"), vec![out, inp], kind);
             add(format!("{name}.bias"), vec![out], ParamKind::Bias);
         }
     }
-    add(
-        format!("{TRANSFORMER}.{FINAL_LAYERNORM}.weight"),
-        vec![h],
-        ParamKind::NormWeight,
-    );
-    add(
-        format!("{TRANSFORMER}.{FINAL_LAYERNORM}.bias"),
-        vec![h],
-        ParamKind::NormBias,
-    );
+    add(format!("{TRANSFORMER}.{FINAL_LAYERNORM}.weight"), vec![h], ParamKind::NormWeight);
+    add(format!("{TRANSFORMER}.{FINAL_LAYERNORM}.bias"), vec![h], ParamKind::NormBias);
     if !cfg.tie_word_embeddings {
         add(format!("{LM_HEAD}.weight"), vec![v, h], ParamKind::LmHead);
     }
@@ -129,13 +92,7 @@ pub fn param_table(cfg: &Config) -> Vec<ParamSpec> {
 }
 
 pub fn tensor_specs(cfg: &Config) -> Vec<TensorSpec> {
-    param_table(cfg)
-        .into_iter()
-        .map(|p| TensorSpec {
-            name: p.name,
-            shape: p.shape,
-        })
-        .collect()
+    param_table(cfg).into_iter().map(|p| TensorSpec { name: p.name, shape: p.shape }).collect()
 }
 
 pub fn param_count(cfg: &Config) -> u64 {
@@ -169,12 +126,7 @@ pub fn weight_bytes(cfg: &Config) -> WeightBytes {
             int4 += 2 * n;
         }
     }
-    WeightBytes {
-        fp32,
-        fp16,
-        int8,
-        int4,
-    }
+    WeightBytes { fp32, fp16, int8, int4 }
 }
 
 #[cfg(test)]
@@ -185,10 +137,7 @@ mod tests {
     fn glm_130b_has_128_70b_parameters() {
         let cfg = Config::glm_130b();
         // spec section 1: per layer 1,812,115,456; x70 + embedding 150528 x 12288 + final LN.
-        assert_eq!(
-            param_count(&cfg),
-            70 * 1_812_115_456 + 150_528 * 12_288 + 2 * 12_288
-        );
+        assert_eq!(param_count(&cfg), 70 * 1_812_115_456 + 150_528 * 12_288 + 2 * 12_288);
         assert_eq!(param_count(&cfg), 128_697_794_560);
         let b = weight_bytes(&cfg);
         assert_eq!(b.fp16, 2 * 128_697_794_560);
@@ -199,11 +148,7 @@ mod tests {
     #[test]
     fn preset_sizes() {
         let n = |c: Config| param_count(&c) as f64 / 1e6;
-        assert!(
-            (1.0..3.0).contains(&n(Config::tiny())),
-            "{}",
-            n(Config::tiny())
-        );
+        assert!((1.0..3.0).contains(&n(Config::tiny())), "{}", n(Config::tiny()));
         assert!((20.0..30.0).contains(&n(Config::small())));
         assert!((100.0..120.0).contains(&n(Config::base())));
         // The PyTorch anchor's model has 1,368,055,808 parameters and no final LayerNorm.

@@ -4,85 +4,76 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use candle_core::{IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use common::{cases, rel_err};
 use glm_model::KvCache;
 use glm_nn::{cross_entropy, AttnLayout};
 
-#[test]
-fn golden_logits() -> Result<()> {
+fn check_logits(dtype: DType) -> Result<()> {
     for case in cases()? {
-        let model = case.model()?;
-        let logits = model.forward(
-            &case.io("input_ids")?,
-            &case.io("position_ids")?,
-            &case.layout()?,
-            None,
-        )?;
+        let model = case.model_in(dtype)?;
+        let logits = model.forward(&case.io("input_ids")?, &case.io("position_ids")?, &case.layout()?, None)?;
         let err = rel_err(&logits, &case.io("logits")?)?;
-        println!("{}: logits rel err {err:.2e}", case.name);
-        ensure!(
-            err < 1e-5,
-            "{}: logits differ by {err:.3e} (relative)",
-            case.name
-        );
+        println!("{} ({dtype:?}): logits rel err {err:.2e}", case.name);
+        ensure!(err < 1e-5, "{} ({dtype:?}): logits differ by {err:.3e} (relative)", case.name);
     }
     Ok(())
 }
 
+/// Through the fused CPU kernels (f32).
+#[test]
+fn golden_logits() -> Result<()> {
+    check_logits(DType::F32)
+}
+
+/// Through the `_ref` twin of every kernel (f64 takes the reference path).
+#[test]
+fn golden_logits_reference_kernels() -> Result<()> {
+    check_logits(DType::F64)
+}
+
 #[test]
 fn golden_loss_and_grads() -> Result<()> {
+    check_loss_and_grads(DType::F32)
+}
+
+#[test]
+fn golden_loss_and_grads_reference_kernels() -> Result<()> {
+    check_loss_and_grads(DType::F64)
+}
+
+fn check_loss_and_grads(dtype: DType) -> Result<()> {
     let mut checked = 0;
     for case in cases()? {
         if !case.has_io("targets") {
             continue;
         }
-        let (model, vm) = case.trainable()?;
-        let logits = model.forward(
-            &case.io("input_ids")?,
-            &case.io("position_ids")?,
-            &case.layout()?,
-            None,
-        )?;
+        let (model, vm) = case.trainable(dtype)?;
+        let logits = model.forward(&case.io("input_ids")?, &case.io("position_ids")?, &case.layout()?, None)?;
         let loss = cross_entropy(&logits, &case.io("targets")?)?;
-        let got = loss.to_scalar::<f32>()? as f64;
+        let got = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let want = case.io("loss")?.flatten_all()?.to_vec1::<f32>()?[0] as f64;
-        ensure!(
-            (got - want).abs() <= 1e-5 * want.abs(),
-            "{}: loss {got} vs {want}",
-            case.name
-        );
+        ensure!((got - want).abs() <= 1e-5 * want.abs(), "{}: loss {got} vs {want}", case.name);
         if let Some(m) = case.loss {
-            ensure!(
-                (got - m).abs() <= 1e-5 * m.abs(),
-                "{}: loss {got} vs manifest {m}",
-                case.name
-            );
+            ensure!((got - m).abs() <= 1e-5 * m.abs(), "{}: loss {got} vs manifest {m}", case.name);
         }
         let grads = loss.backward()?;
         let vars = vm.data().lock().map_err(|_| anyhow::anyhow!("lock"))?;
         let mut worst = (0.0f64, String::new());
         for p in glm_model::param_table(&case.cfg) {
-            let var = vars
-                .get(&p.name)
-                .ok_or_else(|| anyhow::anyhow!("no var {}", p.name))?;
+            let var = vars.get(&p.name).ok_or_else(|| anyhow::anyhow!("no var {}", p.name))?;
             let g = grads
                 .get(var.as_tensor())
                 .ok_or_else(|| anyhow::anyhow!("{}: no gradient for {}", case.name, p.name))?;
             let err = rel_err(g, &case.io(&format!("grad.{}", p.name))?)?;
-            ensure!(
-                err < 1e-4,
-                "{}: gradient of {} differs by {err:.3e} (relative)",
-                case.name,
-                p.name
-            );
+            ensure!(err < 1e-4, "{}: gradient of {} differs by {err:.3e} (relative)", case.name, p.name);
             if err > worst.0 {
                 worst = (err, p.name.clone());
             }
             checked += 1;
         }
         println!(
-            "{}: loss {got:.7} (ref {want:.7}); worst grad rel err {:.2e} ({})",
+            "{} ({dtype:?}): loss {got:.7} (ref {want:.7}); worst grad rel err {:.2e} ({})",
             case.name, worst.0, worst.1
         );
     }
@@ -121,19 +112,11 @@ fn golden_kv_cache_decoding() -> Result<()> {
                 )?;
                 steps.push(step);
             }
-            ensure!(
-                cache.len() == t,
-                "cache holds {} tokens, expected {t}",
-                cache.len()
-            );
+            ensure!(cache.len() == t, "cache holds {} tokens, expected {t}", cache.len());
             let got = Tensor::cat(&steps, 1)?;
             let err = rel_err(&got, &want.i(b..b + 1)?)?;
             println!("{} row {b}: cached decoding rel err {err:.2e}", case.name);
-            ensure!(
-                err < 1e-5,
-                "{} row {b}: cached decoding differs by {err:.3e}",
-                case.name
-            );
+            ensure!(err < 1e-5, "{} row {b}: cached decoding differs by {err:.3e}", case.name);
         }
     }
     Ok(())

@@ -9,11 +9,7 @@ use glm_model::{init_weights, Config, Glm, PositionEncoding};
 use glm_nn::{AttnLayout, DenseFactory, Segment};
 
 fn small(pe: PositionEncoding) -> Config {
-    let base = if pe == PositionEncoding::Rope1d {
-        Config::glm_130b()
-    } else {
-        Config::chatglm_6b()
-    };
+    let base = if pe == PositionEncoding::Rope1d { Config::glm_130b() } else { Config::chatglm_6b() };
     Config {
         name: "test".into(),
         num_layers: 2,
@@ -39,15 +35,7 @@ fn positions(cfg: &Config, len: usize, prefix: usize) -> Result<Tensor> {
     Ok(match cfg.position_encoding {
         PositionEncoding::Rope1d => Tensor::new(p, &Device::Cpu)?.reshape((1, len))?,
         PositionEncoding::Rope2d => {
-            let blk: Vec<i64> = (0..len)
-                .map(|i| {
-                    if i < prefix {
-                        0
-                    } else {
-                        (i - prefix + 1) as i64
-                    }
-                })
-                .collect();
+            let blk: Vec<i64> = (0..len).map(|i| if i < prefix { 0 } else { (i - prefix + 1) as i64 }).collect();
             Tensor::new([p, blk].concat(), &Device::Cpu)?.reshape((1, 2, len))?
         }
     })
@@ -69,44 +57,20 @@ fn packed_samples_get_the_logits_they_get_alone() -> Result<()> {
         let a: Vec<u32> = vec![5, 17, 99, 150, 154, 23, 42];
         let b: Vec<u32> = vec![7, 151, 154, 64, 11];
         let (pa, pb) = (4, 2);
-        let alone_a = m.forward(
-            &ids(&a)?,
-            &positions(&cfg, a.len(), pa)?,
-            &AttnLayout::prefix_lm(&[pa]),
-            None,
-        )?;
-        let alone_b = m.forward(
-            &ids(&b)?,
-            &positions(&cfg, b.len(), pb)?,
-            &AttnLayout::prefix_lm(&[pb]),
-            None,
-        )?;
+        let alone_a = m.forward(&ids(&a)?, &positions(&cfg, a.len(), pa)?, &AttnLayout::prefix_lm(&[pa]), None)?;
+        let alone_b = m.forward(&ids(&b)?, &positions(&cfg, b.len(), pb)?, &AttnLayout::prefix_lm(&[pb]), None)?;
 
         let row: Vec<u32> = a.iter().chain(&b).copied().collect();
         let last = positions(&cfg, a.len(), pa)?.rank() - 1;
-        let pos = Tensor::cat(
-            &[positions(&cfg, a.len(), pa)?, positions(&cfg, b.len(), pb)?],
-            last,
-        )?;
+        let pos = Tensor::cat(&[positions(&cfg, a.len(), pa)?, positions(&cfg, b.len(), pb)?], last)?;
         let layout = AttnLayout::packed(vec![vec![
-            Segment {
-                start: 0,
-                len: a.len(),
-                prefix: pa,
-            },
-            Segment {
-                start: a.len(),
-                len: b.len(),
-                prefix: pb,
-            },
+            Segment { start: 0, len: a.len(), prefix: pa },
+            Segment { start: a.len(), len: b.len(), prefix: pb },
         ]])?;
         let packed = m.forward(&ids(&row)?, &pos, &layout, None)?;
         let da = max_diff(&packed.narrow(1, 0, a.len())?, &alone_a)?;
         let db = max_diff(&packed.narrow(1, a.len(), b.len())?, &alone_b)?;
-        ensure!(
-            da < 1e-5 && db < 1e-5,
-            "{pe:?}: packed vs alone differ by {da} / {db}"
-        );
+        ensure!(da < 1e-5 && db < 1e-5, "{pe:?}: packed vs alone differ by {da} / {db}");
         // And packing matters: without the block-diagonal layout sample b would see sample a.
         let unpacked = m.forward(&ids(&row)?, &pos, &AttnLayout::prefix_lm(&[pa]), None)?;
         ensure!(max_diff(&unpacked.narrow(1, a.len(), b.len())?, &alone_b)? > 1e-3);
@@ -118,21 +82,13 @@ fn packed_samples_get_the_logits_they_get_alone() -> Result<()> {
 fn rows_with_different_prefixes_match_their_single_rows() -> Result<()> {
     let cfg = small(PositionEncoding::Rope1d);
     let (m, _) = model(&cfg, 4)?;
-    let rows: [Vec<u32>; 2] = [
-        vec![1, 2, 3, 151, 154, 9, 8, 7],
-        vec![4, 5, 151, 154, 6, 7, 8, 9],
-    ];
+    let rows: [Vec<u32>; 2] = [vec![1, 2, 3, 151, 154, 9, 8, 7], vec![4, 5, 151, 154, 6, 7, 8, 9]];
     let prefix = [4usize, 3];
     let batch = Tensor::new(rows.concat(), &Device::Cpu)?.reshape((2, 8))?;
     let pos = Tensor::cat(&[positions(&cfg, 8, 0)?, positions(&cfg, 8, 0)?], 0)?;
     let both = m.forward(&batch, &pos, &AttnLayout::prefix_lm(&prefix), None)?;
     for r in 0..2 {
-        let one = m.forward(
-            &ids(&rows[r])?,
-            &positions(&cfg, 8, 0)?,
-            &AttnLayout::prefix_lm(&[prefix[r]]),
-            None,
-        )?;
+        let one = m.forward(&ids(&rows[r])?, &positions(&cfg, 8, 0)?, &AttnLayout::prefix_lm(&[prefix[r]]), None)?;
         ensure!(max_diff(&both.narrow(0, r, 1)?, &one)? < 1e-5, "row {r}");
     }
     Ok(())
@@ -150,41 +106,18 @@ fn checkpoint_roundtrip_and_load_errors() -> Result<()> {
     let (m, w) = model(&cfg, 5)?;
     let path = tmp("chat.safetensors");
     save_atomic(&path, &w)?;
-    let loaded = Glm::from_checkpoint(
-        &cfg,
-        &Checkpoint::open(&[&path])?,
-        DType::F32,
-        &Device::Cpu,
-        &DenseFactory,
-    )?;
+    let loaded = Glm::from_checkpoint(&cfg, &Checkpoint::open(&[&path])?, DType::F32, &Device::Cpu, &DenseFactory)?;
     let x = ids(&[3, 4, 151, 154, 9])?;
     let (pos, layout) = (positions(&cfg, 5, 3)?, AttnLayout::prefix_lm(&[3]));
-    ensure!(
-        max_diff(
-            &m.forward(&x, &pos, &layout, None)?,
-            &loaded.forward(&x, &pos, &layout, None)?
-        )? == 0.0
-    );
+    ensure!(max_diff(&m.forward(&x, &pos, &layout, None)?, &loaded.forward(&x, &pos, &layout, None)?)? == 0.0);
 
     // A checkpoint for another config: the error names the tensor and both shapes.
-    let other = Config {
-        ffn_hidden_size: 96,
-        ..cfg.clone()
-    };
-    let e = Glm::from_checkpoint(
-        &other,
-        &Checkpoint::open(&[&path])?,
-        DType::F32,
-        &Device::Cpu,
-        &DenseFactory,
-    )
-    .err()
-    .map(|e| e.to_string())
-    .unwrap_or_default();
-    ensure!(
-        e.contains("dense_h_to_4h.weight") && e.contains("[128, 64]") && e.contains("[96, 64]"),
-        "{e}"
-    );
+    let other = Config { ffn_hidden_size: 96, ..cfg.clone() };
+    let e = Glm::from_checkpoint(&other, &Checkpoint::open(&[&path])?, DType::F32, &Device::Cpu, &DenseFactory)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    ensure!(e.contains("dense_h_to_4h.weight") && e.contains("[128, 64]") && e.contains("[96, 64]"), "{e}");
     ensure!(e.contains("chat.safetensors"), "{e}");
 
     // A missing tensor is named.
@@ -192,39 +125,22 @@ fn checkpoint_roundtrip_and_load_errors() -> Result<()> {
     partial.remove("lm_head.weight");
     let p2 = tmp("partial.safetensors");
     save_atomic(&p2, &partial)?;
-    let e = Glm::from_checkpoint(
-        &cfg,
-        &Checkpoint::open(&[&p2])?,
-        DType::F32,
-        &Device::Cpu,
-        &DenseFactory,
-    )
-    .err()
-    .map(|e| e.to_string())
-    .unwrap_or_default();
+    let e = Glm::from_checkpoint(&cfg, &Checkpoint::open(&[&p2])?, DType::F32, &Device::Cpu, &DenseFactory)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     ensure!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
 
     // A truncated file is an error at open, naming the file.
     let bytes = std::fs::read(&path)?;
     let p3 = tmp("truncated.safetensors");
     std::fs::write(&p3, &bytes[..bytes.len() / 2])?;
-    let e = Checkpoint::open(&[&p3])
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
+    let e = Checkpoint::open(&[&p3]).err().map(|e| e.to_string()).unwrap_or_default();
     ensure!(e.contains("truncated.safetensors"), "{e}");
 
     // Loading in bf16 works and stays close (norms and softmax run in f32).
-    let half = Glm::from_checkpoint(
-        &cfg,
-        &Checkpoint::open(&[&path])?,
-        DType::BF16,
-        &Device::Cpu,
-        &DenseFactory,
-    )?;
-    let lh = half
-        .forward(&x, &pos, &layout, None)?
-        .to_dtype(DType::F32)?;
+    let half = Glm::from_checkpoint(&cfg, &Checkpoint::open(&[&path])?, DType::BF16, &Device::Cpu, &DenseFactory)?;
+    let lh = half.forward(&x, &pos, &layout, None)?.to_dtype(DType::F32)?;
     let lf = m.forward(&x, &pos, &layout, None)?;
     let rel = max_diff(&lh, &lf)? / lf.abs()?.max_all()?.to_scalar::<f32>()?;
     ensure!(rel < 0.05, "bf16 vs f32 relative difference {rel}");
@@ -241,19 +157,9 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
     ensure!(e.contains("token id 999") && e.contains("column 2"), "{e}");
     let e = err(m.forward(&ids(&[1, 2, 3])?, &positions(&cfg, 2, 0)?, &layout, None));
     ensure!(e.contains("position ids must be [1, 3]"), "{e}");
-    let e = err(m.forward(
-        &ids(&[1, 2, 3])?,
-        &positions(&cfg, 3, 0)?,
-        &AttnLayout::prefix_lm(&[1, 1]),
-        None,
-    ));
+    let e = err(m.forward(&ids(&[1, 2, 3])?, &positions(&cfg, 3, 0)?, &AttnLayout::prefix_lm(&[1, 1]), None));
     ensure!(e.contains("layout has 2 rows"), "{e}");
-    let e = err(m.forward(
-        &Tensor::zeros(3, DType::U32, &Device::Cpu)?,
-        &positions(&cfg, 3, 0)?,
-        &layout,
-        None,
-    ));
+    let e = err(m.forward(&Tensor::zeros(3, DType::U32, &Device::Cpu)?, &positions(&cfg, 3, 0)?, &layout, None));
     ensure!(e.contains("must be [B, T]"), "{e}");
     Ok(())
 }
@@ -264,13 +170,7 @@ fn config_file_roundtrip() -> Result<()> {
     Config::chatglm_6b().save(&p)?;
     ensure!(Config::load(&p)? == Config::chatglm_6b());
     std::fs::write(&p, "{ not json")?;
-    let e = Config::load(&p)
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    ensure!(
-        e.contains("cfg.json") && e.contains("bad config JSON"),
-        "{e}"
-    );
+    let e = Config::load(&p).err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(e.contains("cfg.json") && e.contains("bad config JSON"), "{e}");
     Ok(())
 }

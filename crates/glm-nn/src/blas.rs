@@ -8,22 +8,8 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-type Sgemm = unsafe extern "C" fn(
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    f32,
-    *const f32,
-    i32,
-    *const f32,
-    i32,
-    f32,
-    *mut f32,
-    i32,
-);
+type Sgemm =
+    unsafe extern "C" fn(i32, i32, i32, i32, i32, i32, f32, *const f32, i32, *const f32, i32, f32, *mut f32, i32);
 
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
@@ -50,11 +36,7 @@ fn blas() -> Option<&'static Blas> {
                     Ok(f) => *f,
                     Err(_) => continue,
                 };
-                return Some(Blas {
-                    sgemm,
-                    name,
-                    _lib: lib,
-                });
+                return Some(Blas { sgemm, name, _lib: lib });
             }
         }
         None
@@ -86,8 +68,7 @@ pub fn configure_env() {
             && std::arch::is_x86_feature_detected!("avx512dq")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl");
-        let avx2 = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
         if avx512 {
             set("OPENBLAS_CORETYPE", "SkylakeX");
         } else if avx2 {
@@ -106,22 +87,10 @@ pub fn sgemm_gflops(sizes: &[usize], reps: usize) -> Result<Option<f64>> {
     for &n in sizes {
         let a = Tensor::randn(0f32, 1., (n, n), &candle_core::Device::Cpu)?;
         let b = Tensor::randn(0f32, 1., (n, n), &candle_core::Device::Cpu)?;
-        a.apply_op2_no_bwd(
-            &b,
-            &Gemm {
-                ta: false,
-                tb: true,
-            },
-        )?;
+        a.apply_op2_no_bwd(&b, &Gemm { ta: false, tb: true })?;
         for _ in 0..reps {
             let t = std::time::Instant::now();
-            a.apply_op2_no_bwd(
-                &b,
-                &Gemm {
-                    ta: false,
-                    tb: true,
-                },
-            )?;
+            a.apply_op2_no_bwd(&b, &Gemm { ta: false, tb: true })?;
             best = best.max(2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
     }
@@ -150,25 +119,12 @@ fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) -> Result<()> {
-    let (m, k) = if ta {
-        (a_dims[1], a_dims[0])
-    } else {
-        (a_dims[0], a_dims[1])
-    };
-    let (k2, n) = if tb {
-        (b_dims[1], b_dims[0])
-    } else {
-        (b_dims[0], b_dims[1])
-    };
+    let (m, k) = if ta { (a_dims[1], a_dims[0]) } else { (a_dims[0], a_dims[1]) };
+    let (k2, n) = if tb { (b_dims[1], b_dims[0]) } else { (b_dims[0], b_dims[1]) };
     if k != k2 || c.len() != m * n {
-        candle_core::bail!(
-            "blas gemm: shapes {a_dims:?} x {b_dims:?} (ta={ta}, tb={tb}) into {} values",
-            c.len()
-        )
+        candle_core::bail!("blas gemm: shapes {a_dims:?} x {b_dims:?} (ta={ta}, tb={tb}) into {} values", c.len())
     }
-    let Some(blas) = blas() else {
-        candle_core::bail!("blas gemm: no BLAS library loaded")
-    };
+    let Some(blas) = blas() else { candle_core::bail!("blas gemm: no BLAS library loaded") };
     let t = |f: bool| if f { TRANS } else { NO_TRANS };
     // SAFETY: a, b and c hold the row-major matrices the call describes (checked above), with the
     // leading dimensions of their storage.
@@ -211,25 +167,10 @@ impl CustomOp2 for Gemm {
         "glm-blas-gemm"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, n) = out_dims(l1, self.ta, l2, self.tb);
         let mut c = vec![0f32; m * n];
-        sgemm(
-            f32_slice(s1, l1)?,
-            l1.dims(),
-            f32_slice(s2, l2)?,
-            l2.dims(),
-            self.ta,
-            self.tb,
-            0.0,
-            &mut c,
-        )?;
+        sgemm(f32_slice(s1, l1)?, l1.dims(), f32_slice(s2, l2)?, l2.dims(), self.ta, self.tb, 0.0, &mut c)?;
         Ok((CpuStorage::F32(c), Shape::from((m, n))))
     }
 }
@@ -237,20 +178,8 @@ impl CustomOp2 for Gemm {
 /// Gradients of y = x · wᵀ (+ b): dx = g · w, dw = gᵀ · x.
 fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let g = g.contiguous()?;
-    let dx = g.apply_op2_no_bwd(
-        w,
-        &Gemm {
-            ta: false,
-            tb: false,
-        },
-    )?; // (M, N)(N, K)
-    let dw = g.apply_op2_no_bwd(
-        x,
-        &Gemm {
-            ta: true,
-            tb: false,
-        },
-    )?; // (M, N)ᵀ(M, K)
+    let dx = g.apply_op2_no_bwd(w, &Gemm { ta: false, tb: false })?; // (M, N)(N, K)
+    let dw = g.apply_op2_no_bwd(x, &Gemm { ta: true, tb: false })?; // (M, N)ᵀ(M, K)
     Ok((dx, dw, g))
 }
 
@@ -262,27 +191,11 @@ impl CustomOp2 for LinearT {
         "glm-blas-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Gemm {
-            ta: false,
-            tb: true,
-        }
-        .cpu_fwd(s1, l1, s2, l2)
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        Gemm { ta: false, tb: true }.cpu_fwd(s1, l1, s2, l2)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = linear_grads(x, w, g)?;
         Ok((Some(dx), Some(dw)))
     }
@@ -315,16 +228,7 @@ impl CustomOp3 for LinearBiasT {
         for _ in 0..m {
             c.extend_from_slice(bias);
         }
-        sgemm(
-            f32_slice(s1, l1)?,
-            l1.dims(),
-            f32_slice(s2, l2)?,
-            l2.dims(),
-            false,
-            true,
-            1.0,
-            &mut c,
-        )?;
+        sgemm(f32_slice(s1, l1)?, l1.dims(), f32_slice(s2, l2)?, l2.dims(), false, true, 1.0, &mut c)?;
         Ok((CpuStorage::F32(c), Shape::from((m, n))))
     }
 
@@ -382,17 +286,13 @@ mod tests {
         let r = Tensor::randn(0f32, 1., (96, 72), &dev)?;
         let (yf, yr) = (linear(&x, &w, None)?, linear_ref(&x, &w, None)?);
         let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?
-                / b.abs()?.max_all()?.to_scalar::<f32>()?)
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?)
         };
         assert!(rel(&yf, &yr)? < 1e-5, "{name}");
         let gf = (yf * &r)?.sum_all()?.backward()?;
         let gr = (yr * &r)?.sum_all()?.backward()?;
         for v in [&x, &w] {
-            let (a, b) = (
-                gf.get(v.as_tensor()).unwrap(),
-                gr.get(v.as_tensor()).unwrap(),
-            );
+            let (a, b) = (gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
             assert!(rel(a, b)? < 1e-5);
         }
         // With the bias folded into the GEMM.
@@ -401,10 +301,7 @@ mod tests {
         let gf = (yf * &r)?.sum_all()?.backward()?;
         let gr = (yr * &r)?.sum_all()?.backward()?;
         for v in [&x, &w, &b] {
-            let (a, c) = (
-                gf.get(v.as_tensor()).unwrap(),
-                gr.get(v.as_tensor()).unwrap(),
-            );
+            let (a, c) = (gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
             assert!(rel(a, c)? < 1e-5);
         }
         Ok(())

@@ -26,16 +26,7 @@ impl AttnLayout {
     /// One sample per row, starting at token 0; `prefix_lens[b]` tokens of row b are context.
     /// The sample extends without end, so decoding may append tokens to it.
     pub fn prefix_lm(prefix_lens: &[usize]) -> Self {
-        let rows = prefix_lens
-            .iter()
-            .map(|&p| {
-                vec![Segment {
-                    start: 0,
-                    len: usize::MAX,
-                    prefix: p,
-                }]
-            })
-            .collect();
+        let rows = prefix_lens.iter().map(|&p| vec![Segment { start: 0, len: usize::MAX, prefix: p }]).collect();
         Self { rows }
     }
 
@@ -65,9 +56,7 @@ impl AttnLayout {
     }
 
     fn segment_of(&self, b: usize, i: usize) -> Option<&Segment> {
-        self.rows[b]
-            .iter()
-            .find(|s| i >= s.start && i - s.start < s.len)
+        self.rows[b].iter().find(|s| i >= s.start && i - s.start < s.len)
     }
 
     /// May token i of row b attend to token j?
@@ -80,13 +69,7 @@ impl AttnLayout {
 
     /// Additive mask [B, 1, q_len, k_len] (0 = attend, -inf = blocked) for queries
     /// q_start..q_start+q_len over keys 0..k_len.
-    pub fn mask(
-        &self,
-        q_start: usize,
-        q_len: usize,
-        k_len: usize,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn mask(&self, q_start: usize, q_len: usize, k_len: usize, device: &Device) -> Result<Tensor> {
         let b = self.rows.len();
         let mut m = vec![0f32; b * q_len * k_len];
         for r in 0..b {
@@ -120,16 +103,8 @@ mod tests {
     #[test]
     fn packed_samples_are_block_diagonal() {
         let l = AttnLayout::packed(vec![vec![
-            Segment {
-                start: 0,
-                len: 4,
-                prefix: 2,
-            },
-            Segment {
-                start: 4,
-                len: 3,
-                prefix: 1,
-            },
+            Segment { start: 0, len: 4, prefix: 2 },
+            Segment { start: 4, len: 3, prefix: 1 },
         ]])
         .unwrap();
         assert!(!l.allowed(0, 5, 1) && !l.allowed(0, 1, 5));
@@ -137,16 +112,8 @@ mod tests {
         // Padding after the last segment sees only itself.
         assert!(l.allowed(0, 8, 8) && !l.allowed(0, 8, 7));
         assert!(AttnLayout::packed(vec![vec![
-            Segment {
-                start: 0,
-                len: 4,
-                prefix: 2
-            },
-            Segment {
-                start: 3,
-                len: 3,
-                prefix: 1
-            }
+            Segment { start: 0, len: 4, prefix: 2 },
+            Segment { start: 3, len: 3, prefix: 1 }
         ]])
         .is_err());
     }

@@ -43,11 +43,7 @@ impl LinearFactory for DenseFactory {
     fn make(&self, vb: &VarBuilder, spec: LinearSpec) -> Result<Box<dyn Linear>> {
         let vb = vb.pp(spec.name);
         let weight = vb.get((spec.out_dim, spec.in_dim), "weight")?;
-        let bias = if spec.bias {
-            Some(vb.get(spec.out_dim, "bias")?)
-        } else {
-            None
-        };
+        let bias = if spec.bias { Some(vb.get(spec.out_dim, "bias")?) } else { None };
         Ok(Box::new(Dense { weight, bias }))
     }
 }
@@ -103,26 +99,14 @@ mod tests {
         m.insert("p.weight".to_string(), w.clone());
         m.insert("p.bias".to_string(), b.clone());
         let vb = VarBuilder::from_tensors(m, DType::F32, &dev);
-        let spec = LinearSpec {
-            name: "p",
-            in_dim: 3,
-            out_dim: 5,
-            bias: true,
-            role: ParallelRole::Row,
-        };
+        let spec = LinearSpec { name: "p", in_dim: 3, out_dim: 5, bias: true, role: ParallelRole::Row };
         let lin = DenseFactory.make(&vb, spec)?;
         let x = Tensor::randn(0f32, 1., (2, 4, 3), &dev)?;
-        let diff = (lin.forward(&x)? - linear_ref(&x, &w, Some(&b))?)?
-            .abs()?
-            .max_all()?;
+        let diff = (lin.forward(&x)? - linear_ref(&x, &w, Some(&b))?)?.abs()?.max_all()?;
         assert!(diff.to_scalar::<f32>()? < 1e-5);
         // A misshapen weight names the tensor.
         let spec = LinearSpec { in_dim: 4, ..spec };
-        let e = DenseFactory
-            .make(&vb, spec)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = DenseFactory.make(&vb, spec).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("p.weight"), "{e}");
         Ok(())
     }

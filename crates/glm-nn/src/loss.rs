@@ -12,11 +12,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.reshape(((), v))?;
     let t: Vec<i64> = targets.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
     if t.len() != logits.dim(0)? {
-        candle_core::bail!(
-            "cross_entropy: {} targets for {} logit rows",
-            t.len(),
-            logits.dim(0)?
-        )
+        candle_core::bail!("cross_entropy: {} targets for {} logit rows", t.len(), logits.dim(0)?)
     }
     let mut scored = 0usize;
     for (i, &y) in t.iter().enumerate() {
@@ -24,9 +20,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             continue;
         }
         if y < 0 || y as usize >= v {
-            candle_core::bail!(
-                "cross_entropy: target {y} at position {i} is outside the vocabulary (size {v})"
-            )
+            candle_core::bail!("cross_entropy: target {y} at position {i} is outside the vocabulary (size {v})")
         }
         scored += 1;
     }

@@ -38,17 +38,9 @@ mod tests {
     fn normalizes_rows() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::new(&[[1f32, 2., 3., 4.], [10., 10., 10., 14.]], &dev)?;
-        let ln = LayerNorm::new(
-            Tensor::ones(4, DType::F32, &dev)?,
-            Tensor::zeros(4, DType::F32, &dev)?,
-            1e-5,
-        );
+        let ln = LayerNorm::new(Tensor::ones(4, DType::F32, &dev)?, Tensor::zeros(4, DType::F32, &dev)?, 1e-5);
         let y = ln.forward(&x)?;
-        let mean = y
-            .mean_keepdim(D::Minus1)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let mean = y.mean_keepdim(D::Minus1)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let var: Vec<f32> = y.sqr()?.mean_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
         assert!(mean < 1e-6);
         for v in var {

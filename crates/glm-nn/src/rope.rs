@@ -18,18 +18,11 @@ pub struct Rope {
 impl Rope {
     pub fn new(head_dim: usize, parts: usize, base: f64, device: &Device) -> Result<Self> {
         if parts == 0 || head_dim % (2 * parts) != 0 {
-            candle_core::bail!(
-                "RoPE needs the head dim ({head_dim}) divisible by 2 x {parts} parts"
-            )
+            candle_core::bail!("RoPE needs the head dim ({head_dim}) divisible by 2 x {parts} parts")
         }
         let d = head_dim / parts;
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / base.powf(2.0 * i as f64 / d as f64) as f32)
-            .collect();
-        Ok(Self {
-            inv_freq: Tensor::new(inv, device)?,
-            parts,
-        })
+        let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf(2.0 * i as f64 / d as f64) as f32).collect();
+        Ok(Self { inv_freq: Tensor::new(inv, device)?, parts })
     }
 
     pub fn parts(&self) -> usize {
@@ -92,11 +85,7 @@ mod tests {
             let rope = Rope::new(8, parts, 10000.0, &dev)?;
             let x = Tensor::randn(0f32, 1., (1, 1, 1, 8), &dev)?;
             let pos_host = [5usize, 3];
-            let pos = if parts == 1 {
-                Tensor::new(&[[5i64]], &dev)?
-            } else {
-                Tensor::new(&[[[5i64], [3]]], &dev)?
-            };
+            let pos = if parts == 1 { Tensor::new(&[[5i64]], &dev)? } else { Tensor::new(&[[[5i64], [3]]], &dev)? };
             let (c, s) = rope.tables(&pos, DType::F32)?;
             let y: Vec<f32> = rope.apply(&x, &c, &s)?.flatten_all()?.to_vec1()?;
             let want = rope_ref(&x.flatten_all()?.to_vec1()?, &pos_host, 8, parts);

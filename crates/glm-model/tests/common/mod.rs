@@ -27,24 +27,20 @@ pub struct Case {
 
 impl Case {
     pub fn model(&self) -> Result<Glm> {
-        Ok(Glm::from_checkpoint(
-            &self.cfg,
-            &self.weights,
-            DType::F32,
-            &Device::Cpu,
-            &DenseFactory,
-        )?)
+        self.model_in(DType::F32)
+    }
+
+    /// In f64 every fused CPU kernel (f32 only) falls back to its `_ref` twin, so the reference
+    /// path is checked against the oracle too.
+    pub fn model_in(&self, dtype: DType) -> Result<Glm> {
+        Ok(Glm::from_checkpoint(&self.cfg, &self.weights, dtype, &Device::Cpu, &DenseFactory)?)
     }
 
     /// The model built on trainable variables, so backward gives every parameter's gradient.
-    pub fn trainable(&self) -> Result<(Glm, candle_nn::VarMap)> {
-        let t = self.weights.load_all(
-            &glm_model::tensor_specs(&self.cfg),
-            DType::F32,
-            &Device::Cpu,
-        )?;
+    pub fn trainable(&self, dtype: DType) -> Result<(Glm, candle_nn::VarMap)> {
+        let t = self.weights.load_all(&glm_model::tensor_specs(&self.cfg), dtype, &Device::Cpu)?;
         let vm = glm_model::var_map(t)?;
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
         Ok((Glm::new(&self.cfg, vb, &DenseFactory)?, vm))
     }
 
@@ -65,9 +61,7 @@ impl Case {
 
     pub fn layout(&self) -> Result<AttnLayout> {
         let p: Vec<i64> = self.io("prefix_len")?.to_vec1()?;
-        Ok(AttnLayout::prefix_lm(
-            &p.iter().map(|&x| x as usize).collect::<Vec<_>>(),
-        ))
+        Ok(AttnLayout::prefix_lm(&p.iter().map(|&x| x as usize).collect::<Vec<_>>()))
     }
 }
 
@@ -77,11 +71,7 @@ fn config_of(arch: &str, c: &serde_json::Value) -> Result<Config> {
         "chatglm-6b" => Config::chatglm_6b(),
         other => return Err(anyhow!("unknown architecture {other}")),
     };
-    let u = |k: &str| {
-        c[k].as_u64()
-            .map(|v| v as usize)
-            .ok_or_else(|| anyhow!("manifest config lacks {k}"))
-    };
+    let u = |k: &str| c[k].as_u64().map(|v| v as usize).ok_or_else(|| anyhow!("manifest config lacks {k}"));
     let cfg = Config {
         name: format!("golden-{arch}"),
         num_layers: u("num_layers")?,
@@ -107,19 +97,12 @@ fn config_of(arch: &str, c: &serde_json::Value) -> Result<Config> {
 pub fn cases() -> Result<Vec<Case>> {
     let dir = golden_dir();
     let manifest = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&manifest)
-        .with_context(|| format!("reading {}", manifest.display()))?;
+    let text = std::fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
     let m: serde_json::Value = serde_json::from_str(&text)?;
-    let list = m["cases"]
-        .as_array()
-        .ok_or_else(|| anyhow!("manifest has no cases"))?;
+    let list = m["cases"].as_array().ok_or_else(|| anyhow!("manifest has no cases"))?;
     let mut out = Vec::new();
     for c in list {
-        let s = |k: &str| {
-            c[k].as_str()
-                .map(str::to_string)
-                .ok_or_else(|| anyhow!("case lacks {k}"))
-        };
+        let s = |k: &str| c[k].as_str().map(str::to_string).ok_or_else(|| anyhow!("case lacks {k}"));
         out.push(Case {
             name: s("name")?,
             cfg: config_of(&s("architecture")?, &c["config"])?,
@@ -134,12 +117,13 @@ pub fn cases() -> Result<Vec<Case>> {
     Ok(out)
 }
 
-/// max |a - b| / max |b|
+/// max |a - b| / max |b|, computed in f64.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     if a.dims() != b.dims() {
         return Err(anyhow!("shape {:?} vs reference {:?}", a.dims(), b.dims()));
     }
-    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-    let scale = b.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
     Ok(diff / scale.max(1e-30))
 }
