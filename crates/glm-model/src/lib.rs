@@ -5,15 +5,18 @@
 //! - `weights`: the one table of parameter names and shapes; counts and memory estimates.
 //! - `init`: seeded DeepNorm initialization.
 //! - `model`: `Glm` (forward, full or with a `KvCache`).
+//! - `cache`: `KvCache`, the in-place growing key/value buffers of incremental decoding.
 
+pub mod cache;
 pub mod config;
 pub mod init;
 pub mod model;
 pub mod weights;
 
+pub use cache::KvCache;
 pub use config::{Config, FfnKind, PositionEncoding, SpecialTokens, PRESETS};
 pub use init::{init_weights, var_map};
-pub use model::{Glm, KvCache};
+pub use model::Glm;
 pub use weights::{param_count, param_table, tensor_specs, weight_bytes, ParamKind, ParamSpec, WeightBytes};
 
 #[derive(Debug, thiserror::Error)]

@@ -15,37 +15,10 @@ use candle_nn::VarBuilder;
 use glm_checkpoint::Checkpoint;
 use glm_nn::{AttnLayout, LayerNorm, Linear, LinearFactory, LinearSpec, ParallelRole, Rope};
 
+use crate::cache::{KvCache, LayerKv};
 use crate::config::{Config, FfnKind};
 use crate::weights::*;
 use crate::{Error, Result};
-
-/// Keys and values of every layer seen so far: per layer (k, v), each [B, N, T_past, D].
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    pub fn new(cfg: &Config) -> Self {
-        Self { layers: vec![None; cfg.num_layers] }
-    }
-
-    /// Tokens cached so far.
-    pub fn len(&self) -> usize {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.dims().get(2).copied().unwrap_or(0),
-            _ => 0,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
-    }
-}
 
 /// Values every layer of one forward shares.
 struct Step<'a> {
@@ -76,7 +49,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, step: &Step, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, cache: Option<&mut Option<LayerKv>>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (n, d) = (self.num_heads, self.head_dim);
         // (B, T, N, 3D): the fused weight is per-head interleaved, q | k | v inside each head.
@@ -86,11 +59,7 @@ impl Attention {
         let mut k = step.rope.apply(&heads(1)?, &step.cos, &step.sin)?;
         let mut v = heads(2)?;
         if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?; // (B, N, T_past + T, D)
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+            (k, v) = LayerKv::append(slot, &k, &v)?; // (B, N, T_past + T, D)
         }
         let q = (q * (1.0 / (d as f64).sqrt()))?;
         let scores = q.matmul(&k.t()?)?; // (B, N, T, T_k)
@@ -152,7 +121,7 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, step: &Step, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, cache: Option<&mut Option<LayerKv>>) -> Result<Tensor> {
         let a = self.input_layernorm.forward(x)?; //           a = LN1(x)
         let y = ((&a * self.alpha)? + self.attention.forward(&a, step, cache)?)?; // y = alpha*a + Attn(a)
         let m = self.post_attention_layernorm.forward(&y)?; // m = LN2(y)
@@ -227,12 +196,17 @@ impl Glm {
         let past = match cache.as_deref_mut() {
             Some(c) => {
                 if c.layers.len() != self.layers.len() {
-                    c.layers = vec![None; self.layers.len()];
-                }
-                if let Some(Some((k, _))) = c.layers.first() {
-                    if k.dim(0)? != b {
-                        return Err(Error::Input(format!("KV cache holds batch {}, input has batch {b}", k.dim(0)?)));
+                    if !c.is_empty() {
+                        return Err(Error::Input(format!(
+                            "KV cache holds {} layers, the model has {}",
+                            c.layers.len(),
+                            self.layers.len()
+                        )));
                     }
+                    *c = KvCache::new(&self.cfg);
+                }
+                if let Some(cb) = c.batch().filter(|&cb| cb != b) {
+                    return Err(Error::Input(format!("KV cache holds batch {cb}, input has batch {b}")));
                 }
                 c.len()
             }

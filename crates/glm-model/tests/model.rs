@@ -174,3 +174,61 @@ fn config_file_roundtrip() -> Result<()> {
     ensure!(e.contains("cfg.json") && e.contains("bad config JSON"), "{e}");
     Ok(())
 }
+
+#[test]
+fn kv_cache_grows_forks_and_decodes_batches() -> Result<()> {
+    use glm_model::KvCache;
+    let cfg = small(PositionEncoding::Rope1d);
+    let (m, _) = model(&cfg, 8)?;
+    let (b, t, p) = (2usize, 40usize, 3usize);
+    let toks: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 5) % 150) as u32).collect();
+    let ids = Tensor::new(toks.as_slice(), &Device::Cpu)?.reshape((b, t))?;
+    let pos = Tensor::arange(0i64, t as i64, &Device::Cpu)?.unsqueeze(0)?.repeat((b, 1))?;
+    let layout = AttnLayout::prefix_lm(&[p, p]);
+    let full = m.forward(&ids, &pos, &layout, None)?;
+
+    // Prefill 3 tokens (buffer of 16), then one at a time: the buffers grow at 16 and 32.
+    let mut cache = KvCache::new(&cfg);
+    let mut steps = vec![m.forward(&ids.narrow(1, 0, p)?, &pos.narrow(1, 0, p)?, &layout, Some(&mut cache))?];
+    let mut fork = None;
+    for i in p..t {
+        steps.push(m.forward(&ids.narrow(1, i, 1)?, &pos.narrow(1, i, 1)?, &layout, Some(&mut cache))?);
+        if i == 20 {
+            fork = Some(cache.fork()?);
+        }
+    }
+    let got = Tensor::cat(&steps, 1)?;
+    ensure!(max_diff(&got, &full)? < 1e-4, "cached decoding differs by {}", max_diff(&got, &full)?);
+
+    // The fork continues on its own: writing into it leaves the original cache untouched.
+    let mut fork = fork.ok_or_else(|| anyhow::anyhow!("no fork"))?;
+    ensure!(fork.len() == 21 && cache.len() == t);
+    let other = Tensor::new(&[[7u32], [9]], &Device::Cpu)?;
+    let fork_step = m.forward(&other, &pos.narrow(1, 21, 1)?, &layout, Some(&mut fork))?;
+    let mut alt = toks.clone();
+    alt[21] = 7;
+    alt[t + 21] = 9;
+    let alt_full = m.forward(&Tensor::new(alt.as_slice(), &Device::Cpu)?.reshape((b, t))?, &pos, &layout, None)?;
+    ensure!(max_diff(&fork_step, &alt_full.narrow(1, 21, 1)?)? < 1e-4);
+    // ... and the original still holds the first sequence: one more token matches a full forward.
+    let next = Tensor::new(&[[11u32], [12]], &Device::Cpu)?;
+    let step = m.forward(&next, &Tensor::new(&[[t as i64], [t as i64]], &Device::Cpu)?, &layout, Some(&mut cache))?;
+    let ids41 = Tensor::cat(&[&ids, &next], 1)?;
+    let pos41 = Tensor::arange(0i64, t as i64 + 1, &Device::Cpu)?.unsqueeze(0)?.repeat((b, 1))?;
+    let full41 = m.forward(&ids41, &pos41, &layout, None)?;
+    ensure!(max_diff(&step, &full41.narrow(1, t, 1)?)? < 1e-4);
+
+    // A cache for another batch size is refused.
+    let e = m
+        .forward(
+            &ids.narrow(0, 0, 1)?.narrow(1, 0, 1)?,
+            &pos.narrow(0, 0, 1)?.narrow(1, 0, 1)?,
+            &AttnLayout::prefix_lm(&[p]),
+            Some(&mut cache),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    ensure!(e.contains("KV cache holds batch 2"), "{e}");
+    Ok(())
+}
