@@ -13,7 +13,7 @@ L, H, N, Fd, V = a["num_layers"], a["hidden_size"], a["num_heads"], a["ffn_hidde
 B, T, iters, D = a["batch"], a["seq"], a["iters"], a["hidden_size"] // a["num_heads"]
 alpha = math.sqrt(2 * L)
 
-def rope_tables(pos):
+def rope_tables(pos):  # pos (T,) -> (1, 1, T, D)
     inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
     f = pos[:, None].float() * inv[None]
     emb = torch.cat((f, f), -1)
@@ -30,16 +30,22 @@ class Block(nn.Module):
         s.qkv, s.dense = nn.Linear(H, 3 * H), nn.Linear(H, H)
         s.up, s.down = nn.Linear(H, 2 * Fd), nn.Linear(Fd, H)
 
-    def attn(s, x, cos, sin, mask):
-        qkv = s.qkv(x).view(B, T, N, 3 * D).transpose(1, 2)  # (B, N, T, 3D) per-head q|k|v
+    def attn(s, x, cos, sin, mask, cache):
+        b, t = x.shape[:2]
+        qkv = s.qkv(x).view(b, t, N, 3 * D).transpose(1, 2)  # (B, N, T, 3D) per-head q|k|v
         q, k, v = qkv.split(D, -1)
         q, k = rope(q, cos, sin) / math.sqrt(D), rope(k, cos, sin)
-        p = torch.softmax((q @ k.transpose(-1, -2)).float() + mask, -1)
-        return s.dense((p @ v).transpose(1, 2).reshape(B, T, H))
+        if cache is not None:  # KV cache: [k, v] per layer, grown by concatenation
+            if cache[0] is not None:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[0], cache[1] = k, v
+        sc = (q @ k.transpose(-1, -2)).float()
+        p = torch.softmax(sc if mask is None else sc + mask, -1)
+        return s.dense((p @ v).transpose(1, 2).reshape(b, t, H))
 
-    def forward(s, x, cos, sin, mask):
+    def forward(s, x, cos, sin, mask, cache=None):
         a_ = s.ln1(x)
-        m = s.ln2(alpha * a_ + s.attn(a_, cos, sin, mask))
+        m = s.ln2(alpha * a_ + s.attn(a_, cos, sin, mask, cache))
         u1, u2 = s.up(m).chunk(2, -1)
         return alpha * m + s.down(u1 * F.gelu(u2))
 
@@ -50,10 +56,10 @@ class GLM(nn.Module):
         s.blocks = nn.ModuleList(Block() for _ in range(L))
         s.ln = nn.LayerNorm(H)
 
-    def forward(s, ids, cos, sin, mask):
+    def forward(s, ids, cos, sin, mask, caches=None):
         x = s.emb(ids)
-        for b in s.blocks:
-            x = b(x, cos, sin, mask)
+        for i, b in enumerate(s.blocks):
+            x = b(x, cos, sin, mask, None if caches is None else caches[i])
         return s.ln(x) @ s.emb.weight.t()
 
 m = GLM()
@@ -89,6 +95,21 @@ def sgemm_gflops():
             best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return best
 
-print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "sgemm_gflops": sgemm_gflops(),
+@torch.no_grad()
+def decode():
+    """Batch-1 greedy decoding with the KV cache: prefill `prompt` tokens (bidirectional), then time
+    `new` single-token steps."""
+    P, new = a["decode_prompt"], a["decode_new"]
+    caches = [[None, None] for _ in range(L)]
+    c, s_ = rope_tables(torch.arange(P))
+    logits = m(ids[:1, :P], c, s_, None, caches)
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    t = time.perf_counter()
+    for i in range(new):
+        c, s_ = rope_tables(torch.tensor([P + i]))
+        nxt = m(nxt, c, s_, None, caches)[:, -1].argmax(-1, keepdim=True)
+    return new / (time.perf_counter() - t)
+
+print(json.dumps({"decode_tokens_per_s": decode(),"torch": torch.__version__, "threads": torch.get_num_threads(), "sgemm_gflops": sgemm_gflops(),
                   "params": sum(p.numel() for p in m.parameters()),
                   "forward_s": timed(fwd), "forward_backward_s": timed(fwd_bwd)}))

@@ -8,9 +8,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use glm_model::{init_weights, param_count, var_map, Config, Glm};
+use glm_model::{init_weights, param_count, var_map, Config, Glm, KvCache};
 use glm_nn::{cross_entropy, AttnLayout, DenseFactory};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -23,6 +23,9 @@ pub struct ForwardBench {
     pub batch: usize,
     pub seq: usize,
     pub iters: usize,
+    /// Batch-1 greedy decoding with the KV cache: prompt tokens, then this many timed new tokens.
+    pub decode_prompt: usize,
+    pub decode_new: usize,
     /// Python to run the PyTorch baseline with; `None` skips it.
     pub torch_python: Option<String>,
 }
@@ -44,6 +47,8 @@ pub struct PresetResult {
     pub forward_backward: Timing,
     pub torch_forward: Option<Timing>,
     pub torch_forward_backward: Option<Timing>,
+    pub decode: Timing,
+    pub torch_decode: Option<Timing>,
     pub torch_version: Option<String>,
 }
 
@@ -58,6 +63,8 @@ pub struct ForwardReport {
     pub blas_sgemm_gflops: Option<f64>,
     /// PyTorch's own matmul rate on the same sizes (its bundled BLAS).
     pub torch_sgemm_gflops: Option<f64>,
+    pub decode_prompt: usize,
+    pub decode_new: usize,
     pub results: Vec<PresetResult>,
     pub torch_note: Option<String>,
 }
@@ -124,6 +131,7 @@ fn inputs(cfg: &Config, b: usize, t: usize) -> Result<(Tensor, Tensor, AttnLayou
 struct TorchRun {
     forward_s: f64,
     forward_backward_s: f64,
+    decode_tokens_per_s: f64,
     version: String,
     sgemm_gflops: Option<f64>,
 }
@@ -137,6 +145,7 @@ fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<TorchRun
         "threads": threads(), "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
         "num_heads": cfg.num_heads, "ffn_hidden_size": cfg.ffn_hidden_size, "vocab_size": cfg.vocab_size,
         "batch": opts.batch, "seq": opts.seq, "iters": opts.iters,
+        "decode_prompt": opts.decode_prompt, "decode_new": opts.decode_new,
     });
     let out = Command::new(python)
         .arg(&script)
@@ -152,6 +161,7 @@ fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<TorchRun
     Ok(TorchRun {
         forward_s: f("forward_s")?,
         forward_backward_s: f("forward_backward_s")?,
+        decode_tokens_per_s: f("decode_tokens_per_s")?,
         version: v["torch"].as_str().unwrap_or("?").to_string(),
         sgemm_gflops: v["sgemm_gflops"].as_f64(),
     })
@@ -161,14 +171,37 @@ fn tempfile_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{}-{name}", std::process::id()))
 }
 
+/// Batch-1 greedy decoding: prefill `prompt` tokens of row 0 (bidirectional), then `new` steps
+/// of one token through the KV cache, each taking the argmax of the last logits. Returns tokens/s
+/// of the steps.
+fn decode_tokens_per_s(model: &Glm, ids: &Tensor, prompt: usize, new: usize) -> Result<f64> {
+    let dev = Device::Cpu;
+    let mut cache = KvCache::new(model.config());
+    let layout = AttnLayout::prefix_lm(&[prompt]);
+    let pos = Tensor::arange(0i64, prompt as i64, &dev)?.unsqueeze(0)?;
+    let logits = model.forward(&ids.narrow(0, 0, 1)?.narrow(1, 0, prompt)?, &pos, &layout, Some(&mut cache))?;
+    let mut next = logits.i((0, prompt - 1))?.argmax(0)?.to_scalar::<u32>()?;
+    let t0 = Instant::now();
+    for i in 0..new {
+        let x = Tensor::new(&[[next]], &dev)?;
+        let p = Tensor::new(&[[(prompt + i) as i64]], &dev)?;
+        let logits = model.forward(&x, &p, &layout, Some(&mut cache))?;
+        next = logits.i((0, 0))?.argmax(0)?.to_scalar::<u32>()?;
+    }
+    Ok(new as f64 / t0.elapsed().as_secs_f64())
+}
+
 /// Does `python` import torch?
 pub fn torch_available(python: &str) -> bool {
     Command::new(python).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
-    if opts.iters == 0 || opts.batch == 0 || opts.seq == 0 {
-        return Err(anyhow!("--iters, --batch and --seq must be positive"));
+    if opts.iters == 0 || opts.batch == 0 || opts.seq == 0 || opts.decode_prompt == 0 || opts.decode_new == 0 {
+        return Err(anyhow!("--iters, --batch, --seq, --decode-prompt and --decode-new must be positive"));
+    }
+    if opts.decode_prompt > opts.seq {
+        return Err(anyhow!("--decode-prompt ({}) must not exceed --seq ({})", opts.decode_prompt, opts.seq));
     }
     let candle_peak = candle_sgemm_gflops()?;
     let blas_peak = glm_nn::blas::sgemm_gflops(&PEAK_SIZES, 5)?;
@@ -205,14 +238,18 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
             loss.backward()?;
             Ok(())
         })?;
+        let dec = decode_tokens_per_s(&infer, &ids, opts.decode_prompt, opts.decode_new)?;
         bar.finish_and_clear();
         let fpt = forward_flops_per_token(&cfg, t);
-        let (mut tf, mut tfb, mut tv) = (None, None, None);
+        let dec_fpt = forward_flops_per_token(&cfg, opts.decode_prompt + opts.decode_new / 2);
+        let per_s = |tps: f64, fpt: f64| Timing { seconds: 1.0 / tps, tokens_per_s: tps, gflops: tps * fpt / 1e9 };
+        let (mut tf, mut tfb, mut tv, mut td) = (None, None, None, None);
         if let Some(py) = torch {
             eprintln!("{name}: running the PyTorch baseline ...");
             let run = run_torch(py, &cfg, opts)?;
             tf = Some(timing(run.forward_s, b * t, fpt));
             tfb = Some(timing(run.forward_backward_s, b * t, 3.0 * fpt));
+            td = Some(per_s(run.decode_tokens_per_s, dec_fpt));
             tv = Some(run.version);
             torch_sgemm = torch_sgemm.or(run.sgemm_gflops);
         }
@@ -225,6 +262,8 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
             forward_backward: timing(fwd_bwd, b * t, 3.0 * fpt),
             torch_forward: tf,
             torch_forward_backward: tfb,
+            decode: per_s(dec, dec_fpt),
+            torch_decode: td,
             torch_version: tv,
         });
     }
@@ -236,6 +275,8 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
         blas: glm_nn::blas::backend().map(str::to_string),
         blas_sgemm_gflops: blas_peak,
         torch_sgemm_gflops: torch_sgemm,
+        decode_prompt: opts.decode_prompt,
+        decode_new: opts.decode_new,
         results,
         torch_note,
     })
@@ -258,19 +299,22 @@ pub fn render(r: &ForwardReport) -> String {
         r.threads, r.candle_sgemm_gflops
     );
     for p in &r.results {
-        for (pass, ours, theirs) in
-            [("fwd", &p.forward, &p.torch_forward), ("fwd+bwd", &p.forward_backward, &p.torch_forward_backward)]
-        {
+        let shape = format!("{} x {}", p.batch, p.seq);
+        let dec_shape = format!("1 x ({}+{})", r.decode_prompt, r.decode_new);
+        for (pass, shape, ours, theirs) in [
+            ("fwd", &shape, &p.forward, &p.torch_forward),
+            ("fwd+bwd", &shape, &p.forward_backward, &p.torch_forward_backward),
+            ("decode", &dec_shape, &p.decode, &p.torch_decode),
+        ] {
             let (tt, ratio) = match theirs {
                 Some(t) => (format!("{:.0}", t.tokens_per_s), format!("{:.2}x", ours.tokens_per_s / t.tokens_per_s)),
                 None => ("-".into(), "-".into()),
             };
             s += &format!(
-                "| {} | {:.2}M | {} x {} | {} | {:.0} | {:.1} ({:.0}%) | {} | {} |\n",
+                "| {} | {:.2}M | {} | {} | {:.0} | {:.1} ({:.0}%) | {} | {} |\n",
                 p.preset,
                 p.params as f64 / 1e6,
-                p.batch,
-                p.seq,
+                shape,
                 pass,
                 ours.tokens_per_s,
                 ours.gflops,

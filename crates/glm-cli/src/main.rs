@@ -83,6 +83,12 @@ enum BenchCmd {
         seq: usize,
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Batch-1 decode: prompt length (prefilled) ...
+        #[arg(long, default_value_t = 32)]
+        decode_prompt: usize,
+        /// ... and the number of timed single-token steps.
+        #[arg(long, default_value_t = 64)]
+        decode_new: usize,
         /// Python interpreter with torch for the baseline (env GLM_TORCH_PYTHON; default python3).
         #[arg(long, env = "GLM_TORCH_PYTHON", default_value = "python3")]
         torch_python: String,
@@ -164,12 +170,24 @@ fn main() -> Result<()> {
                 None => println!("{}", cfg.to_json()),
             }
         }
-        Cmd::Bench(BenchCmd::Forward { presets, batch, seq, iters, torch_python, no_torch, json }) => {
+        Cmd::Bench(BenchCmd::Forward {
+            presets,
+            batch,
+            seq,
+            iters,
+            decode_prompt,
+            decode_new,
+            torch_python,
+            no_torch,
+            json,
+        }) => {
             let opts = glm_bench::ForwardBench {
                 presets,
                 batch,
                 seq,
                 iters,
+                decode_prompt,
+                decode_new,
                 torch_python: if no_torch { None } else { Some(torch_python) },
             };
             let report = glm_bench::forward(&opts)?;

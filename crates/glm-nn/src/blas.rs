@@ -11,12 +11,15 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 type Sgemm =
     unsafe extern "C" fn(i32, i32, i32, i32, i32, i32, f32, *const f32, i32, *const f32, i32, f32, *mut f32, i32);
 
+type Sgemv = unsafe extern "C" fn(i32, i32, i32, i32, f32, *const f32, i32, *const f32, i32, f32, *mut f32, i32);
+
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
 const TRANS: i32 = 112;
 
 struct Blas {
     sgemm: Sgemm,
+    sgemv: Sgemv,
     name: &'static str,
     _lib: libloading::Library,
 }
@@ -32,11 +35,12 @@ fn blas() -> Option<&'static Blas> {
                 let Ok(lib) = libloading::Library::new(name) else {
                     continue;
                 };
-                let sgemm = match lib.get::<Sgemm>(b"cblas_sgemm\0") {
-                    Ok(f) => *f,
-                    Err(_) => continue,
+                let (Ok(sgemm), Ok(sgemv)) = (lib.get::<Sgemm>(b"cblas_sgemm\0"), lib.get::<Sgemv>(b"cblas_sgemv\0"))
+                else {
+                    continue;
                 };
-                return Some(Blas { sgemm, name, _lib: lib });
+                let (sgemm, sgemv) = (*sgemm, *sgemv);
+                return Some(Blas { sgemm, sgemv, name, _lib: lib });
             }
         }
         None
@@ -126,6 +130,28 @@ fn sgemm(
     }
     let Some(blas) = blas() else { candle_core::bail!("blas gemm: no BLAS library loaded") };
     let t = |f: bool| if f { TRANS } else { NO_TRANS };
+    if m == 1 && !ta && tb {
+        // One row times a weight matrix (decoding): a matrix-vector product, c = B · a. sgemm
+        // would repack all of B on every call.
+        // SAFETY: b is the (n x k) row-major matrix, a the k-vector and c the n-vector described.
+        unsafe {
+            (blas.sgemv)(
+                ROW_MAJOR,
+                NO_TRANS,
+                n as i32,
+                k as i32,
+                1.0,
+                b.as_ptr(),
+                b_dims[1] as i32,
+                a.as_ptr(),
+                1,
+                beta,
+                c.as_mut_ptr(),
+                1,
+            );
+        }
+        return Ok(());
+    }
     // SAFETY: a, b and c hold the row-major matrices the call describes (checked above), with the
     // leading dimensions of their storage.
     unsafe {
@@ -304,6 +330,12 @@ mod tests {
             let (a, c) = (gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
             assert!(rel(a, c)? < 1e-5);
         }
+        // One row (decoding) goes through sgemv, bias included.
+        let x1 = Tensor::randn(0f32, 1., (1, 512), &dev)?;
+        let w1 = Tensor::randn(0f32, 1., (1024, 512), &dev)?;
+        let b1 = Tensor::randn(0f32, 1., 1024, &dev)?;
+        assert!(rel(&linear(&x1, &w1, Some(&b1))?, &linear_ref(&x1, &w1, Some(&b1))?)? < 1e-5);
+        assert!(rel(&linear(&x1, &w1, None)?, &linear_ref(&x1, &w1, None)?)? < 1e-5);
         Ok(())
     }
 }
