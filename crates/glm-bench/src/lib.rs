@@ -15,6 +15,18 @@ use glm_nn::{cross_entropy, AttnLayout, DenseFactory};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+/// mimalloc's `mi_option_purge_delay` (15 in its option enum; the sys crate names no constant).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// For programs whose global allocator is mimalloc (the `glm` binary): keep freed memory for reuse
+/// instead of handing it back to the OS. Tensor buffers are large and short-lived, and a fresh one
+/// is zeroed page by page by the kernel (13% of a CPU forward+backward, and one pass over 134 MB of
+/// logits took 77 ms with glibc's allocator against 24 ms with mimalloc). Call first in `main`.
+pub fn keep_freed_memory() {
+    // SAFETY: sets a process-wide allocator option; called before other threads start.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 const TORCH_SCRIPT: &str = include_str!("../py/torch_forward.py");
 
 #[derive(Debug, Clone)]

@@ -6,19 +6,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use glm_model::{param_count, weight_bytes, Config, PRESETS};
 
-// Tensor buffers are large and short-lived: mimalloc reuses them instead of returning pages to the
-// OS and faulting them back in on the next op (13% of a CPU forward+backward went to page clearing).
+// Tensor buffers are large and short-lived: mimalloc, told to keep freed memory
+// (`glm_bench::keep_freed_memory`), reuses them instead of faulting fresh zeroed pages in.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's `mi_option_purge_delay` (15 in its option enum; the sys crate names no constant).
-/// -1 keeps freed memory for reuse instead of handing it back to the OS.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-fn keep_freed_memory() {
-    // SAFETY: sets a process-wide allocator option before any threads are started.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
-}
 
 #[derive(Parser)]
 #[command(name = "glm", version, about = "GLM-130B in Rust: model, training, quantized inference, evaluation")]
@@ -119,7 +110,7 @@ fn human_count(n: u64) -> String {
 }
 
 fn main() -> Result<()> {
-    keep_freed_memory();
+    glm_bench::keep_freed_memory();
     glm_nn::blas::configure_env();
     match Cli::parse().cmd {
         Cmd::Info { model, json } => {

@@ -37,6 +37,39 @@ pub fn exp_fast_ref(x: f32) -> f32 {
     x.exp()
 }
 
+/// Independent accumulators per lane let the reductions below vectorize (a single f32 running
+/// max or sum is a serial dependency the compiler may not reorder).
+const LANES: usize = 8;
+
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    chunks.remainder().iter().chain(m.iter()).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// x <- exp(x - max) in place; returns the sum.
+fn exp_sub_in_place(x: &mut [f32], max: f32) -> f32 {
+    let mut sum = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp_fast(c[l] - max);
+            sum[l] += c[l];
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_fast(*v - max);
+        tail += *v;
+    }
+    sum.iter().sum::<f32>() + tail
+}
+
 /// softmax(scores + mask) over the last dim, in f32. scores [B, N, Tq, Tk], mask [B, 1, Tq, Tk]
 /// (additive, -inf = blocked, every row with at least one finite entry).
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -70,20 +103,15 @@ impl CustomOp2 for MaskedSoftmax {
         let (scores, mask) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
         let (_, n, tq, tk) = l1.shape().dims4()?;
         let mut out = vec![0f32; scores.len()];
-        out.par_chunks_mut(tk).enumerate().for_each(|(r, o)| {
+        out.par_chunks_mut(tk).enumerate().with_min_len(min_rows(tk)).for_each(|(r, o)| {
             let (b, q) = (r / (n * tq), r % tq);
             let s = &scores[r * tk..(r + 1) * tk];
             let m = &mask[(b * tq + q) * tk..(b * tq + q + 1) * tk];
-            let mut max = f32::NEG_INFINITY;
             for ((o, &s), &m) in o.iter_mut().zip(s).zip(m) {
                 *o = s + m;
-                max = max.max(*o);
             }
-            let mut sum = 0f32;
-            for o in o.iter_mut() {
-                *o = exp_fast(*o - max);
-                sum += *o;
-            }
+            let max = lanes_max(o);
+            let sum = exp_sub_in_place(o, max);
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|o| *o *= inv);
         });
@@ -152,7 +180,7 @@ impl CustomOp3 for LayerNormOp {
             candle_core::bail!("layer norm: weight/bias of size {}/{} for rows of {h}", w.len(), b.len())
         }
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, x)| {
+        out.par_chunks_mut(h).zip(x.par_chunks(h)).with_min_len(min_rows(h)).for_each(|(o, x)| {
             let (mean, rstd) = row_stats(x, self.eps);
             for i in 0..h {
                 o[i] = (x[i] - mean) * rstd * w[i] + b[i];
@@ -180,6 +208,7 @@ impl CustomOp3 for LayerNormOp {
         let (dw, db) = dx
             .par_chunks_mut(h)
             .zip(xs.par_chunks(h).zip(gs.par_chunks(h)))
+            .with_min_len(min_rows(h))
             .fold(
                 || (vec![0f32; h], vec![0f32; h]),
                 |(mut dw, mut db), (dx, (x, g))| {
@@ -216,6 +245,12 @@ impl CustomOp3 for LayerNormOp {
             Some(Tensor::from_vec(db, h, dev)?),
         ))
     }
+}
+
+/// Rows per rayon task for rows of `width` values: about 16K values a task, so that short rows
+/// (attention rows of T, head rows of D) are not scheduled one by one.
+fn min_rows(width: usize) -> usize {
+    (16_384 / width.max(1)).max(1)
 }
 
 fn on_cpu_f32(ts: &[&Tensor]) -> bool {
@@ -274,7 +309,7 @@ impl CustomOp3 for RopeOp {
         let half = d / (2 * self.parts);
         let mut out = vec![0f32; x.len()];
         // One (b, head, token) row of D at a time; its tables are row (b, token).
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, x))| {
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().with_min_len(min_rows(d)).for_each(|(r, (o, x))| {
             let (b, tok) = (r / (n * t), r % t);
             let (c, s) = (&cos[(b * t + tok) * d..][..d], &sin[(b * t + tok) * d..][..d]);
             for p in 0..self.parts {
@@ -343,11 +378,13 @@ impl CustomOp1 for GeGlu {
         }
         let f = two_f / 2;
         let mut out = vec![0f32; u.len() / 2];
-        out.par_chunks_mut(f.max(1)).zip(u.par_chunks(two_f.max(1))).for_each(|(o, u)| {
-            for i in 0..f {
-                o[i] = u[i] * gelu_erf(u[f + i]);
-            }
-        });
+        out.par_chunks_mut(f.max(1)).zip(u.par_chunks(two_f.max(1))).with_min_len(min_rows(two_f)).for_each(
+            |(o, u)| {
+                for i in 0..f {
+                    o[i] = u[i] * gelu_erf(u[f + i]);
+                }
+            },
+        );
         let mut dims = l.shape().dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = f;
@@ -373,14 +410,15 @@ impl CustomOp2 for GeGluGrad {
         let two_f = l1.shape().dims().last().copied().unwrap_or(0);
         let f = two_f / 2;
         let mut du = vec![0f32; u.len()];
-        du.par_chunks_mut(two_f.max(1)).zip(u.par_chunks(two_f.max(1)).zip(g.par_chunks(f.max(1)))).for_each(
-            |(du, (u, g))| {
+        du.par_chunks_mut(two_f.max(1))
+            .zip(u.par_chunks(two_f.max(1)).zip(g.par_chunks(f.max(1))))
+            .with_min_len(min_rows(two_f))
+            .for_each(|(du, (u, g))| {
                 for i in 0..f {
                     du[i] = g[i] * gelu_erf(u[f + i]);
                     du[f + i] = g[i] * u[i] * gelu_erf_grad(u[f + i]);
                 }
-            },
-        );
+            });
         Ok((CpuStorage::F32(du), l1.shape().clone()))
     }
 }
@@ -415,9 +453,16 @@ fn i64_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [i64]>
 
 /// (max, log-sum-exp) of one row.
 fn row_lse(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|v| exp_fast(v - max)).sum();
-    (max, max + sum.ln())
+    let max = lanes_max(row);
+    let mut sum = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            sum[l] += exp_fast(c[l] - max);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp_fast(v - max)).sum();
+    (max, max + (sum.iter().sum::<f32>() + tail).ln())
 }
 
 impl CustomOp2 for CrossEntropy {
