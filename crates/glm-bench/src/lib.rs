@@ -220,7 +220,7 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
     let mut peak = candle_peak.max(blas_peak.unwrap_or(0.0));
     let torch = opts.torch_python.as_deref().filter(|p| torch_available(p));
     let torch_note = match (&opts.torch_python, torch) {
-        (None, _) => Some("PyTorch baseline skipped (no --torch-python)".to_string()),
+        (None, _) => Some("PyTorch baseline skipped (--no-torch)".to_string()),
         (Some(p), None) => Some(format!("PyTorch baseline skipped: `{p}` cannot import torch")),
         _ => None,
     };

@@ -63,33 +63,58 @@ impl ModelArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Forward and forward+backward tokens/s on CPU, beside PyTorch eager and the sgemm peak.
-    Forward {
-        /// Comma-separated presets.
-        #[arg(long, default_value = "tiny,small", value_delimiter = ',')]
-        presets: Vec<String>,
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
-        /// Batch-1 decode: prompt length (prefilled) ...
-        #[arg(long, default_value_t = 32)]
-        decode_prompt: usize,
-        /// ... and the number of timed single-token steps.
-        #[arg(long, default_value_t = 64)]
-        decode_new: usize,
-        /// Python interpreter with torch for the baseline (env GLM_TORCH_PYTHON; default python3).
-        #[arg(long, env = "GLM_TORCH_PYTHON", default_value = "python3")]
-        torch_python: String,
-        /// Skip the PyTorch baseline.
-        #[arg(long)]
-        no_torch: bool,
-        /// Also write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    /// Forward, forward+backward and batch-1 decode tokens/s on CPU, beside PyTorch eager and the
+    /// sgemm peak.
+    Forward(ForwardArgs),
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// Comma-separated presets.
+    #[arg(long, default_value = "tiny,small", value_delimiter = ',')]
+    presets: Vec<String>,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Batch-1 decode: prompt length (prefilled) ...
+    #[arg(long, default_value_t = 32)]
+    decode_prompt: usize,
+    /// ... and the number of timed single-token steps.
+    #[arg(long, default_value_t = 64)]
+    decode_new: usize,
+    /// Python interpreter with torch for the baseline (env GLM_TORCH_PYTHON; default python3).
+    #[arg(long, env = "GLM_TORCH_PYTHON", default_value = "python3")]
+    torch_python: String,
+    /// Skip the PyTorch baseline.
+    #[arg(long)]
+    no_torch: bool,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl ForwardArgs {
+    fn run(self) -> Result<()> {
+        let opts = glm_bench::ForwardBench {
+            presets: self.presets,
+            batch: self.batch,
+            seq: self.seq,
+            iters: self.iters,
+            decode_prompt: self.decode_prompt,
+            decode_new: self.decode_new,
+            torch_python: if self.no_torch { None } else { Some(self.torch_python) },
+        };
+        let report = glm_bench::forward(&opts)?;
+        println!("{}", glm_bench::render(&report));
+        if let Some(p) = self.json {
+            std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+        Ok(())
+    }
 }
 
 fn human_bytes(b: u64) -> String {
@@ -161,33 +186,7 @@ fn main() -> Result<()> {
                 None => println!("{}", cfg.to_json()),
             }
         }
-        Cmd::Bench(BenchCmd::Forward {
-            presets,
-            batch,
-            seq,
-            iters,
-            decode_prompt,
-            decode_new,
-            torch_python,
-            no_torch,
-            json,
-        }) => {
-            let opts = glm_bench::ForwardBench {
-                presets,
-                batch,
-                seq,
-                iters,
-                decode_prompt,
-                decode_new,
-                torch_python: if no_torch { None } else { Some(torch_python) },
-            };
-            let report = glm_bench::forward(&opts)?;
-            println!("{}", glm_bench::render(&report));
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_string_pretty(&report)?)
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
-        }
+        Cmd::Bench(BenchCmd::Forward(args)) => args.run()?,
     }
     Ok(())
 }

@@ -532,46 +532,25 @@ impl CustomOp3 for CrossEntropyGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::check_twins;
     use candle_core::{Device, Var};
 
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-30)
+    fn var(mean: f32, std: f32, shape: &[usize]) -> Result<Var> {
+        Var::from_tensor(&Tensor::randn(mean, std, shape, &Device::Cpu)?)
     }
 
     #[test]
     fn masked_softmax_matches_ref_forward_and_backward() -> Result<()> {
-        let dev = Device::Cpu;
-        let layout = crate::AttnLayout::prefix_lm(&[3, 1]);
-        let mask = layout.mask(2, 5, 7, &dev)?;
-        let s = Var::from_tensor(&Tensor::randn(0f32, 2., (2, 3, 5, 7), &dev)?)?;
-        let w = Tensor::randn(0f32, 1., (2, 3, 5, 7), &dev)?;
-        let (yf, yr) = (masked_softmax(&s, &mask)?, masked_softmax_ref(&s, &mask)?);
-        assert!(max_rel(&yf, &yr) < 1e-6);
-        let gf = (yf * &w)?.sum_all()?.backward()?;
-        let gr = (yr * &w)?.sum_all()?.backward()?;
-        let (a, b) = (gf.get(s.as_tensor()).unwrap(), gr.get(s.as_tensor()).unwrap());
-        assert!(max_rel(a, b) < 1e-5, "{}", max_rel(a, b));
-        Ok(())
+        let mask = crate::AttnLayout::prefix_lm(&[3, 1]).mask(2, 5, 7, &Device::Cpu)?;
+        let s = var(0., 2., &[2, 3, 5, 7])?;
+        check_twins(&masked_softmax(&s, &mask)?, &masked_softmax_ref(&s, &mask)?, &[&s], 1e-6, 1e-5)
     }
 
     #[test]
     fn layer_norm_matches_ref_forward_and_backward() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(1f32, 3., (3, 4, 16), &dev)?)?;
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, 16, &dev)?)?;
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, 16, &dev)?)?;
-        let r = Tensor::randn(0f32, 1., (3, 4, 16), &dev)?;
-        let yf = layer_norm(&x, &w, &b, 1e-5)?;
-        let yr = layer_norm_ref(&x, &w, &b, 1e-5)?;
-        assert!(max_rel(&yf, &yr) < 1e-6);
-        let gf = (yf * &r)?.sum_all()?.backward()?;
-        let gr = (yr * &r)?.sum_all()?.backward()?;
-        for v in [&x, &w, &b] {
-            let (a, c) = (gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
-            assert!(max_rel(a, c) < 1e-5, "{}", max_rel(a, c));
-        }
-        Ok(())
+        let (x, w, b) = (var(1., 3., &[3, 4, 16])?, var(1., 0.5, &[16])?, var(0., 0.5, &[16])?);
+        let (yf, yr) = (layer_norm(&x, &w, &b, 1e-5)?, layer_norm_ref(&x, &w, &b, 1e-5)?);
+        check_twins(&yf, &yr, &[&x, &w, &b], 1e-6, 1e-5)
     }
 
     #[test]
@@ -585,46 +564,25 @@ mod tests {
                 Tensor::new(&[[[0i64, 3, 7], [0, 0, 1]], [[1, 2, 9], [0, 1, 2]]], &dev)?
             };
             let (c, s) = r.tables(&pos, DType::F32)?;
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 3, 8), &dev)?)?;
-            let w = Tensor::randn(0f32, 1., (2, 3, 3, 8), &dev)?;
-            let (yf, yr) = (rope(&x, &c, &s, parts)?, rope_ref(&x, &c, &s, parts)?);
-            assert!(max_rel(&yf, &yr) < 1e-6);
-            let gf = (yf * &w)?.sum_all()?.backward()?;
-            let gr = (yr * &w)?.sum_all()?.backward()?;
-            let (a, b) = (gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap());
-            assert!(max_rel(a, b) < 1e-6, "{}", max_rel(a, b));
+            let x = var(0., 1., &[2, 3, 3, 8])?;
+            check_twins(&rope(&x, &c, &s, parts)?, &rope_ref(&x, &c, &s, parts)?, &[&x], 1e-6, 1e-6)?;
         }
         Ok(())
     }
 
     #[test]
     fn geglu_matches_ref_forward_and_backward() -> Result<()> {
-        let dev = Device::Cpu;
-        let u = Var::from_tensor(&Tensor::randn(0f32, 2., (2, 3, 10), &dev)?)?;
-        let w = Tensor::randn(0f32, 1., (2, 3, 5), &dev)?;
-        let (yf, yr) = (geglu(&u)?, geglu_ref(&u)?);
-        assert!(max_rel(&yf, &yr) < 1e-6);
-        let gf = (yf * &w)?.sum_all()?.backward()?;
-        let gr = (yr * &w)?.sum_all()?.backward()?;
-        let (a, b) = (gf.get(u.as_tensor()).unwrap(), gr.get(u.as_tensor()).unwrap());
-        assert!(max_rel(a, b) < 1e-5, "{}", max_rel(a, b));
-        Ok(())
+        let u = var(0., 2., &[2, 3, 10])?;
+        check_twins(&geglu(&u)?, &geglu_ref(&u)?, &[&u], 1e-6, 1e-5)
     }
 
     #[test]
     fn cross_entropy_matches_ref_forward_and_backward() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 3., (5, 11), &dev)?)?;
-        let t = Tensor::new(&[3i64, -100, 0, 10, 7], &dev)?;
-        let w = Tensor::new(&[1f32, 2., 3., 4., 5.], &dev)?;
-        let (yf, yr) = (cross_entropy_rows(&x, &t, -100)?, cross_entropy_rows_ref(&x, &t, -100)?);
-        assert!(max_rel(&yf, &yr) < 1e-6);
+        let x = var(0., 3., &[5, 11])?;
+        let t = Tensor::new(&[3i64, -100, 0, 10, 7], &Device::Cpu)?;
+        let yf = cross_entropy_rows(&x, &t, -100)?;
         assert_eq!(yf.to_vec1::<f32>()?[1], 0.0);
-        let gf = (yf * &w)?.sum_all()?.backward()?;
-        let gr = (yr * &w)?.sum_all()?.backward()?;
-        let (a, b) = (gf.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap());
-        assert!(max_rel(a, b) < 1e-6, "{}", max_rel(a, b));
-        Ok(())
+        check_twins(&yf, &cross_entropy_rows_ref(&x, &t, -100)?, &[&x], 1e-6, 1e-6)
     }
 
     #[test]
