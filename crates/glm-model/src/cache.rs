@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use crate::config::Config;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Smallest buffer, in tokens.
 const MIN_CAPACITY: usize = 16;
@@ -83,6 +83,25 @@ impl KvCache {
         match self.layers.first() {
             Some(Some(l)) => Some(l.batch()),
             _ => None,
+        }
+    }
+
+    /// Before a forward of `batch` rows on a model of `cfg`: an empty cache takes the model's
+    /// layer count; a filled one must match it and the batch. Returns the tokens cached so far.
+    pub(crate) fn prepare(&mut self, cfg: &Config, batch: usize) -> Result<usize> {
+        if self.layers.len() != cfg.num_layers {
+            if !self.is_empty() {
+                return Err(Error::Input(format!(
+                    "KV cache holds {} layers, the model has {}",
+                    self.layers.len(),
+                    cfg.num_layers
+                )));
+            }
+            *self = Self::new(cfg);
+        }
+        match self.batch() {
+            Some(cb) if cb != batch => Err(Error::Input(format!("KV cache holds batch {cb}, input has batch {batch}"))),
+            _ => Ok(self.len()),
         }
     }
 

@@ -122,10 +122,11 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, step: &Step, cache: Option<&mut Option<LayerKv>>) -> Result<Tensor> {
-        let a = self.input_layernorm.forward(x)?; //           a = LN1(x)
-        let y = ((&a * self.alpha)? + self.attention.forward(&a, step, cache)?)?; // y = alpha*a + Attn(a)
-        let m = self.post_attention_layernorm.forward(&y)?; // m = LN2(y)
-        Ok(((&m * self.alpha)? + self.mlp.forward(&m)?)?) //  x = alpha*m + FFN(m)
+        // a = LN1(x);  y = alpha*a + Attn(a);  m = LN2(y);  x = alpha*m + FFN(m)
+        let a = self.input_layernorm.forward(x)?;
+        let y = ((&a * self.alpha)? + self.attention.forward(&a, step, cache)?)?;
+        let m = self.post_attention_layernorm.forward(&y)?;
+        Ok(((&m * self.alpha)? + self.mlp.forward(&m)?)?)
     }
 }
 
@@ -194,22 +195,7 @@ impl Glm {
     ) -> Result<Tensor> {
         let (b, t) = self.check_inputs(ids, positions, layout)?;
         let past = match cache.as_deref_mut() {
-            Some(c) => {
-                if c.layers.len() != self.layers.len() {
-                    if !c.is_empty() {
-                        return Err(Error::Input(format!(
-                            "KV cache holds {} layers, the model has {}",
-                            c.layers.len(),
-                            self.layers.len()
-                        )));
-                    }
-                    *c = KvCache::new(&self.cfg);
-                }
-                if let Some(cb) = c.batch().filter(|&cb| cb != b) {
-                    return Err(Error::Input(format!("KV cache holds batch {cb}, input has batch {b}")));
-                }
-                c.len()
-            }
+            Some(c) => c.prepare(&self.cfg, b)?,
             None => 0,
         };
         let dtype = self.dtype();

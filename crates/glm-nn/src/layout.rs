@@ -67,20 +67,25 @@ impl AttnLayout {
         }
     }
 
+    /// Keys token i of row b may attend to: one range (its sample's prefix, then causally up to
+    /// itself), or only itself for padding.
+    fn visible(&self, b: usize, i: usize) -> std::ops::Range<usize> {
+        match self.segment_of(b, i) {
+            None => i..i + 1,
+            Some(s) => s.start..(s.start + s.prefix).max(i + 1),
+        }
+    }
+
     /// Additive mask [B, 1, q_len, k_len] (0 = attend, -inf = blocked) for queries
     /// q_start..q_start+q_len over keys 0..k_len.
     pub fn mask(&self, q_start: usize, q_len: usize, k_len: usize, device: &Device) -> Result<Tensor> {
         let b = self.rows.len();
-        let mut m = vec![0f32; b * q_len * k_len];
-        for r in 0..b {
-            for qi in 0..q_len {
-                let i = q_start + qi;
-                let row = &mut m[(r * q_len + qi) * k_len..(r * q_len + qi + 1) * k_len];
-                for (j, v) in row.iter_mut().enumerate() {
-                    if !self.allowed(r, i, j) {
-                        *v = f32::NEG_INFINITY;
-                    }
-                }
+        let mut m = vec![f32::NEG_INFINITY; b * q_len * k_len];
+        for (r, rows) in m.chunks_mut(q_len * k_len.max(1)).enumerate() {
+            for (qi, row) in rows.chunks_mut(k_len.max(1)).enumerate() {
+                let vis = self.visible(r, q_start + qi);
+                let (lo, hi) = (vis.start.min(k_len), vis.end.min(k_len));
+                row[lo..hi].fill(0.0);
             }
         }
         Tensor::from_vec(m, (b, 1, q_len, k_len), device)
