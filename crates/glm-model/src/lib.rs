@@ -17,7 +17,9 @@ pub use cache::KvCache;
 pub use config::{Config, FfnKind, PositionEncoding, SpecialTokens, PRESETS};
 pub use init::{init_weights, var_map};
 pub use model::Glm;
-pub use weights::{param_count, param_table, tensor_specs, weight_bytes, ParamKind, ParamSpec, WeightBytes};
+pub use weights::{
+    param_count, param_table, save_weights, tensor_specs, var_tensors, weight_bytes, ParamKind, ParamSpec, WeightBytes,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -3,6 +3,9 @@
 //! Loading, saving, initialization, parameter counts and memory estimates all read this table;
 //! the model's module paths (`vb.pp(..)`) spell the same names, so no second mapping exists.
 
+use std::collections::HashMap;
+
+use candle_core::Tensor;
 use glm_checkpoint::TensorSpec;
 
 use crate::config::Config;
@@ -93,6 +96,41 @@ pub fn param_table(cfg: &Config) -> Vec<ParamSpec> {
 
 pub fn tensor_specs(cfg: &Config) -> Vec<TensorSpec> {
     param_table(cfg).into_iter().map(|p| TensorSpec { name: p.name, shape: p.shape }).collect()
+}
+
+/// Save a model's weights (checkpoint name -> tensor) as safetensors, atomically. Every parameter
+/// of `cfg` must be present with its shape: a checkpoint that could not be loaded back is never
+/// written (the error names the tensor), and an existing file is replaced only once the new one is
+/// complete on disk.
+pub fn save_weights(cfg: &Config, path: &std::path::Path, tensors: &HashMap<String, Tensor>) -> crate::Result<()> {
+    for p in param_table(cfg) {
+        match tensors.get(&p.name) {
+            None => {
+                return Err(crate::Error::Input(format!(
+                    "cannot save {}: tensor `{}` is missing",
+                    path.display(),
+                    p.name
+                )))
+            }
+            Some(t) if t.dims() != p.shape.as_slice() => {
+                return Err(crate::Error::Input(format!(
+                    "cannot save {}: tensor `{}` has shape {:?}, expected {:?}",
+                    path.display(),
+                    p.name,
+                    t.dims(),
+                    p.shape
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(glm_checkpoint::save_atomic(path, tensors)?)
+}
+
+/// The tensors of trainable variables, by name (what `save_weights` takes).
+pub fn var_tensors(vm: &candle_nn::VarMap) -> crate::Result<HashMap<String, Tensor>> {
+    let data = vm.data().lock().map_err(|_| candle_core::Error::Msg("var map lock poisoned".into()))?;
+    Ok(data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect())
 }
 
 pub fn param_count(cfg: &Config) -> u64 {

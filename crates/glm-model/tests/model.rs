@@ -105,7 +105,7 @@ fn checkpoint_roundtrip_and_load_errors() -> Result<()> {
     let cfg = small(PositionEncoding::Rope2d);
     let (m, w) = model(&cfg, 5)?;
     let path = tmp("chat.safetensors");
-    save_atomic(&path, &w)?;
+    glm_model::save_weights(&cfg, &path, &w)?;
     let loaded = Glm::from_checkpoint(&cfg, &Checkpoint::open(&[&path])?, DType::F32, &Device::Cpu, &DenseFactory)?;
     let x = ids(&[3, 4, 151, 154, 9])?;
     let (pos, layout) = (positions(&cfg, 5, 3)?, AttnLayout::prefix_lm(&[3]));
@@ -120,10 +120,15 @@ fn checkpoint_roundtrip_and_load_errors() -> Result<()> {
     ensure!(e.contains("dense_h_to_4h.weight") && e.contains("[128, 64]") && e.contains("[96, 64]"), "{e}");
     ensure!(e.contains("chat.safetensors"), "{e}");
 
-    // A missing tensor is named.
+    // A missing tensor is named, and an incomplete checkpoint is never written.
     let mut partial = w.clone();
     partial.remove("lm_head.weight");
     let p2 = tmp("partial.safetensors");
+    let e = glm_model::save_weights(&cfg, &p2, &partial).err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(e.contains("lm_head.weight") && !p2.exists(), "{e}");
+    // Trained variables save the same way.
+    let vm = glm_model::var_map(w.clone())?;
+    glm_model::save_weights(&cfg, &tmp("vars.safetensors"), &glm_model::var_tensors(&vm)?)?;
     save_atomic(&p2, &partial)?;
     let e = Glm::from_checkpoint(&cfg, &Checkpoint::open(&[&p2])?, DType::F32, &Device::Cpu, &DenseFactory)
         .err()
