@@ -1,4 +1,4 @@
-//! `glm bench forward`: tokens/s of the model's forward and forward+backward on this machine,
+//! `glm bench forward`: tokens/s of the model's forward, forward+backward and batch-1 KV-cache decode,
 //! beside (a) PyTorch eager running the same architecture and shapes in the same run, when a Python
 //! with torch is available, and (b) the machine's measured sgemm peak, as model-FLOP utilization.
 //! Nothing here is asserted in tests: these are measurements, printed and returned as JSON.

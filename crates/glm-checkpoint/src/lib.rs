@@ -22,7 +22,7 @@ pub enum CheckpointError {
     #[error("{path}: tensor `{name}` has dtype {found:?}, which cannot be used as a model weight")]
     Dtype { path: PathBuf, name: String, found: safetensors::Dtype },
     #[error("{path}: tensor `{name}`: {source}")]
-    Tensor { path: PathBuf, name: String, source: candle_core::Error },
+    Tensor { path: PathBuf, name: String, source: Box<candle_core::Error> },
 }
 
 pub type Result<T> = std::result::Result<T, CheckpointError>;
@@ -114,7 +114,11 @@ impl Checkpoint {
 
     /// Load one tensor onto `device`, converted to `dtype`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let wrap = |source| CheckpointError::Tensor { path: self.path_of(name), name: name.to_string(), source };
+        let wrap = |source| CheckpointError::Tensor {
+            path: self.path_of(name),
+            name: name.to_string(),
+            source: Box::new(source),
+        };
         let Some((_, _, file)) = self.index.get(name) else {
             return Err(CheckpointError::Missing {
                 path: self.paths.first().cloned().unwrap_or_default(),
@@ -147,7 +151,7 @@ pub fn save_atomic<P: AsRef<Path>>(path: P, tensors: &HashMap<String, Tensor>) -
     let bytes = serialize(tensors).map_err(|(name, source)| CheckpointError::Tensor {
         path: path.to_path_buf(),
         name,
-        source,
+        source: Box::new(source),
     })?;
     let write = || -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;

@@ -226,12 +226,12 @@ impl Config {
                 return bad(format!("{field} must be positive"));
             }
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad(format!("hidden_size {} is not divisible by num_heads {}", self.hidden_size, self.num_heads));
         }
         let d = self.head_dim();
         let parts = self.rope_parts();
-        if d % (2 * parts) != 0 {
+        if !d.is_multiple_of(2 * parts) {
             return bad(format!(
                 "head dim {d} (hidden_size / num_heads) must be divisible by {} for {:?} \
                  (RoPE rotates pairs of halves{})",

@@ -17,7 +17,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, parts: usize, base: f64, device: &Device) -> Result<Self> {
-        if parts == 0 || head_dim % (2 * parts) != 0 {
+        if parts == 0 || !head_dim.is_multiple_of(2 * parts) {
             candle_core::bail!("RoPE needs the head dim ({head_dim}) divisible by 2 x {parts} parts")
         }
         let d = head_dim / parts;
