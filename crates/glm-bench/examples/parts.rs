@@ -66,7 +66,8 @@ fn main() -> candle_core::Result<()> {
     let q = qkv.narrow(3, 0, d)?.transpose(1, 2)?.contiguous()?;
     t("rope apply (q)", || rope.apply(&q, &c, &s))?;
     t("scale q", || &q * 0.125)?;
-    t("q k^T", || q.matmul(&q.t()?))?;
+    t("q k^T (candle)", || q.matmul(&q.t()?))?;
+    t("q k^T", || glm_nn::blas::matmul(&q, &q, true))?;
     let sc = q.matmul(&q.t()?)?;
     let layout = glm_nn::AttnLayout::prefix_lm(&vec![tt / 2; b]);
     t("mask build", || layout.mask(0, tt, tt, &dev))?;
@@ -76,7 +77,8 @@ fn main() -> candle_core::Result<()> {
     t("exp (candle)", || sc.exp())?;
     t("copy (candle)", || sc.affine(1.0, 0.0))?;
     let p = glm_nn::masked_softmax(&sc, &mask)?;
-    t("p v", || p.matmul(&q))?;
+    t("p v (candle)", || p.matmul(&q))?;
+    t("p v", || glm_nn::blas::matmul(&p, &q, false))?;
     let ctx = p.matmul(&q)?;
     t("merge heads", || ctx.transpose(1, 2)?.reshape((b, tt, h)))?;
     Ok(())

@@ -62,10 +62,10 @@ impl Attention {
             (k, v) = LayerKv::append(slot, &k, &v)?; // (B, N, T_past + T, D)
         }
         let q = (q * (1.0 / (d as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?; // (B, N, T, T_k)
-                                         // Softmax in f32 whatever the activation dtype.
+        let scores = glm_nn::blas::matmul(&q, &k, true)?; // q kᵀ, (B, N, T, T_k)
+                                                          // Softmax in f32 whatever the activation dtype.
         let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &step.mask)?.to_dtype(v.dtype())?;
-        let ctx = probs.matmul(&v)?; // (B, N, T, D)
+        let ctx = glm_nn::blas::matmul(&probs, &v, false)?; // (B, N, T, D)
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, n * d))?; // (B, T, H)
         Ok(self.dense.forward(&ctx)?)
     }

@@ -294,6 +294,172 @@ pub fn linear_ref(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
     }
 }
 
+/// A batch of row-major matrices inside a storage slice: item i, row r, column c is at
+/// `offset + i * batch_stride + r * ld + c`. Covers contiguous tensors and row-strided views such
+/// as the KV cache's `narrow` over its buffers, without a copy.
+#[derive(Debug, Clone, Copy)]
+struct MatBatch {
+    offset: usize,
+    batch: usize,
+    batch_stride: usize,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+}
+
+impl MatBatch {
+    fn of(l: &Layout) -> Option<Self> {
+        let (dims, stride) = (l.dims(), l.stride());
+        let r = dims.len();
+        if r < 2 || (dims[r - 1] > 1 && stride[r - 1] != 1) {
+            return None;
+        }
+        let (rows, cols) = (dims[r - 2], dims[r - 1]);
+        let ld = if rows > 1 { stride[r - 2] } else { cols };
+        if ld < cols {
+            return None;
+        }
+        // Leading dims must collapse into one batch dim with one stride (size-1 dims are free).
+        let lead: Vec<(usize, usize)> =
+            dims[..r - 2].iter().zip(&stride[..r - 2]).filter(|(d, _)| **d > 1).map(|(d, s)| (*d, *s)).collect();
+        let batch = lead.iter().map(|(d, _)| d).product::<usize>();
+        let batch_stride = lead.last().map(|(_, s)| *s).unwrap_or(0);
+        for w in lead.windows(2) {
+            if w[0].1 != w[1].1 * w[1].0 {
+                return None;
+            }
+        }
+        Some(Self { offset: l.start_offset(), batch, batch_stride, rows, cols, ld })
+    }
+
+    /// One past the last storage index it touches.
+    fn end(&self) -> usize {
+        if self.batch == 0 || self.rows == 0 || self.cols == 0 {
+            return self.offset;
+        }
+        self.offset + (self.batch - 1) * self.batch_stride + (self.rows - 1) * self.ld + self.cols
+    }
+}
+
+/// C[i] = op(A[i]) · op(B[i]) over a batch; C is a fresh contiguous [.., m, n].
+#[derive(Clone, Copy)]
+struct BatchedGemm {
+    ta: bool,
+    tb: bool,
+}
+
+impl CustomOp2 for BatchedGemm {
+    fn name(&self) -> &'static str {
+        "glm-blas-batched-gemm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("blas batched gemm: expected f32")
+        };
+        let (Some(va), Some(vb)) = (MatBatch::of(l1), MatBatch::of(l2)) else {
+            candle_core::bail!("blas batched gemm: unsupported strides {:?} / {:?}", l1.stride(), l2.stride())
+        };
+        let (m, k) = if self.ta { (va.cols, va.rows) } else { (va.rows, va.cols) };
+        let (k2, n) = if self.tb { (vb.cols, vb.rows) } else { (vb.rows, vb.cols) };
+        if k != k2 || va.batch != vb.batch || va.end() > a.len() || vb.end() > b.len() {
+            candle_core::bail!("blas batched gemm: shapes {:?} x {:?} do not fit", l1.dims(), l2.dims())
+        }
+        let Some(blas) = blas() else { candle_core::bail!("blas batched gemm: no BLAS library loaded") };
+        let t = |f: bool| if f { TRANS } else { NO_TRANS };
+        let mut c = vec![0f32; va.batch * m * n];
+        for i in 0..va.batch {
+            // SAFETY: item i of A and B lies inside their storage (checked with `end` above), and
+            // the i-th m x n block of c is in bounds.
+            unsafe {
+                (blas.sgemm)(
+                    ROW_MAJOR,
+                    t(self.ta),
+                    t(self.tb),
+                    m as i32,
+                    n as i32,
+                    k as i32,
+                    1.0,
+                    a.as_ptr().add(va.offset + i * va.batch_stride),
+                    va.ld as i32,
+                    b.as_ptr().add(vb.offset + i * vb.batch_stride),
+                    vb.ld as i32,
+                    0.0,
+                    c.as_mut_ptr().add(i * m * n),
+                    n as i32,
+                );
+            }
+        }
+        let mut dims = l1.dims().to_vec();
+        let r = dims.len();
+        (dims[r - 2], dims[r - 1]) = (m, n);
+        Ok((CpuStorage::F32(c), Shape::from(dims)))
+    }
+}
+
+/// C = A · op(B) over batches, differentiable in both.
+struct BatchedMatmul {
+    tb: bool,
+}
+
+impl CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "glm-blas-batched-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        BatchedGemm { ta: false, tb: self.tb }.cpu_fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let gemm = |x: &Tensor, y: &Tensor, ta, tb| x.apply_op2_no_bwd(y, &BatchedGemm { ta, tb });
+        let (da, db) = if self.tb {
+            // C = A Bᵀ: dA = G B, dB = Gᵀ A
+            (gemm(&g, b, false, false)?, gemm(&g, a, true, false)?)
+        } else {
+            // C = A B: dA = G Bᵀ, dB = Aᵀ G
+            (gemm(&g, b, false, true)?, gemm(a, &g, true, false)?)
+        };
+        Ok((Some(da.reshape(a.shape())?), Some(db.reshape(b.shape())?)))
+    }
+}
+
+/// Products per batch item below this many multiply-adds stay on candle.
+const MIN_BATCH_MACS: usize = 1 << 14;
+
+/// A [.., M, K] · op(B) over matching leading dims, with op(B) = Bᵀ for B [.., N, K] when `tb`
+/// and B [.., K, N] otherwise: attention's scores (q · kᵀ) and context (p · v). Through BLAS for
+/// f32 on the CPU when present and the items are big enough, otherwise candle (`matmul_ref`).
+pub fn matmul(a: &Tensor, b: &Tensor, tb: bool) -> Result<Tensor> {
+    let r = a.rank();
+    let fits = r >= 3 && b.rank() == r && a.dims()[..r - 2] == b.dims()[..r - 2];
+    let cpu_f32 = [a, b].iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
+    if !(fits && cpu_f32 && blas().is_some()) {
+        return matmul_ref(a, b, tb);
+    }
+    let (m, k) = (a.dim(r - 2)?, a.dim(r - 1)?);
+    let n = if tb { b.dim(r - 2)? } else { b.dim(r - 1)? };
+    if m < 2 || m * n * k < MIN_BATCH_MACS {
+        return matmul_ref(a, b, tb);
+    }
+    let view = |t: &Tensor| -> Result<Tensor> {
+        match MatBatch::of(t.layout()) {
+            Some(_) => Ok(t.clone()),
+            None => t.contiguous(),
+        }
+    };
+    view(a)?.apply_op2(&view(b)?, BatchedMatmul { tb })
+}
+
+pub fn matmul_ref(a: &Tensor, b: &Tensor, tb: bool) -> Result<Tensor> {
+    if tb {
+        a.matmul(&b.t()?)
+    } else {
+        a.matmul(b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +481,27 @@ mod tests {
         let (x1, w1, b1) = (var(&[1, 512])?, var(&[1024, 512])?, var(&[1024])?);
         assert!(max_rel(&linear(&x1, &w1, Some(&b1))?, &linear_ref(&x1, &w1, Some(&b1))?)? < 1e-5);
         assert!(max_rel(&linear(&x1, &w1, None)?, &linear_ref(&x1, &w1, None)?)? < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn blas_batched_matmul_matches_candle_forward_and_backward() -> Result<()> {
+        if backend().is_none() {
+            eprintln!("no OpenBLAS on this machine: the BLAS path is not used, nothing to compare");
+            return Ok(());
+        }
+        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1., shape, &Device::Cpu)?);
+        // Scores q kᵀ and context p v, as attention has them: [B, N, T, D].
+        let (q, k) = (var(&[2, 3, 40, 32])?, var(&[2, 3, 48, 32])?);
+        check_twins(&matmul(&q, &k, true)?, &matmul_ref(&q, &k, true)?, &[&q, &k], 1e-5, 1e-5)?;
+        let (p, v) = (var(&[2, 3, 40, 48])?, var(&[2, 3, 48, 32])?);
+        check_twins(&matmul(&p, &v, false)?, &matmul_ref(&p, &v, false)?, &[&p, &v], 1e-5, 1e-5)?;
+        // A row-strided view (the KV cache's narrow over its buffer) is read in place.
+        let buf = Tensor::randn(0f32, 1., (2, 3, 64, 32), &Device::Cpu)?;
+        let kv = buf.narrow(2, 0, 48)?;
+        assert!(MatBatch::of(kv.layout()).is_some() && !kv.is_contiguous());
+        assert!(max_rel(&matmul(&q, &kv, true)?, &matmul_ref(&q, &kv, true)?)? < 1e-5);
+        assert!(max_rel(&matmul(&p, &kv, false)?, &matmul_ref(&p, &kv, false)?)? < 1e-5);
         Ok(())
     }
 }
