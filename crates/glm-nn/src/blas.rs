@@ -104,196 +104,6 @@ pub fn sgemm_gflops(sizes: &[usize], reps: usize) -> Result<Option<f64>> {
 /// Products smaller than this many multiply-adds stay on candle (call overhead dominates).
 const MIN_MACS: usize = 1 << 18;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("blas gemm: expected contiguous f32 matrices"),
-    }
-}
-
-/// C = op(A) · op(B) + beta · C for row-major matrices A (rows x lda), B (rows x ldb), C (m x n).
-#[allow(clippy::too_many_arguments)]
-fn sgemm(
-    a: &[f32],
-    a_dims: &[usize],
-    b: &[f32],
-    b_dims: &[usize],
-    ta: bool,
-    tb: bool,
-    beta: f32,
-    c: &mut [f32],
-) -> Result<()> {
-    let (m, k) = if ta { (a_dims[1], a_dims[0]) } else { (a_dims[0], a_dims[1]) };
-    let (k2, n) = if tb { (b_dims[1], b_dims[0]) } else { (b_dims[0], b_dims[1]) };
-    if k != k2 || c.len() != m * n {
-        candle_core::bail!("blas gemm: shapes {a_dims:?} x {b_dims:?} (ta={ta}, tb={tb}) into {} values", c.len())
-    }
-    let Some(blas) = blas() else { candle_core::bail!("blas gemm: no BLAS library loaded") };
-    let t = |f: bool| if f { TRANS } else { NO_TRANS };
-    if m == 1 && !ta && tb {
-        // One row times a weight matrix (decoding): a matrix-vector product, c = B · a. sgemm
-        // would repack all of B on every call.
-        // SAFETY: b is the (n x k) row-major matrix, a the k-vector and c the n-vector described.
-        unsafe {
-            (blas.sgemv)(
-                ROW_MAJOR,
-                NO_TRANS,
-                n as i32,
-                k as i32,
-                1.0,
-                b.as_ptr(),
-                b_dims[1] as i32,
-                a.as_ptr(),
-                1,
-                beta,
-                c.as_mut_ptr(),
-                1,
-            );
-        }
-        return Ok(());
-    }
-    // SAFETY: a, b and c hold the row-major matrices the call describes (checked above), with the
-    // leading dimensions of their storage.
-    unsafe {
-        (blas.sgemm)(
-            ROW_MAJOR,
-            t(ta),
-            t(tb),
-            m as i32,
-            n as i32,
-            k as i32,
-            1.0,
-            a.as_ptr(),
-            a_dims[1] as i32,
-            b.as_ptr(),
-            b_dims[1] as i32,
-            beta,
-            c.as_mut_ptr(),
-            n as i32,
-        );
-    }
-    Ok(())
-}
-
-fn out_dims(l1: &Layout, ta: bool, l2: &Layout, tb: bool) -> (usize, usize) {
-    let m = if ta { l1.dims()[1] } else { l1.dims()[0] };
-    let n = if tb { l2.dims()[0] } else { l2.dims()[1] };
-    (m, n)
-}
-
-/// C = op(A) · op(B) for 2-D contiguous f32 matrices; op transposes when the flag is set.
-#[derive(Clone, Copy)]
-struct Gemm {
-    ta: bool,
-    tb: bool,
-}
-
-impl CustomOp2 for Gemm {
-    fn name(&self) -> &'static str {
-        "glm-blas-gemm"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, n) = out_dims(l1, self.ta, l2, self.tb);
-        let mut c = vec![0f32; m * n];
-        sgemm(f32_slice(s1, l1)?, l1.dims(), f32_slice(s2, l2)?, l2.dims(), self.ta, self.tb, 0.0, &mut c)?;
-        Ok((CpuStorage::F32(c), Shape::from((m, n))))
-    }
-}
-
-/// Gradients of y = x · wᵀ (+ b): dx = g · w, dw = gᵀ · x.
-fn linear_grads(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let g = g.contiguous()?;
-    let dx = g.apply_op2_no_bwd(w, &Gemm { ta: false, tb: false })?; // (M, N)(N, K)
-    let dw = g.apply_op2_no_bwd(x, &Gemm { ta: true, tb: false })?; // (M, N)ᵀ(M, K)
-    Ok((dx, dw, g))
-}
-
-/// x [M, K] · w [N, K]ᵀ -> [M, N], differentiable in both.
-struct LinearT;
-
-impl CustomOp2 for LinearT {
-    fn name(&self) -> &'static str {
-        "glm-blas-linear"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        Gemm { ta: false, tb: true }.cpu_fwd(s1, l1, s2, l2)
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = linear_grads(x, w, g)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// x [M, K] · w [N, K]ᵀ + b [N]: C starts as the bias rows and the GEMM adds into it (beta = 1),
-/// saving a pass and an allocation per layer.
-struct LinearBiasT;
-
-impl CustomOp3 for LinearBiasT {
-    fn name(&self) -> &'static str {
-        "glm-blas-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (m, n) = out_dims(l1, false, l2, true);
-        let bias = f32_slice(s3, l3)?;
-        if bias.len() != n {
-            candle_core::bail!("blas linear: bias of {} for {n} outputs", bias.len())
-        }
-        let mut c = Vec::with_capacity(m * n);
-        for _ in 0..m {
-            c.extend_from_slice(bias);
-        }
-        sgemm(f32_slice(s1, l1)?, l1.dims(), f32_slice(s2, l2)?, l2.dims(), false, true, 1.0, &mut c)?;
-        Ok((CpuStorage::F32(c), Shape::from((m, n))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, g) = linear_grads(x, w, g)?;
-        Ok((Some(dx), Some(dw), Some(g.sum(0)?)))
-    }
-}
-
-/// x [M, K] · w [N, K]ᵀ (+ b [N]), through BLAS for big f32 products on the CPU when a BLAS is
-/// present, otherwise through candle (`linear_ref`).
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let big = x.rank() == 2 && w.rank() == 2 && x.dim(0)? * w.dim(0)? * w.dim(1)? >= MIN_MACS;
-    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if !(big && on_cpu_f32(x) && on_cpu_f32(w) && b.is_none_or(on_cpu_f32) && blas().is_some()) {
-        return linear_ref(x, w, b);
-    }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasT),
-        None => x.apply_op2(&w, LinearT),
-    }
-}
-
-pub fn linear_ref(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(&w.t()?)?;
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
-}
-
 /// A batch of row-major matrices inside a storage slice: item i, row r, column c is at
 /// `offset + i * batch_stride + r * ld + c`. Covers contiguous tensors and row-strided views such
 /// as the KV cache's `narrow` over its buffers, without a copy.
@@ -341,55 +151,88 @@ impl MatBatch {
     }
 }
 
-/// C[i] = op(A[i]) · op(B[i]) over a batch; C is a fresh contiguous [.., m, n].
-#[derive(Clone, Copy)]
-struct BatchedGemm {
-    ta: bool,
-    tb: bool,
+fn f32_storage<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("{what}: expected f32"),
+    }
 }
 
-impl CustomOp2 for BatchedGemm {
-    fn name(&self) -> &'static str {
-        "glm-blas-batched-gemm"
+/// C[i] = op(A[i]) · op(B[i]) + beta · C[i] for every item of the batch, C contiguous
+/// [batch, m, n]. Returns (m, n). One row times a transposed matrix (decoding's x · Wᵀ) is a
+/// matrix-vector product: sgemv, since sgemm would repack all of W on every call.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    a: &[f32],
+    va: MatBatch,
+    b: &[f32],
+    vb: MatBatch,
+    ta: bool,
+    tb: bool,
+    beta: f32,
+    c: &mut [f32],
+) -> Result<(usize, usize)> {
+    let (m, k) = if ta { (va.cols, va.rows) } else { (va.rows, va.cols) };
+    let (k2, n) = if tb { (vb.cols, vb.rows) } else { (vb.rows, vb.cols) };
+    if k != k2 || va.batch != vb.batch || va.end() > a.len() || vb.end() > b.len() || c.len() != va.batch * m * n {
+        candle_core::bail!("blas gemm: {va:?} x {vb:?} (ta={ta}, tb={tb}) into {} values does not fit", c.len())
     }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
-            candle_core::bail!("blas batched gemm: expected f32")
-        };
-        let (Some(va), Some(vb)) = (MatBatch::of(l1), MatBatch::of(l2)) else {
-            candle_core::bail!("blas batched gemm: unsupported strides {:?} / {:?}", l1.stride(), l2.stride())
-        };
-        let (m, k) = if self.ta { (va.cols, va.rows) } else { (va.rows, va.cols) };
-        let (k2, n) = if self.tb { (vb.cols, vb.rows) } else { (vb.rows, vb.cols) };
-        if k != k2 || va.batch != vb.batch || va.end() > a.len() || vb.end() > b.len() {
-            candle_core::bail!("blas batched gemm: shapes {:?} x {:?} do not fit", l1.dims(), l2.dims())
-        }
-        let Some(blas) = blas() else { candle_core::bail!("blas batched gemm: no BLAS library loaded") };
-        let t = |f: bool| if f { TRANS } else { NO_TRANS };
-        let mut c = vec![0f32; va.batch * m * n];
-        for i in 0..va.batch {
-            // SAFETY: item i of A and B lies inside their storage (checked with `end` above), and
-            // the i-th m x n block of c is in bounds.
-            unsafe {
+    let Some(blas) = blas() else { candle_core::bail!("blas gemm: no BLAS library loaded") };
+    let t = |f: bool| if f { TRANS } else { NO_TRANS };
+    for i in 0..va.batch {
+        let (pa, pb) = (va.offset + i * va.batch_stride, vb.offset + i * vb.batch_stride);
+        // SAFETY: item i of A and B lies inside their storage (checked with `end` above), and the
+        // i-th m x n block of c is in bounds (c.len() checked).
+        unsafe {
+            let (a, b, c) = (a.as_ptr().add(pa), b.as_ptr().add(pb), c.as_mut_ptr().add(i * m * n));
+            let (lda, ldb) = (va.ld as i32, vb.ld as i32);
+            if m == 1 && !ta && tb {
+                (blas.sgemv)(ROW_MAJOR, NO_TRANS, n as i32, k as i32, 1.0, b, ldb, a, 1, beta, c, 1);
+            } else {
                 (blas.sgemm)(
                     ROW_MAJOR,
-                    t(self.ta),
-                    t(self.tb),
+                    t(ta),
+                    t(tb),
                     m as i32,
                     n as i32,
                     k as i32,
                     1.0,
-                    a.as_ptr().add(va.offset + i * va.batch_stride),
-                    va.ld as i32,
-                    b.as_ptr().add(vb.offset + i * vb.batch_stride),
-                    vb.ld as i32,
-                    0.0,
-                    c.as_mut_ptr().add(i * m * n),
+                    a,
+                    lda,
+                    b,
+                    ldb,
+                    beta,
+                    c,
                     n as i32,
                 );
             }
         }
+    }
+    Ok((m, n))
+}
+
+/// C = op(A) · op(B) over the leading (batch) dims; C is a fresh contiguous [.., m, n]. Rank 2
+/// is a batch of one.
+#[derive(Clone, Copy)]
+struct Gemm {
+    ta: bool,
+    tb: bool,
+}
+
+impl CustomOp2 for Gemm {
+    fn name(&self) -> &'static str {
+        "glm-blas-gemm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (Some(va), Some(vb)) = (MatBatch::of(l1), MatBatch::of(l2)) else {
+            candle_core::bail!("blas gemm: unsupported strides {:?} / {:?}", l1.stride(), l2.stride())
+        };
+        let m = if self.ta { va.cols } else { va.rows };
+        let n = if self.tb { vb.rows } else { vb.cols };
+        let mut c = vec![0f32; va.batch * m * n];
+        let (a, b) = (f32_storage(s1, self.name())?, f32_storage(s2, self.name())?);
+        gemm(a, va, b, vb, self.ta, self.tb, 0.0, &mut c)?;
         let mut dims = l1.dims().to_vec();
         let r = dims.len();
         (dims[r - 2], dims[r - 1]) = (m, n);
@@ -397,31 +240,108 @@ impl CustomOp2 for BatchedGemm {
     }
 }
 
-/// C = A · op(B) over batches, differentiable in both.
-struct BatchedMatmul {
+/// x [M, K] · w [N, K]ᵀ + b [N]: C starts as the bias rows and the GEMM adds into it (beta = 1),
+/// saving a pass and an allocation per layer.
+struct LinearBiasT;
+
+impl CustomOp3 for LinearBiasT {
+    fn name(&self) -> &'static str {
+        "glm-blas-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some(vx), Some(vw)) = (MatBatch::of(l1), MatBatch::of(l2)) else {
+            candle_core::bail!("blas linear: unsupported strides {:?} / {:?}", l1.stride(), l2.stride())
+        };
+        let (m, n) = (vx.rows, vw.rows);
+        let bias = match (s3, l3.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) if b - a == n => &v[a..b],
+            _ => candle_core::bail!("blas linear: expected a contiguous f32 bias of {n}"),
+        };
+        let mut c = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            c.extend_from_slice(bias);
+        }
+        let (x, w) = (f32_storage(s1, self.name())?, f32_storage(s2, self.name())?);
+        gemm(x, vx, w, vw, false, true, 1.0, &mut c)?;
+        Ok((CpuStorage::F32(c), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = matmul_grads(x, w, g, true)?;
+        Ok((Some(dx), Some(dw), Some(g.sum(0)?)))
+    }
+}
+
+/// x [M, K] · w [N, K]ᵀ (+ b [N]), through BLAS for big f32 products on the CPU when a BLAS is
+/// present, otherwise through candle (`linear_ref`).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let big = x.rank() == 2 && w.rank() == 2 && x.dim(0)? * w.dim(0)? * w.dim(1)? >= MIN_MACS;
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(big && on_cpu_f32(x) && on_cpu_f32(w) && b.is_none_or(on_cpu_f32) && blas().is_some()) {
+        return linear_ref(x, w, b);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasT),
+        None => x.apply_op2(&w, Matmul { tb: true }),
+    }
+}
+
+pub fn linear_ref(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Gradients of C = A · op(B) given G = dC: for op(B) = Bᵀ, dA = G B and dB = Gᵀ A; for
+/// op(B) = B, dA = G Bᵀ and dB = Aᵀ G.
+fn matmul_grads(a: &Tensor, b: &Tensor, g: &Tensor, tb: bool) -> Result<(Tensor, Tensor)> {
+    let g = g.contiguous()?;
+    let gemm = |x: &Tensor, y: &Tensor, ta, tb| x.apply_op2_no_bwd(y, &Gemm { ta, tb });
+    let (da, db) = if tb {
+        (gemm(&g, b, false, false)?, gemm(&g, a, true, false)?)
+    } else {
+        (gemm(&g, b, false, true)?, gemm(a, &g, true, false)?)
+    };
+    Ok((da.reshape(a.shape())?, db.reshape(b.shape())?))
+}
+
+/// C = A · op(B) (over batches), differentiable in both: the dense layer's x · Wᵀ and attention's
+/// q · kᵀ and p · v.
+struct Matmul {
     tb: bool,
 }
 
-impl CustomOp2 for BatchedMatmul {
+impl CustomOp2 for Matmul {
     fn name(&self) -> &'static str {
-        "glm-blas-batched-matmul"
+        "glm-blas-matmul"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        BatchedGemm { ta: false, tb: self.tb }.cpu_fwd(s1, l1, s2, l2)
+        Gemm { ta: false, tb: self.tb }.cpu_fwd(s1, l1, s2, l2)
     }
 
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let gemm = |x: &Tensor, y: &Tensor, ta, tb| x.apply_op2_no_bwd(y, &BatchedGemm { ta, tb });
-        let (da, db) = if self.tb {
-            // C = A Bᵀ: dA = G B, dB = Gᵀ A
-            (gemm(&g, b, false, false)?, gemm(&g, a, true, false)?)
-        } else {
-            // C = A B: dA = G Bᵀ, dB = Aᵀ G
-            (gemm(&g, b, false, true)?, gemm(a, &g, true, false)?)
-        };
-        Ok((Some(da.reshape(a.shape())?), Some(db.reshape(b.shape())?)))
+        let (da, db) = matmul_grads(a, b, g, self.tb)?;
+        Ok((Some(da), Some(db)))
     }
 }
 
@@ -449,7 +369,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, tb: bool) -> Result<Tensor> {
             None => t.contiguous(),
         }
     };
-    view(a)?.apply_op2(&view(b)?, BatchedMatmul { tb })
+    view(a)?.apply_op2(&view(b)?, Matmul { tb })
 }
 
 pub fn matmul_ref(a: &Tensor, b: &Tensor, tb: bool) -> Result<Tensor> {

@@ -21,6 +21,7 @@ pub fn exp_fast(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer with SSE2 only
                                      // Branch-free throughout (min/max, bit masks): a branch or a float->int cast here keeps the
                                      // loops that call it from vectorizing (measured 4.8 -> 1.7 ns per element in a row's lse).
+    #[allow(clippy::manual_clamp)] // clamp() does not vectorize here; max/min do
     let xc = x.max(-87.3).min(88.0);
     let t = xc * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC; // round(x / ln 2)
