@@ -139,4 +139,43 @@ mod tests {
         }
         Ok(())
     }
+
+    /// The range-filled mask against `allowed`, element by element, over many packed layouts
+    /// (a fixed LCG stands in for a property-test generator).
+    #[test]
+    fn mask_matches_allowed_on_random_packed_layouts() -> Result<()> {
+        let mut state = 12345u64;
+        let mut next = |n: usize| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as usize) % n.max(1)
+        };
+        for _ in 0..200 {
+            let t = 1 + next(24);
+            let rows: Vec<Vec<Segment>> = (0..1 + next(3))
+                .map(|_| {
+                    let mut segs = Vec::new();
+                    let mut start = next(3);
+                    while start < t {
+                        let len = 1 + next(t - start);
+                        segs.push(Segment { start, len, prefix: next(len + 1) });
+                        start += len + next(2);
+                    }
+                    segs
+                })
+                .collect();
+            let l = AttnLayout::packed(rows)?;
+            let (q0, k_len) = (next(t), t + next(4));
+            let q_len = 1 + next(k_len - q0);
+            let v: Vec<f32> = l.mask(q0, q_len, k_len, &Device::Cpu)?.flatten_all()?.to_vec1()?;
+            for b in 0..l.batch() {
+                for qi in 0..q_len {
+                    for j in 0..k_len {
+                        let blocked = v[(b * q_len + qi) * k_len + j].is_infinite();
+                        assert_eq!(blocked, !l.allowed(b, q0 + qi, j), "{l:?} b={b} i={} j={j}", q0 + qi);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
