@@ -121,9 +121,43 @@ impl CustomOp2 for MaskedSoftmax {
     }
 
     fn bwd(&self, _s: &Tensor, _m: &Tensor, p: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // d scores = p * (g - sum(g * p)); the mask is a constant.
-        let dot = (g * p)?.sum_keepdim(D::Minus1)?;
-        Ok((Some((g.broadcast_sub(&dot)? * p)?), None))
+        // d scores = p * (g - sum(g * p)) per row, in one pass; the mask is a constant.
+        Ok((Some(p.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?), None))
+    }
+}
+
+/// Softmax backward over the last dim: (p, g) -> p * (g - sum(g * p)).
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "glm-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (p, g) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
+        let w = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        if p.len() != g.len() {
+            candle_core::bail!("softmax grad: {} probabilities, {} gradients", p.len(), g.len())
+        }
+        let mut ds = vec![0f32; p.len()];
+        ds.par_chunks_mut(w).zip(p.par_chunks(w).zip(g.par_chunks(w))).with_min_len(min_rows(w)).for_each(
+            |(ds, (p, g))| {
+                let mut acc = [0f32; LANES];
+                let (pc, gc) = (p.chunks_exact(LANES), g.chunks_exact(LANES));
+                let tail: f32 = pc.remainder().iter().zip(gc.remainder()).map(|(p, g)| p * g).sum();
+                for (p, g) in pc.zip(gc) {
+                    for l in 0..LANES {
+                        acc[l] += p[l] * g[l];
+                    }
+                }
+                let dot = acc.iter().sum::<f32>() + tail;
+                for ((d, &p), &g) in ds.iter_mut().zip(p).zip(g) {
+                    *d = p * (g - dot);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(ds), l1.shape().clone()))
     }
 }
 
