@@ -1,8 +1,8 @@
 //! Debian's OpenBLAS for the big CPU matrix products, loaded at run time when the system has it
 //! (`apt-get install libopenblas0-pthread`), so nothing is needed to build and the program runs
-//! without it. On the 2-core AVX2 machines measured here its sgemm beats candle's `gemm` crate
-//! (see docs/benchmarks.md). `linear` is the dense layer's product x · Wᵀ with backward; its
-//! reference twin is candle's matmul.
+//! without it. On the 2-core machines measured here its sgemm runs 1.5-2x candle's `gemm` crate
+//! (see docs/benchmarks.md). `linear` is the dense layer's x · Wᵀ (+ b) and `matmul` attention's
+//! batched products, both with backward; their reference twins are candle's matmul.
 
 use std::sync::OnceLock;
 

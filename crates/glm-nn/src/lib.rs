@@ -1,7 +1,8 @@
 //! GLM building blocks, each small and written once: the linear-layer seam through which dense,
 //! quantized and tensor-parallel weights plug in (`linear`), LayerNorm computed in f32 (`norm`),
 //! rotary embeddings in the rotate-half layout, 1-D and 2-D (`rope`), the per-row GLM attention
-//! layout that becomes the attention mask (`layout`), and the loss (`loss`).
+//! layout that becomes the attention mask (`layout`), the loss (`loss`), the fused CPU kernels
+//! behind them (`kernels`) and the run-time-loaded BLAS for big products (`blas`).
 //!
 //! Shapes use one alphabet: B batch, T sequence, H hidden, N heads, D head dim, F ffn, V vocab.
 
