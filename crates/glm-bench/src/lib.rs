@@ -105,16 +105,17 @@ fn time_it(iters: usize, bar: &ProgressBar, mut f: impl FnMut() -> Result<()>) -
 
 const PEAK_SIZES: [usize; 3] = [512, 1024, 2048];
 
-/// candle's best f32 matmul throughput over square sizes 512..2048 (best of 5 runs each).
-pub fn candle_sgemm_gflops() -> Result<f64> {
+/// Best f32 GEMM rate, in GFLOP/s, of `product(a, b)` = a · bᵀ over square sizes 512..2048,
+/// best of 5 runs each.
+fn sgemm_gflops(product: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>) -> Result<f64> {
     let mut best = 0f64;
     for n in PEAK_SIZES {
         let a = Tensor::randn(0f32, 1., (n, n), &Device::Cpu)?;
         let b = Tensor::randn(0f32, 1., (n, n), &Device::Cpu)?;
-        a.matmul(&b)?;
+        product(&a, &b)?;
         for _ in 0..5 {
             let t = Instant::now();
-            a.matmul(&b)?;
+            product(&a, &b)?;
             best = best.max(2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9);
         }
     }
@@ -215,8 +216,11 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
     if opts.decode_prompt > opts.seq {
         return Err(anyhow!("--decode-prompt ({}) must not exceed --seq ({})", opts.decode_prompt, opts.seq));
     }
-    let candle_peak = candle_sgemm_gflops()?;
-    let blas_peak = glm_nn::blas::sgemm_gflops(&PEAK_SIZES, 5)?;
+    let candle_peak = sgemm_gflops(|a, b| glm_nn::blas::linear_ref(a, b, None))?;
+    let blas_peak = match glm_nn::blas::backend() {
+        Some(_) => Some(sgemm_gflops(|a, b| glm_nn::blas::linear(a, b, None))?),
+        None => None,
+    };
     let mut peak = candle_peak.max(blas_peak.unwrap_or(0.0));
     let torch = opts.torch_python.as_deref().filter(|p| torch_available(p));
     let torch_note = match (&opts.torch_python, torch) {

@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use crate::kernels::on_cpu_f32;
+
 type Sgemm =
     unsafe extern "C" fn(i32, i32, i32, i32, i32, i32, f32, *const f32, i32, *const f32, i32, f32, *mut f32, i32);
 
@@ -80,25 +82,6 @@ pub fn configure_env() {
         }
     }
     set("OPENBLAS_THREAD_TIMEOUT", "4");
-}
-
-/// Best f32 GEMM rate of the BLAS, in GFLOP/s, over square sizes (None without a BLAS).
-pub fn sgemm_gflops(sizes: &[usize], reps: usize) -> Result<Option<f64>> {
-    if blas().is_none() {
-        return Ok(None);
-    }
-    let mut best = 0f64;
-    for &n in sizes {
-        let a = Tensor::randn(0f32, 1., (n, n), &candle_core::Device::Cpu)?;
-        let b = Tensor::randn(0f32, 1., (n, n), &candle_core::Device::Cpu)?;
-        a.apply_op2_no_bwd(&b, &Gemm { ta: false, tb: true })?;
-        for _ in 0..reps {
-            let t = std::time::Instant::now();
-            a.apply_op2_no_bwd(&b, &Gemm { ta: false, tb: true })?;
-            best = best.max(2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9);
-        }
-    }
-    Ok(Some(best))
 }
 
 /// Products smaller than this many multiply-adds stay on candle (call overhead dominates).
@@ -292,8 +275,8 @@ impl CustomOp3 for LinearBiasT {
 /// present, otherwise through candle (`linear_ref`).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let big = x.rank() == 2 && w.rank() == 2 && x.dim(0)? * w.dim(0)? * w.dim(1)? >= MIN_MACS;
-    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if !(big && on_cpu_f32(x) && on_cpu_f32(w) && b.is_none_or(on_cpu_f32) && blas().is_some()) {
+    let f32_cpu = on_cpu_f32(&[x, w]) && b.is_none_or(|b| on_cpu_f32(&[b]));
+    if !(big && f32_cpu && blas().is_some()) {
         return linear_ref(x, w, b);
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
@@ -354,8 +337,7 @@ const MIN_BATCH_MACS: usize = 1 << 14;
 pub fn matmul(a: &Tensor, b: &Tensor, tb: bool) -> Result<Tensor> {
     let r = a.rank();
     let fits = r >= 3 && b.rank() == r && a.dims()[..r - 2] == b.dims()[..r - 2];
-    let cpu_f32 = [a, b].iter().all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
-    if !(fits && cpu_f32 && blas().is_some()) {
+    if !(fits && on_cpu_f32(&[a, b]) && blas().is_some()) {
         return matmul_ref(a, b, tb);
     }
     let (m, k) = (a.dim(r - 2)?, a.dim(r - 1)?);
@@ -386,13 +368,23 @@ mod tests {
     use crate::testing::{check_twins, max_rel};
     use candle_core::{Device, Var};
 
+    fn no_blas() -> bool {
+        let none = backend().is_none();
+        if none {
+            eprintln!("no OpenBLAS on this machine: the BLAS path is not used, nothing to compare");
+        }
+        none
+    }
+
+    fn var(shape: &[usize]) -> Result<Var> {
+        Var::from_tensor(&Tensor::randn(0f32, 1., shape, &Device::Cpu)?)
+    }
+
     #[test]
     fn blas_linear_matches_candle_forward_and_backward() -> Result<()> {
-        if backend().is_none() {
-            eprintln!("no OpenBLAS on this machine: the BLAS path is not used, nothing to compare");
+        if no_blas() {
             return Ok(());
         }
-        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1., shape, &Device::Cpu)?);
         let (x, w, b) = (var(&[96, 80])?, var(&[72, 80])?, var(&[72])?);
         check_twins(&linear(&x, &w, None)?, &linear_ref(&x, &w, None)?, &[&x, &w], 1e-5, 1e-5)?;
         // With the bias folded into the GEMM.
@@ -406,11 +398,9 @@ mod tests {
 
     #[test]
     fn blas_batched_matmul_matches_candle_forward_and_backward() -> Result<()> {
-        if backend().is_none() {
-            eprintln!("no OpenBLAS on this machine: the BLAS path is not used, nothing to compare");
+        if no_blas() {
             return Ok(());
         }
-        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1., shape, &Device::Cpu)?);
         // Scores q kᵀ and context p v, as attention has them: [B, N, T, D].
         let (q, k) = (var(&[2, 3, 40, 32])?, var(&[2, 3, 48, 32])?);
         check_twins(&matmul(&q, &k, true)?, &matmul_ref(&q, &k, true)?, &[&q, &k], 1e-5, 1e-5)?;

@@ -77,9 +77,7 @@ fn exp_sub_in_place(x: &mut [f32], max: f32) -> f32 {
 /// softmax(scores + mask) over the last dim, in f32. scores [B, N, Tq, Tk], mask [B, 1, Tq, Tk]
 /// (additive, -inf = blocked, every row with at least one finite entry).
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let fused = scores.device().is_cpu()
-        && scores.dtype() == DType::F32
-        && mask.dtype() == DType::F32
+    let fused = on_cpu_f32(&[scores, mask])
         && scores.rank() == 4
         && mask.rank() == 4
         && mask.dim(1)? == 1
@@ -165,8 +163,7 @@ impl CustomOp2 for SoftmaxGrad {
 
 /// LayerNorm over the last dim with weight and bias, statistics in f32.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let fused =
-        x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && bias.dtype() == DType::F32;
+    let fused = on_cpu_f32(&[x, weight, bias]);
     if fused {
         x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNormOp { eps: eps as f32 })
     } else {
@@ -291,7 +288,8 @@ fn min_rows(width: usize) -> usize {
     (16_384 / width.max(1)).max(1)
 }
 
-fn on_cpu_f32(ts: &[&Tensor]) -> bool {
+/// Do the fused CPU kernels (and the BLAS path) apply: every tensor f32 and on the CPU?
+pub(crate) fn on_cpu_f32(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
