@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use glm_model::{param_count, weight_bytes, Config, PRESETS};
 
+mod data_cmd;
+
 // Tensor buffers are large and short-lived: mimalloc, told to keep freed memory
 // (`glm_bench::keep_freed_memory`), reuses them instead of faulting fresh zeroed pages in.
 #[global_allocator]
@@ -39,6 +41,12 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Train, inspect and use tokenizers.
+    #[command(subcommand)]
+    Tokenizer(data_cmd::TokenizerCmd),
+    /// Prepare training data and inspect the pretraining objective.
+    #[command(subcommand)]
+    Data(data_cmd::DataCmd),
 }
 
 #[derive(Args)]
@@ -187,6 +195,8 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Bench(BenchCmd::Forward(args)) => args.run()?,
+        Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
+        Cmd::Data(c) => data_cmd::run_data(c)?,
     }
     Ok(())
 }

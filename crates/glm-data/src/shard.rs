@@ -1,0 +1,194 @@
+//! Tokenized shards: a versioned binary file of documents, read memory-mapped.
+//!
+//! Layout (little endian): magic `GLMTOKS\0`, u32 version, u32 bytes per token (2 or 4),
+//! u64 header length, u64 documents, u64 tokens, the JSON header, zero padding to 8 bytes,
+//! (documents + 1) u64 token offsets, then the tokens.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+
+use crate::DataError;
+
+pub const MAGIC: &[u8; 8] = b"GLMTOKS\0";
+pub const VERSION: u32 = 1;
+const FIXED: usize = 8 + 4 + 4 + 8 + 8 + 8;
+
+/// What a shard says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardHeader {
+    /// Hash of the tokenizer file the tokens came from.
+    pub tokenizer: String,
+    pub vocab_size: usize,
+    pub index: usize,
+    pub count: usize,
+    pub created_by: String,
+}
+
+enum Store {
+    Mmap(Mmap),
+    Owned { offsets: Vec<u64>, tokens: Vec<u32> },
+}
+
+/// Documents of token ids, from a file or memory.
+pub struct Shard {
+    pub header: ShardHeader,
+    pub path: Option<PathBuf>,
+    store: Store,
+    n_docs: usize,
+    n_tokens: usize,
+    token_bytes: usize,
+    offsets_at: usize,
+    tokens_at: usize,
+}
+
+fn regen_hint(path: &Path) -> String {
+    format!("{}: regenerate it with `glm data prepare` (this build reads shard version {VERSION})", path.display())
+}
+
+impl Shard {
+    /// In-memory documents (e.g. the embedded corpus tokenized at start-up).
+    pub fn from_docs(header: ShardHeader, docs: &[Vec<u32>]) -> Self {
+        let mut offsets = Vec::with_capacity(docs.len() + 1);
+        let mut tokens = Vec::with_capacity(docs.iter().map(Vec::len).sum());
+        offsets.push(0);
+        for d in docs {
+            tokens.extend_from_slice(d);
+            offsets.push(tokens.len() as u64);
+        }
+        let (n_docs, n_tokens) = (docs.len(), tokens.len());
+        Self { header, path: None, store: Store::Owned { offsets, tokens }, n_docs, n_tokens, token_bytes: 4, offsets_at: 0, tokens_at: 0 }
+    }
+
+    /// Writes documents atomically (temporary file, fsync, rename).
+    pub fn write(path: &Path, header: &ShardHeader, docs: &[Vec<u32>]) -> Result<(), DataError> {
+        let io = |e: std::io::Error| DataError::Io { path: path.display().to_string(), source: e };
+        let token_bytes: usize = if header.vocab_size <= 1 << 16 { 2 } else { 4 };
+        let json = serde_json::to_vec(header).map_err(|e| DataError::Format(format!("{}: header: {e}", path.display())))?;
+        let n_tokens: usize = docs.iter().map(Vec::len).sum();
+        let mut buf = Vec::with_capacity(FIXED + json.len() + 8 * (docs.len() + 2) + token_bytes * n_tokens);
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&VERSION.to_le_bytes());
+        buf.extend_from_slice(&(token_bytes as u32).to_le_bytes());
+        buf.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        buf.extend_from_slice(&(docs.len() as u64).to_le_bytes());
+        buf.extend_from_slice(&(n_tokens as u64).to_le_bytes());
+        buf.extend_from_slice(&json);
+        while buf.len() % 8 != 0 {
+            buf.push(0);
+        }
+        let mut off = 0u64;
+        buf.extend_from_slice(&off.to_le_bytes());
+        for d in docs {
+            off += d.len() as u64;
+            buf.extend_from_slice(&off.to_le_bytes());
+        }
+        for d in docs {
+            for &t in d {
+                if t as usize >= header.vocab_size {
+                    return Err(DataError::Format(format!("{}: token {t} >= vocab size {}", path.display(), header.vocab_size)));
+                }
+                match token_bytes {
+                    2 => buf.extend_from_slice(&(t as u16).to_le_bytes()),
+                    _ => buf.extend_from_slice(&t.to_le_bytes()),
+                }
+            }
+        }
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&buf).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Opens a shard memory-mapped, checking magic, version, sizes and offsets.
+    pub fn open(path: &Path) -> Result<Self, DataError> {
+        let io = |e: std::io::Error| DataError::Io { path: path.display().to_string(), source: e };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the file is only read; shards are written atomically by rename, never in place.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let bad = |m: String| DataError::Format(format!("{}: {m}", path.display()));
+        if map.len() < FIXED || &map[..8] != MAGIC {
+            return Err(DataError::Format(format!("not a token shard (wrong magic); {}", regen_hint(path))));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([map[o], map[o + 1], map[o + 2], map[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&map[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(DataError::Format(format!("shard version {version} is not supported; {}", regen_hint(path))));
+        }
+        let token_bytes = u32_at(12) as usize;
+        if token_bytes != 2 && token_bytes != 4 {
+            return Err(bad(format!("{token_bytes} bytes per token")));
+        }
+        let (hlen, n_docs, n_tokens) = (u64_at(16) as usize, u64_at(24) as usize, u64_at(32) as usize);
+        let offsets_at = (FIXED + hlen).div_ceil(8) * 8;
+        let tokens_at = offsets_at + 8 * (n_docs + 1);
+        let expect = tokens_at as u128 + (n_tokens as u128) * token_bytes as u128;
+        if expect != map.len() as u128 {
+            return Err(bad(format!("{} bytes, the header says {expect} (truncated or corrupt); {}", map.len(), regen_hint(path))));
+        }
+        let header: ShardHeader = serde_json::from_slice(&map[FIXED..FIXED + hlen]).map_err(|e| bad(format!("header: {e}")))?;
+        let shard = Self { header, path: Some(path.to_path_buf()), store: Store::Mmap(map), n_docs, n_tokens, token_bytes, offsets_at, tokens_at };
+        let mut prev = 0;
+        for i in 0..=n_docs {
+            let o = shard.offset(i);
+            if o < prev || o > n_tokens {
+                return Err(bad(format!("document offset {i} = {o} is out of order")));
+            }
+            prev = o;
+        }
+        if prev != n_tokens {
+            return Err(bad(format!("offsets end at {prev}, not at {n_tokens} tokens")));
+        }
+        Ok(shard)
+    }
+
+    fn offset(&self, i: usize) -> usize {
+        match &self.store {
+            Store::Owned { offsets, .. } => offsets[i] as usize,
+            Store::Mmap(m) => {
+                let o = self.offsets_at + 8 * i;
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&m[o..o + 8]);
+                u64::from_le_bytes(b) as usize
+            }
+        }
+    }
+
+    pub fn num_docs(&self) -> usize {
+        self.n_docs
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    pub fn doc_len(&self, i: usize) -> usize {
+        self.offset(i + 1) - self.offset(i)
+    }
+
+    /// Appends tokens [from, to) of document `i`.
+    pub fn read(&self, i: usize, from: usize, to: usize, out: &mut Vec<u32>) {
+        let base = self.offset(i);
+        match &self.store {
+            Store::Owned { tokens, .. } => out.extend_from_slice(&tokens[base + from..base + to]),
+            Store::Mmap(m) => {
+                let at = self.tokens_at + (base + from) * self.token_bytes;
+                let bytes = &m[at..at + (to - from) * self.token_bytes];
+                if self.token_bytes == 2 {
+                    out.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32));
+                } else {
+                    out.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! GLM's bilingual tokenizer.
+//!
+//! A SentencePiece-style unigram model with byte fallback, plus GLM's conventions on top
+//! (spec section 9): special tokens ([MASK], [gMASK], [sMASK], <eod>, <sop>, <eop>) are matched in
+//! the raw text and split it into segments that are encoded separately, each with SentencePiece's
+//! dummy "▁" prefix; icetk's marks replace "\n" (`<n>`), "\t" (`<|tab|>`) and runs of 2..80 spaces
+//! (`<|blank_k|>`, longest first).
+//!
+//! Two sources of models:
+//! * tokenizers trained here (`train`), saved as a Hugging Face `tokenizer.json`. They normalize
+//!   nothing, so every UTF-8 string round-trips exactly (a literal "▁" is byte-encoded).
+//! * SentencePiece `.model` files (the format of `ice_text.model`), read with their NFKC charsmap,
+//!   whitespace rules and user-defined symbols; `encode_sp` gives the ids of Python sentencepiece.
+
+mod hf;
+mod normalize;
+pub mod sp;
+mod train;
+mod unigram;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+pub use normalize::{CharsMap, Normalizer, SPACE};
+pub use train::{train, TrainOptions, TrainReport};
+use unigram::{Lattice, Trie};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{0}")]
+    Format(String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Train(String),
+    #[error("{0}")]
+    Input(String),
+}
+
+pub type Result<T> = std::result::Result<T, TokenizerError>;
+
+/// SentencePiece piece types (ModelProto.SentencePiece.Type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PieceKind {
+    Normal,
+    Unknown,
+    Control,
+    UserDefined,
+    Unused,
+    Byte,
+}
+
+/// GLM's special tokens (spec section 2), by id, where the vocabulary has them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Specials {
+    pub mask: Option<u32>,
+    pub gmask: Option<u32>,
+    pub smask: Option<u32>,
+    pub eod: Option<u32>,
+    pub sop: Option<u32>,
+    pub eop: Option<u32>,
+}
+
+/// Names of the special tokens in vocabularies made here; `eod` also appears as `<unused_0>`.
+pub const SPECIAL_NAMES: [&str; 6] = ["[MASK]", "[gMASK]", "[sMASK]", "<eod>", "<sop>", "<eop>"];
+pub const NEWLINE: &str = "<n>";
+pub const TAB: &str = "<|tab|>";
+pub const MAX_BLANK: usize = 80;
+
+pub fn blank_name(k: usize) -> String {
+    format!("<|blank_{k}|>")
+}
+
+pub fn byte_name(b: u8) -> String {
+    format!("<0x{b:02X}>")
+}
+
+/// How a piece is written back as text.
+#[derive(Debug, Clone)]
+enum Surface {
+    /// Text with "▁" already turned into spaces; `lead` = it started with "▁".
+    Text { text: String, lead: bool },
+    Byte(u8),
+    /// Specials: written verbatim, and they start a new segment.
+    Special(String),
+    /// icetk marks ("\n", "\t", spaces) and other verbatim pieces.
+    Literal(String),
+    /// Control and unused pieces write nothing.
+    Empty,
+    Unknown,
+}
+
+/// icetk's marks, by id.
+#[derive(Debug, Clone)]
+struct Ice {
+    newline: u32,
+    tab: u32,
+    /// blank[k - 2] = `<|blank_k|>`.
+    blank: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Piece {
+    pub text: String,
+    pub score: f32,
+    pub kind: PieceKind,
+}
+
+/// A loaded tokenizer. Cheap to share across threads (`&self` everywhere).
+pub struct Tokenizer {
+    pieces: Vec<Piece>,
+    surfaces: Vec<Surface>,
+    ids: HashMap<String, u32>,
+    trie: Trie,
+    lattice_scores: Vec<f32>,
+    unk_id: u32,
+    unk_score: f32,
+    bytes: Option<Box<[u32; 256]>>,
+    normalizer: Normalizer,
+    /// User-defined symbols protected from normalization (SentencePiece models), longest first.
+    user_symbols: Vec<String>,
+    /// Specials matched in raw text, longest first.
+    special_strings: Vec<(String, u32)>,
+    specials: Specials,
+    ice: Option<Ice>,
+    /// Trained here: icetk marks are structural (a literal "<n>" in text stays text) and a literal
+    /// "▁" is byte-encoded, so decode(encode(s)) == s for every s.
+    lossless: bool,
+    /// Vocabulary size the model was padded to (>= number of pieces).
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("pieces", &self.pieces.len())
+            .field("vocab_size", &self.vocab_size)
+            .field("specials", &self.specials)
+            .field("lossless", &self.lossless)
+            .finish()
+    }
+}
+
+/// The default tokenizer (8,192 ids, specials at 8128..8133 like the `tiny` preset), trained by
+/// `glm tokenizer train` on the embedded corpus (assets/tokenizer/README.md).
+pub const DEFAULT_TOKENIZER_JSON: &str = include_str!("../../../assets/tokenizer/tokenizer.json");
+
+impl Tokenizer {
+    /// The embedded default tokenizer.
+    pub fn default_glm() -> Result<Self> {
+        Self::from_json_str(DEFAULT_TOKENIZER_JSON, "embedded default tokenizer")
+    }
+
+    /// Loads `tokenizer.json` (made by `train`) or a SentencePiece `.model`, by content.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| TokenizerError::Io { path: path.display().to_string(), source: e })?;
+        let name = path.display().to_string();
+        if bytes.first() == Some(&b'{') {
+            let s = std::str::from_utf8(&bytes).map_err(|e| TokenizerError::Format(format!("{name}: not UTF-8 JSON: {e}")))?;
+            Self::from_json_str(s, &name)
+        } else {
+            Self::from_sp_bytes(&bytes).map_err(|e| TokenizerError::Format(format!("{name}: {e}")))
+        }
+    }
+
+    pub fn from_json_str(json: &str, name: &str) -> Result<Self> {
+        hf::from_json(json).map_err(|e| TokenizerError::Format(format!("{name}: {e}")))
+    }
+
+    /// A SentencePiece unigram `.model`. icetk marks are used when the model has `<n>`.
+    pub fn from_sp_bytes(bytes: &[u8]) -> Result<Self> {
+        let m = sp::SpModel::from_bytes(bytes)?;
+        let charsmap = if m.precompiled_charsmap.is_empty() { None } else { Some(CharsMap::from_blob(&m.precompiled_charsmap)?) };
+        let normalizer = Normalizer {
+            charsmap,
+            add_dummy_prefix: m.add_dummy_prefix,
+            remove_extra_whitespaces: m.remove_extra_whitespaces,
+            escape_whitespaces: m.escape_whitespaces,
+        };
+        let pieces = m.pieces.into_iter().map(|p| Piece { text: p.piece, score: p.score, kind: p.kind }).collect();
+        Self::build(pieces, normalizer, false, None)
+    }
+
+    /// Assembles a tokenizer from its pieces (index = id).
+    pub(crate) fn build(pieces: Vec<Piece>, normalizer: Normalizer, lossless: bool, vocab_size: Option<usize>) -> Result<Self> {
+        let mut ids = HashMap::with_capacity(pieces.len());
+        for (i, p) in pieces.iter().enumerate() {
+            ids.entry(p.text.clone()).or_insert(i as u32);
+        }
+        let unk_id = pieces
+            .iter()
+            .position(|p| p.kind == PieceKind::Unknown)
+            .ok_or_else(|| TokenizerError::Format("the vocabulary has no <unk> piece".into()))? as u32;
+        let normal = pieces.iter().filter(|p| p.kind == PieceKind::Normal).map(|p| p.score);
+        let (min_score, max_score) = normal.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), s| (lo.min(s), hi.max(s)));
+        if !min_score.is_finite() {
+            return Err(TokenizerError::Format("the vocabulary has no normal pieces".into()));
+        }
+        let id_of = |name: &str| ids.get(name).copied();
+        let specials = Specials {
+            mask: id_of("[MASK]"),
+            gmask: id_of("[gMASK]"),
+            smask: id_of("[sMASK]"),
+            eod: id_of("<eod>").or_else(|| id_of("<unused_0>")),
+            sop: id_of("<sop>"),
+            eop: id_of("<eop>"),
+        };
+        let ice = match (id_of(NEWLINE), id_of(TAB)) {
+            (Some(newline), Some(tab)) => {
+                let blank: Option<Vec<u32>> = (2..=MAX_BLANK).map(|k| id_of(&blank_name(k))).collect();
+                // Without blank pieces, space runs stay spaces (SentencePiece models without them).
+                Some(Ice { newline, tab, blank: blank.unwrap_or_default() })
+            }
+            _ => None,
+        };
+        let special_ids: Vec<u32> = [specials.mask, specials.gmask, specials.smask, specials.eod, specials.sop, specials.eop].into_iter().flatten().collect();
+
+        let mut bytes = Box::new([u32::MAX; 256]);
+        for b in 0..=255u8 {
+            if let Some(id) = id_of(&byte_name(b)).filter(|&id| pieces[id as usize].kind == PieceKind::Byte) {
+                bytes[b as usize] = id;
+            }
+        }
+        let bytes = bytes.iter().all(|&id| id != u32::MAX).then_some(bytes);
+
+        // Lattice: normal pieces and (SentencePiece) user-defined symbols, which sentencepiece
+        // scores as length * max_score - 0.1 so that they always win.
+        let in_lattice = |_: usize, p: &Piece| match p.kind {
+            PieceKind::Normal => true,
+            PieceKind::UserDefined => !lossless,
+            _ => false,
+        };
+        let lattice_scores: Vec<f32> = pieces
+            .iter()
+            .map(|p| if p.kind == PieceKind::UserDefined { p.text.len() as f32 * max_score - 0.1 } else { p.score })
+            .collect();
+        let trie = Trie::build(pieces.iter().enumerate().filter(|(i, p)| in_lattice(*i, p)).map(|(i, p)| (p.text.as_str(), i as u32)));
+        let mut user_symbols: Vec<String> = if lossless {
+            Vec::new()
+        } else {
+            pieces.iter().filter(|p| p.kind == PieceKind::UserDefined).map(|p| p.text.clone()).collect()
+        };
+        user_symbols.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let mut special_strings: Vec<(String, u32)> = special_ids.iter().map(|&id| (pieces[id as usize].text.clone(), id)).collect();
+        special_strings.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+
+        let surfaces = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let id = i as u32;
+                if special_ids.contains(&id) {
+                    return Surface::Special(p.text.clone());
+                }
+                if let Some(ice) = &ice {
+                    if id == ice.newline {
+                        return Surface::Literal("\n".into());
+                    }
+                    if id == ice.tab {
+                        return Surface::Literal("\t".into());
+                    }
+                    if let Some(k) = ice.blank.iter().position(|&b| b == id) {
+                        return Surface::Literal(" ".repeat(k + 2));
+                    }
+                }
+                match p.kind {
+                    PieceKind::Byte => bytes.as_ref().and_then(|_| parse_byte_name(&p.text)).map_or(Surface::Empty, Surface::Byte),
+                    PieceKind::Unknown => Surface::Unknown,
+                    PieceKind::Control | PieceKind::Unused => Surface::Empty,
+                    PieceKind::UserDefined => Surface::Literal(p.text.clone()),
+                    PieceKind::Normal => Surface::Text { text: p.text.replace(SPACE, " "), lead: p.text.starts_with(SPACE) },
+                }
+            })
+            .collect();
+        let n = pieces.len();
+        let vocab_size = vocab_size.unwrap_or(n).max(n);
+        Ok(Self {
+            pieces,
+            surfaces,
+            ids,
+            trie,
+            lattice_scores,
+            unk_id,
+            unk_score: min_score - 10.0,
+            bytes,
+            normalizer,
+            user_symbols,
+            special_strings,
+            specials,
+            ice,
+            lossless,
+            vocab_size,
+        })
+    }
+
+    fn lattice(&self) -> Lattice<'_> {
+        Lattice {
+            trie: &self.trie,
+            scores: &self.lattice_scores,
+            unk_id: self.unk_id,
+            unk_score: self.unk_score,
+            bytes: self.bytes.as_deref(),
+        }
+    }
+
+    pub fn specials(&self) -> Specials {
+        self.specials
+    }
+
+    /// Number of ids the model must have (pieces, padded).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn num_pieces(&self) -> usize {
+        self.pieces.len()
+    }
+
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+
+    pub fn piece(&self, id: u32) -> Option<&str> {
+        self.pieces.get(id as usize).map(|p| p.text.as_str())
+    }
+
+    pub fn token_id(&self, piece: &str) -> Option<u32> {
+        self.ids.get(piece).copied()
+    }
+
+    pub fn is_lossless(&self) -> bool {
+        self.lossless
+    }
+
+    pub fn unk_id(&self) -> u32 {
+        self.unk_id
+    }
+
+    /// GLM encoding: specials split the text; each segment is encoded on its own (spec section 9).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 4);
+        self.encode_into(text, &mut out);
+        out
+    }
+
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
+        let mut rest = text;
+        while let Some((at, s, id)) = self.find_special(rest) {
+            self.encode_segment(&rest[..at], out);
+            out.push(id);
+            rest = &rest[at + s.len()..];
+        }
+        self.encode_segment(rest, out);
+    }
+
+    /// Encodes text that must not contain specials (they are encoded as plain text).
+    pub fn encode_plain(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.encode_segment(text, &mut out);
+        out
+    }
+
+    fn find_special<'a>(&'a self, s: &str) -> Option<(usize, &'a str, u32)> {
+        if self.special_strings.is_empty() {
+            return None;
+        }
+        let b = s.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'[' || b[i] == b'<' {
+                for (name, id) in &self.special_strings {
+                    if b[i..].starts_with(name.as_bytes()) {
+                        return Some((i, name.as_str(), *id));
+                    }
+                }
+            }
+            i += 1;
+        }
+        None
+    }
+
+    fn encode_segment(&self, seg: &str, out: &mut Vec<u32>) {
+        if seg.is_empty() {
+            return;
+        }
+        if self.lossless {
+            self.encode_lossless(seg, out);
+        } else if let Some(ice) = &self.ice {
+            // icetk: marks written as their pieces, then sentencepiece over the segment.
+            let mut s = String::with_capacity(seg.len() + 8);
+            let mut spaces = 0usize;
+            let flush = |s: &mut String, spaces: &mut usize| {
+                push_blanks(*spaces, &ice.blank, |r| match r {
+                    Run::Blank(k) => s.push_str(&blank_name(k)),
+                    Run::Space => s.push(' '),
+                });
+                *spaces = 0;
+            };
+            for c in seg.chars() {
+                if c == ' ' {
+                    spaces += 1;
+                    continue;
+                }
+                flush(&mut s, &mut spaces);
+                match c {
+                    '\n' => s.push_str(NEWLINE),
+                    '\t' => s.push_str(TAB),
+                    c => s.push(c),
+                }
+            }
+            flush(&mut s, &mut spaces);
+            self.encode_sp_into(&s, out);
+        } else {
+            self.encode_sp_into(seg, out);
+        }
+    }
+
+    /// Tokenizers trained here: marks are emitted structurally; the lattice sees only text.
+    fn encode_lossless(&self, seg: &str, out: &mut Vec<u32>) {
+        let lattice = self.lattice();
+        let mut buf = String::with_capacity(seg.len() + 3);
+        buf.push(SPACE); // dummy prefix
+        let flush = |buf: &mut String, out: &mut Vec<u32>| {
+            lattice.segment(buf, out);
+            buf.clear();
+        };
+        let b = seg.as_bytes();
+        let mut i = 0;
+        let mut text_start = 0;
+        while i < b.len() {
+            let c = b[i];
+            let mark = c == b'\n' || c == b'\t' || (c == b' ' && b.get(i + 1) == Some(&b' ')) || (c == 0xE2 && b[i..].starts_with("▁".as_bytes()));
+            if !mark {
+                i += 1;
+                continue;
+            }
+            push_escaped(&mut buf, &seg[text_start..i]);
+            if !buf.is_empty() {
+                flush(&mut buf, out);
+            }
+            match (c, &self.ice) {
+                (b'\n', Some(ice)) => {
+                    out.push(ice.newline);
+                    i += 1;
+                }
+                (b'\t', Some(ice)) => {
+                    out.push(ice.tab);
+                    i += 1;
+                }
+                (b' ', Some(ice)) if !ice.blank.is_empty() => {
+                    let n = b[i..].iter().take_while(|&&x| x == b' ').count();
+                    push_blanks(n, &ice.blank, |r| match r {
+                        Run::Blank(k) => out.push(ice.blank[k - 2]),
+                        Run::Space => buf.push(SPACE), // joins the next text
+                    });
+                    i += n;
+                }
+                (0xE2, _) => {
+                    // A literal "▁" would decode as a space: write its bytes.
+                    match &self.bytes {
+                        Some(bytes) => out.extend("▁".bytes().map(|x| bytes[x as usize])),
+                        None => out.push(self.unk_id),
+                    }
+                    i += 3;
+                }
+                _ => {
+                    // No icetk marks in this vocabulary: the character is ordinary text.
+                    buf.push(if c == b' ' { SPACE } else { c as char });
+                    i += 1;
+                }
+            }
+            text_start = i;
+        }
+        push_escaped(&mut buf, &seg[text_start..]);
+        if !buf.is_empty() {
+            flush(&mut buf, out);
+        }
+    }
+
+    /// Plain SentencePiece: normalize the whole text, then segment (Python's `sp.encode(text)`).
+    pub fn encode_sp(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.encode_sp_into(text, &mut out);
+        out
+    }
+
+    fn encode_sp_into(&self, text: &str, out: &mut Vec<u32>) {
+        let user: Vec<&str> = self.user_symbols.iter().map(String::as_str).collect();
+        let normalized = self.normalizer.normalize(text, &user);
+        self.lattice().segment(&normalized, out);
+    }
+
+    /// GLM decoding, the inverse of `encode` (exact for tokenizers trained here).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        let mut seg_start = true;
+        for &id in ids {
+            let s = self.surfaces.get(id as usize).ok_or_else(|| {
+                TokenizerError::Input(format!("token id {id} is outside the vocabulary ({} pieces)", self.pieces.len()))
+            })?;
+            match s {
+                Surface::Text { text, lead } => {
+                    let t = if seg_start && *lead { &text[1..] } else { text.as_str() };
+                    bytes.extend_from_slice(t.as_bytes());
+                }
+                Surface::Byte(b) => bytes.push(*b),
+                Surface::Special(t) => {
+                    bytes.extend_from_slice(t.as_bytes());
+                    seg_start = true;
+                    continue;
+                }
+                Surface::Literal(t) => bytes.extend_from_slice(t.as_bytes()),
+                Surface::Empty => continue,
+                Surface::Unknown => bytes.extend_from_slice(" \u{2047} ".as_bytes()),
+            }
+            seg_start = false;
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Python sentencepiece's `sp.decode(ids)`: user-defined pieces verbatim, control pieces dropped,
+    /// one dummy-prefix space removed at the start.
+    pub fn decode_sp(&self, ids: &[u32]) -> Result<String> {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        let mut bos = self.normalizer.add_dummy_prefix;
+        for &id in ids {
+            let p = self.pieces.get(id as usize).ok_or_else(|| TokenizerError::Input(format!("token id {id} is outside the vocabulary")))?;
+            let before = bytes.len();
+            match p.kind {
+                PieceKind::Control | PieceKind::Unused => {}
+                PieceKind::Unknown => bytes.extend_from_slice(" \u{2047} ".as_bytes()),
+                PieceKind::Byte => bytes.extend(parse_byte_name(&p.text)),
+                PieceKind::Normal | PieceKind::UserDefined => {
+                    let t = if bos { p.text.strip_prefix(SPACE).unwrap_or(&p.text) } else { &p.text };
+                    bytes.extend_from_slice(t.replace(SPACE, " ").as_bytes());
+                }
+            }
+            if bytes.len() > before {
+                bos = false;
+            }
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Saves as a Hugging Face `tokenizer.json` (atomically).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = hf::to_json(self)?;
+        let tmp = path.with_extension("json.tmp");
+        let io = |e| TokenizerError::Io { path: path.display().to_string(), source: e };
+        std::fs::write(&tmp, json).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Slow twin of the lattice, on the `tokenizers` crate's Unigram: ids for `normalized` text.
+    pub fn segment_ref(&self, normalized: &str) -> Result<Vec<u32>> {
+        use tokenizers::Model;
+        let eligible: Vec<u32> = (0..self.pieces.len() as u32).filter(|&i| self.trie_has(i)).collect();
+        let mut vocab: Vec<(String, f64)> = vec![("\u{0}<unk>".into(), 0.0)];
+        vocab.extend(eligible.iter().map(|&i| (self.pieces[i as usize].text.clone(), self.lattice_scores[i as usize] as f64)));
+        let model = tokenizers::models::unigram::Unigram::from(vocab, Some(0), false)
+            .map_err(|e| TokenizerError::Format(format!("reference unigram: {e}")))?;
+        let mut out = Vec::new();
+        let toks = model.tokenize(normalized).map_err(|e| TokenizerError::Format(format!("reference unigram: {e}")))?;
+        for t in toks {
+            if t.id == 0 {
+                match &self.bytes {
+                    Some(b) => out.extend(t.value.bytes().map(|x| b[x as usize])),
+                    None => out.extend(t.value.chars().map(|_| self.unk_id)),
+                }
+            } else {
+                out.push(eligible[t.id as usize - 1]);
+            }
+        }
+        Ok(out)
+    }
+
+    fn trie_has(&self, id: u32) -> bool {
+        let mut found = false;
+        if let Some(p) = self.pieces.get(id as usize) {
+            self.trie.prefixes(p.text.as_bytes(), |len, i| found |= i == id && len == p.text.len());
+        }
+        found
+    }
+
+    /// The lattice over already-normalized text (for tests against `segment_ref`).
+    pub fn segment(&self, normalized: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.lattice().segment(normalized, &mut out);
+        out
+    }
+}
+
+enum Run {
+    Blank(usize),
+    Space,
+}
+
+/// icetk: a run of n spaces becomes `<|blank_k|>` pieces, longest first; a single space stays.
+fn push_blanks(mut n: usize, blank: &[u32], mut f: impl FnMut(Run)) {
+    if blank.is_empty() {
+        (0..n).for_each(|_| f(Run::Space));
+        return;
+    }
+    while n >= 2 {
+        let k = n.min(MAX_BLANK);
+        f(Run::Blank(k));
+        n -= k;
+    }
+    if n == 1 {
+        f(Run::Space);
+    }
+}
+
+fn push_escaped(buf: &mut String, text: &str) {
+    for c in text.chars() {
+        buf.push(if c == ' ' { SPACE } else { c });
+    }
+}
+
+fn parse_byte_name(s: &str) -> Option<u8> {
+    let hex = s.strip_prefix("<0x")?.strip_suffix('>')?;
+    u8::from_str_radix(hex, 16).ok()
+}
