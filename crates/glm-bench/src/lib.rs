@@ -3,6 +3,8 @@
 //! with torch is available, and (b) the machine's measured sgemm peak, as model-FLOP utilization.
 //! Nothing here is asserted in tests: these are measurements, printed and returned as JSON.
 
+pub mod data;
+
 use std::io::Write;
 use std::process::Command;
 use std::time::Instant;

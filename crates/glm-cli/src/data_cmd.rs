@@ -122,7 +122,7 @@ pub fn run_tokenizer(cmd: TokenizerCmd) -> Result<()> {
             tok.save(&a.out)?;
             let secs = t0.elapsed().as_secs_f64();
             eprintln!(
-                "{}: {} ids ({} learned pieces), {} documents, {:.1} MB in {secs:.1} s ({:.2} MB/s); {} characters kept, {} left to byte fallback",
+                "{}: {} ids ({} learned pieces), {} documents, {:.1} MB in {secs:.1} s ({:.2} MB/s); {} characters kept (coverage {:.4}), {} left to byte fallback",
                 a.out.display(),
                 tok.vocab_size(),
                 report.learned_pieces,
@@ -130,6 +130,7 @@ pub fn run_tokenizer(cmd: TokenizerCmd) -> Result<()> {
                 report.input_bytes as f64 / 1e6,
                 report.input_bytes as f64 / 1e6 / secs,
                 report.characters_kept,
+                report.effective_coverage,
                 report.characters_dropped
             );
         }

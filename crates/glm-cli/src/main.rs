@@ -74,6 +74,32 @@ enum BenchCmd {
     /// Forward, forward+backward and batch-1 decode tokens/s on CPU, beside PyTorch eager and the
     /// sgemm peak.
     Forward(ForwardArgs),
+    /// Tokenizer training/encoding MB/s beside Python sentencepiece and tokenizers, and the data
+    /// loader's tokens/s.
+    Data(DataArgs),
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// MB of the embedded train split to train tokenizers on.
+    #[arg(long, default_value_t = 4.0)]
+    train_mb: f64,
+    #[arg(long, default_value_t = 8192)]
+    vocab_size: usize,
+    /// Rows sampled by the loader benchmark.
+    #[arg(long, default_value_t = 2000)]
+    rows: usize,
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Python with sentencepiece and tokenizers for the baselines (env GLM_TOKENIZER_PYTHON).
+    #[arg(long, env = "GLM_TOKENIZER_PYTHON", default_value = "python3")]
+    python: String,
+    /// Skip the Python baselines.
+    #[arg(long)]
+    no_python: bool,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -195,6 +221,20 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Bench(BenchCmd::Forward(args)) => args.run()?,
+        Cmd::Bench(BenchCmd::Data(a)) => {
+            let opts = glm_bench::data::DataBench {
+                train_mb: a.train_mb,
+                vocab_size: a.vocab_size,
+                rows: a.rows,
+                seq_len: a.seq_len,
+                python: (!a.no_python).then_some(a.python),
+            };
+            let report = glm_bench::data::data(&opts)?;
+            println!("{}", glm_bench::data::render(&report));
+            if let Some(p) = a.json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
         Cmd::Data(c) => data_cmd::run_data(c)?,
     }

@@ -232,7 +232,7 @@ impl Tokenizer {
         };
         let lattice_scores: Vec<f32> = pieces
             .iter()
-            .map(|p| if p.kind == PieceKind::UserDefined { p.text.len() as f32 * max_score - 0.1 } else { p.score })
+            .map(|p| if p.kind == PieceKind::UserDefined { (p.text.len() as f64 * max_score as f64 - 0.1) as f32 } else { p.score })
             .collect();
         let trie = Trie::build(pieces.iter().enumerate().filter(|(i, p)| in_lattice(*i, p)).map(|(i, p)| (p.text.as_str(), i as u32)));
         let mut user_symbols: Vec<String> = if lossless {
@@ -551,27 +551,14 @@ impl Tokenizer {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
-    /// Slow twin of the lattice, on the `tokenizers` crate's Unigram: ids for `normalized` text.
-    pub fn segment_ref(&self, normalized: &str) -> Result<Vec<u32>> {
-        use tokenizers::Model;
+    /// Slow twin of the lattice, on the `tokenizers` crate's Unigram (for tests and checks).
+    pub fn reference(&self) -> Result<RefSegmenter<'_>> {
         let eligible: Vec<u32> = (0..self.pieces.len() as u32).filter(|&i| self.trie_has(i)).collect();
         let mut vocab: Vec<(String, f64)> = vec![("\u{0}<unk>".into(), 0.0)];
         vocab.extend(eligible.iter().map(|&i| (self.pieces[i as usize].text.clone(), self.lattice_scores[i as usize] as f64)));
         let model = tokenizers::models::unigram::Unigram::from(vocab, Some(0), false)
             .map_err(|e| TokenizerError::Format(format!("reference unigram: {e}")))?;
-        let mut out = Vec::new();
-        let toks = model.tokenize(normalized).map_err(|e| TokenizerError::Format(format!("reference unigram: {e}")))?;
-        for t in toks {
-            if t.id == 0 {
-                match &self.bytes {
-                    Some(b) => out.extend(t.value.bytes().map(|x| b[x as usize])),
-                    None => out.extend(t.value.chars().map(|_| self.unk_id)),
-                }
-            } else {
-                out.push(eligible[t.id as usize - 1]);
-            }
-        }
-        Ok(out)
+        Ok(RefSegmenter { tok: self, model, eligible })
     }
 
     fn trie_has(&self, id: u32) -> bool {
@@ -587,6 +574,33 @@ impl Tokenizer {
         let mut out = Vec::new();
         self.lattice().segment(normalized, &mut out);
         out
+    }
+}
+
+/// The `tokenizers` crate's Unigram over the same pieces: the `_ref` twin of the lattice.
+pub struct RefSegmenter<'a> {
+    tok: &'a Tokenizer,
+    model: tokenizers::models::unigram::Unigram,
+    eligible: Vec<u32>,
+}
+
+impl RefSegmenter<'_> {
+    /// Ids for already-normalized text (unknown characters as bytes).
+    pub fn segment(&self, normalized: &str) -> Result<Vec<u32>> {
+        use tokenizers::Model;
+        let toks = self.model.tokenize(normalized).map_err(|e| TokenizerError::Format(format!("reference unigram: {e}")))?;
+        let mut out = Vec::new();
+        for t in toks {
+            if t.id == 0 {
+                match &self.tok.bytes {
+                    Some(b) => out.extend(t.value.bytes().map(|x| b[x as usize])),
+                    None => out.extend(t.value.chars().map(|_| self.tok.unk_id)),
+                }
+            } else {
+                out.push(self.eligible[t.id as usize - 1]);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -24,7 +24,8 @@ pub struct TrainOptions {
     /// Total ids, reserved ones included (8192 for `tiny`).
     pub vocab_size: usize,
     pub max_piece_length: usize,
-    /// Share of character occurrences that get their own piece (sentencepiece's default 0.9995).
+    /// Share of character occurrences that get their own piece (sentencepiece's default 0.9995),
+    /// lowered where characters would take more than half of the learned ids.
     pub character_coverage: f64,
     pub show_progress: bool,
 }
@@ -41,6 +42,8 @@ pub struct TrainReport {
     pub distinct_words: usize,
     pub characters_kept: usize,
     pub characters_dropped: usize,
+    /// Share of character occurrences with their own piece.
+    pub effective_coverage: f64,
     pub learned_pieces: usize,
 }
 
@@ -164,23 +167,20 @@ pub fn train(docs: &[String], opts: &TrainOptions) -> Result<(Tokenizer, TrainRe
     let total: u64 = chars.values().sum();
     let mut by_freq: Vec<(char, u64)> = chars.into_iter().collect();
     by_freq.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    // At most half of the learned ids go to single characters: with many CJK characters the
+    // coverage is lowered (reported as `effective_coverage`).
+    let max_chars = budget / 2;
     let mut kept = std::collections::HashSet::new();
     let mut acc = 0u64;
     for &(c, n) in &by_freq {
-        if (acc as f64) >= opts.character_coverage * total as f64 && c != SPACE {
+        let covered = (acc as f64) >= opts.character_coverage * total as f64;
+        if (covered || kept.len() >= max_chars) && c != SPACE {
             break;
         }
         acc += n;
         kept.insert(c);
     }
-    // Leave room for multi-character pieces.
-    if kept.len() > budget * 3 / 4 {
-        return Err(TokenizerError::Train(format!(
-            "{} distinct characters at coverage {} leave too few of the {budget} learned ids for pieces: lower the coverage or raise the vocab size",
-            kept.len(),
-            opts.character_coverage
-        )));
-    }
+    let effective_coverage = acc as f64 / total.max(1) as f64;
 
     // Cut words at dropped characters; sort for a deterministic input order.
     let mut sentences: HashMap<String, u32> = HashMap::new();
@@ -204,6 +204,15 @@ pub fn train(docs: &[String], opts: &TrainOptions) -> Result<(Tokenizer, TrainRe
     trainer.do_train(sentences, &mut model).map_err(|e| TokenizerError::Train(format!("unigram training failed: {e}")))?;
 
     let mut learned: Vec<(String, f64)> = model.iter().filter(|(p, _)| p != "<unk>").cloned().collect();
+    // The trainer adds required characters that EM dropped with scores min + k * 1e-4, k in hash-set
+    // order; give them all the minimum so that the order below (score, then text) is fixed.
+    let floor = learned.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let band = floor + 1e-4 * (kept.len() + 1) as f64;
+    for (p, score) in learned.iter_mut() {
+        if p.chars().count() == 1 && *score < band {
+            *score = floor;
+        }
+    }
     // Fixed order independent of hash-map iteration inside the trainer.
     learned.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     learned.truncate(budget);
@@ -224,6 +233,6 @@ pub fn train(docs: &[String], opts: &TrainOptions) -> Result<(Tokenizer, TrainRe
         return Err(TokenizerError::Train("the training text has no spaces: \"▁\" was not learned".into()));
     }
     let tok = Tokenizer::build(pieces, Normalizer::lossless(), true, Some(opts.vocab_size))?;
-    let report = TrainReport { input_bytes, distinct_words, characters_kept: kept.len(), characters_dropped: by_freq.len() - kept.len(), learned_pieces };
+    let report = TrainReport { input_bytes, distinct_words, characters_kept: kept.len(), characters_dropped: by_freq.len() - kept.len(), effective_coverage, learned_pieces };
     Ok((tok, report))
 }

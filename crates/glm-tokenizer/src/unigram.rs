@@ -117,19 +117,21 @@ impl Lattice<'_> {
             let base = best[pos].score;
             let mblen = utf8_len(b[pos]);
             let mut single = false;
+            // As sentencepiece: the candidate is a double (its score expression mixes in a
+            // double), compared with the stored float, then stored as a float.
             self.trie.prefixes(&b[pos..], |len, id| {
-                let cand = base + self.scores[id as usize];
+                let cand = self.scores[id as usize] as f64 + base as f64;
                 let t = &mut best[pos + len];
-                if t.start == u32::MAX || cand > t.score {
-                    *t = Best { score: cand, start: pos as u32, id };
+                if t.start == u32::MAX || cand > t.score as f64 {
+                    *t = Best { score: cand as f32, start: pos as u32, id };
                 }
                 single |= len == mblen;
             });
             if !single {
-                let cand = base + self.unk_score;
+                let cand = self.unk_score as f64 + base as f64;
                 let t = &mut best[pos + mblen];
-                if t.start == u32::MAX || cand > t.score {
-                    *t = Best { score: cand, start: pos as u32, id: self.unk_id };
+                if t.start == u32::MAX || cand > t.score as f64 {
+                    *t = Best { score: cand as f32, start: pos as u32, id: self.unk_id };
                 }
             }
             pos += mblen;
