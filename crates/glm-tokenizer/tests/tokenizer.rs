@@ -50,6 +50,19 @@ fn random_text(rng: &mut ChaCha8Rng, len: usize) -> String {
     s
 }
 
+/// Equal ids, or two segmentations of the same text with the same total score: an exact tie,
+/// which sentencepiece (and we) break by its float arithmetic and `tokenizers` by its f64 sums.
+/// Returns whether it was a tie.
+fn same_or_tied(tok: &Tokenizer, a: &[u32], b: &[u32], what: &str) -> bool {
+    if a == b {
+        return false;
+    }
+    let score = |ids: &[u32]| ids.iter().map(|&i| tok.pieces()[i as usize].score as f64).sum::<f64>();
+    assert_eq!(tok.decode(a).unwrap(), tok.decode(b).unwrap(), "{what}");
+    assert!((score(a) - score(b)).abs() < 1e-3, "{what}: not a tie: {} vs {}", score(a), score(b));
+    true
+}
+
 #[test]
 fn every_string_round_trips() {
     let tok = default();
@@ -107,35 +120,38 @@ fn fast_lattice_equals_the_tokenizers_unigram() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut texts: Vec<String> = heldout().into_iter().take(60).collect();
     texts.extend((0..500).map(|_| random_text(&mut rng, 80)));
-    let mut n = 0;
+    let (mut n, mut ties) = (0, 0);
     let reference = tok.reference().unwrap();
     for t in &texts {
         // The lattice sees escaped text without marks.
         for chunk in t.split(['\n', '\t', '▁']) {
             let s: String = format!("▁{}", chunk.replace(' ', "▁"));
-            assert_eq!(tok.segment(&s), reference.segment(&s).unwrap(), "{s:?}");
+            ties += same_or_tied(&tok, &tok.segment(&s), &reference.segment(&s).unwrap(), &s) as usize;
             n += 1;
         }
     }
     assert!(n > 500);
+    assert!(ties * 50 <= n, "{ties} ties in {n}");
 }
 
 #[test]
 fn saved_file_gives_the_same_ids_in_hf_tokenizers() {
     // The embedded tokenizer.json loads in the `tokenizers` crate (as in Python) and agrees on
-    // ordinary text (literal "▁" and literal special-token strings are the documented exceptions).
+    // ordinary text (literal "▁" and literal special-token strings are the documented exceptions;
+    // exact score ties may split differently, 2 of 302 held-out documents when measured).
     let hf = tokenizers::Tokenizer::from_bytes(glm_tokenizer::DEFAULT_TOKENIZER_JSON.as_bytes()).unwrap();
     let tok = default();
-    let mut checked = 0;
+    let (mut checked, mut ties) = (0, 0);
     for d in heldout().iter().take(300) {
         if d.contains('▁') || d.contains('<') {
             continue;
         }
         let theirs = hf.encode(d.as_str(), false).unwrap().get_ids().to_vec();
-        assert_eq!(tok.encode(d), theirs, "{:?}", &d[..d.len().min(200)]);
+        ties += same_or_tied(&tok, &tok.encode(d), &theirs, d) as usize;
         checked += 1;
     }
     assert!(checked > 100);
+    assert!(ties * 50 <= checked, "{ties} ties in {checked} documents");
     let s = "Call me Ishmael.\n\n  今天天气很好，\t我们去公园。 [gMASK]";
     assert_eq!(tok.encode(s), hf.encode(s, false).unwrap().get_ids());
 }
