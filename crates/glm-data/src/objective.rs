@@ -98,10 +98,25 @@ impl ObjectiveConfig {
         p.iter().enumerate().map(|(i, w)| (i + 1) as f64 * w).sum()
     }
 
-    /// Text tokens taken for one [MASK] sample so that text + 2 per span fits the window.
+    /// Variance of the span length.
+    pub fn span_var(&self) -> f64 {
+        let p = span_pmf(self.span_lambda, self.max_span);
+        let m = self.mean_span();
+        p.iter().enumerate().map(|(i, w)| ((i + 1) as f64 - m).powi(2) * w).sum()
+    }
+
+    /// Text tokens taken for one [MASK] sample: the most for which text + a [MASK] and a <sop> per
+    /// span still fits the window when the span count runs 3 standard deviations above its mean,
+    /// so that the window almost never cuts the masked share below `mask_ratio`.
     pub fn mask_text_len(&self) -> usize {
-        let grow = 1.0 + 2.0 * self.mask_ratio / self.mean_span();
-        ((self.window() as f64 / grow).floor() as usize).saturating_sub(2).max(4)
+        let (w, r, mu, var) = (self.window() as f64, self.mask_ratio, self.mean_span(), self.span_var());
+        // Spans drawn until they cover r*n: about r*n/mu + 1/2 of them, variance r*n*var/mu^3.
+        let fits = |n: f64| n + 2.0 * (r * n / mu + 0.5 + 3.0 * (r * n * var / mu.powi(3)).sqrt() + 1.0) <= w;
+        let mut n = (w / (1.0 + 2.0 * r / mu)) as usize;
+        while n > 4 && !fits(n as f64) {
+            n -= 1;
+        }
+        n.max(4)
     }
 
     /// Text tokens taken for one [gMASK] sample ([gMASK] and <sop> take two places).
@@ -158,8 +173,8 @@ pub struct Sample {
     pub text_len: usize,
 }
 
-/// Draws span lengths until they cover `mask_ratio` of `n` tokens (while they still fit with a
-/// gap before each span), then places them uniformly at random without touching.
+/// Draws span lengths until they cover `mask_ratio` of `n` tokens in expectation (while they
+/// still fit with a gap before each span), then places them uniformly at random without touching.
 /// Returns (start, len) sorted by start.
 /// The sample (text + a [MASK] and a <sop> per span) stays within `max_total` tokens.
 pub fn sample_spans(n: usize, max_total: usize, cfg: &ObjectiveConfig, rng: &mut impl Rng) -> Vec<(usize, usize)> {
@@ -180,6 +195,12 @@ pub fn sample_spans(n: usize, max_total: usize, cfg: &ObjectiveConfig, rng: &mut
         }
         // Each span needs one free token before it (non-adjacent spans).
         if sum + len + lens.len() + 1 > n || n + 2 * (lens.len() + 1) > max_total {
+            break;
+        }
+        // The span that crosses the goal is kept with probability (goal - covered) / len, so the
+        // expected masked count is the goal itself rather than goal + overshoot (which would be
+        // +2 tokens on average: 15% becomes 17% in 128-token windows).
+        if (sum + len) as f64 > goal && rng.random::<f64>() >= (goal - sum as f64) / len as f64 {
             break;
         }
         sum += len;

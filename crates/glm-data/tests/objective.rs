@@ -41,8 +41,9 @@ fn batcher(cfg: ObjectiveConfig, seed: u64) -> Batcher {
 
 #[test]
 fn statistics_over_10000_rows_match_the_settings() {
-    for (share, seed) in [(0.05, 1u64), (0.2, 2), (0.0, 3)] {
-        let cfg = ObjectiveConfig { mip_token_share: share, ..ObjectiveConfig::default() };
+    // GLM-130B's 2048-token rows, and the `tiny` preset's 512.
+    for (share, seed, seq_len) in [(0.05, 1u64, 2048), (0.2, 2, 2048), (0.0, 3, 2048), (0.05, 4, 512)] {
+        let cfg = ObjectiveConfig { mip_token_share: share, seq_len, ..ObjectiveConfig::default() };
         let s = stats::measure(&mut batcher(cfg, seed), 10_000);
         eprintln!("{s:?}");
         assert!((s.mask_fraction - 0.15).abs() <= 0.01, "mask fraction {}", s.mask_fraction);
