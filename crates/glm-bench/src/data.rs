@@ -77,8 +77,15 @@ pub fn data(opts: &DataBench) -> Result<DataReport> {
 
     eprintln!("training glm-tokenizer on {:.1} MB ...", train_bytes as f64 / 1e6);
     let t0 = Instant::now();
-    let (tok, rep) = train(&train_text, &TrainOptions { vocab_size: opts.vocab_size, show_progress: false, ..Default::default() })?;
-    add("glm-tokenizer", "train", t0.elapsed().as_secs_f64(), train_bytes, format!("{} learned pieces", rep.learned_pieces));
+    let (tok, rep) =
+        train(&train_text, &TrainOptions { vocab_size: opts.vocab_size, show_progress: false, ..Default::default() })?;
+    add(
+        "glm-tokenizer",
+        "train",
+        t0.elapsed().as_secs_f64(),
+        train_bytes,
+        format!("{} learned pieces", rep.learned_pieces),
+    );
 
     // Encoding: one thread, then all threads over documents (lines for the Python tools).
     let t0 = Instant::now();
@@ -96,7 +103,13 @@ pub fn data(opts: &DataBench) -> Result<DataReport> {
     let default = Tokenizer::default_glm()?;
     let t0 = Instant::now();
     let nd: usize = encode_text.iter().map(|d| default.encode(d).len()).sum();
-    add("glm-tokenizer (embedded 8k)", "encode 1 thread", t0.elapsed().as_secs_f64(), encode_bytes, format!("{nd} tokens, {:.2} bytes/token", encode_bytes as f64 / nd as f64));
+    add(
+        "glm-tokenizer (embedded 8k)",
+        "encode 1 thread",
+        t0.elapsed().as_secs_f64(),
+        encode_bytes,
+        format!("{nd} tokens, {:.2} bytes/token", encode_bytes as f64 / nd as f64),
+    );
 
     // Python baselines on the same text, written one line per line.
     let mut baseline_note = None;
@@ -123,11 +136,21 @@ pub fn data(opts: &DataBench) -> Result<DataReport> {
         let _ = std::fs::remove_dir_all(&dir);
         if out.status.success() {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("baseline output {line:?}"))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(line).with_context(|| format!("baseline output {line:?}"))?;
                 let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
                 let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
-                let note: Vec<String> = ["threads", "tokens", "vocab_size"].iter().filter_map(|k| v.get(*k).map(|x| format!("{k} {x}"))).collect();
-                measures.push(Measure { tool: s("tool"), what: s("what"), seconds: f("seconds"), mb_per_s: f("mb_per_s"), note: note.join(", ") });
+                let note: Vec<String> = ["threads", "tokens", "vocab_size"]
+                    .iter()
+                    .filter_map(|k| v.get(*k).map(|x| format!("{k} {x}")))
+                    .collect();
+                measures.push(Measure {
+                    tool: s("tool"),
+                    what: s("what"),
+                    seconds: f("seconds"),
+                    mb_per_s: f("mb_per_s"),
+                    note: note.join(", "),
+                });
             }
         } else {
             let err = String::from_utf8_lossy(&out.stderr);

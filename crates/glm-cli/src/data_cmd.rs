@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use glm_data::input::{InputOptions, TextSplit};
-use glm_data::{corpus, objective_ids, prepare, stats, Batcher, Instructions, ObjectiveConfig, PositionKind, TokenStream};
-use glm_tokenizer::{TrainOptions, Tokenizer};
+use glm_data::{
+    corpus, objective_ids, prepare, stats, Batcher, Instructions, ObjectiveConfig, PositionKind, TokenStream,
+};
+use glm_tokenizer::{Tokenizer, TrainOptions};
 
 #[derive(Subcommand)]
 pub enum TokenizerCmd {
@@ -83,14 +85,17 @@ pub fn load_tokenizer(path: Option<&Path>) -> Result<(Tokenizer, String)> {
             let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
             Ok((Tokenizer::from_file(p)?, glm_data::content_hash(&bytes)))
         }
-        None => Ok((Tokenizer::default_glm()?, glm_data::content_hash(glm_tokenizer::DEFAULT_TOKENIZER_JSON.as_bytes()))),
+        None => {
+            Ok((Tokenizer::default_glm()?, glm_data::content_hash(glm_tokenizer::DEFAULT_TOKENIZER_JSON.as_bytes())))
+        }
     }
 }
 
 fn stdin_text() -> Result<String> {
     let mut buf = Vec::new();
     std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
-    String::from_utf8(buf).map_err(|e| anyhow::anyhow!("stdin is not UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+    String::from_utf8(buf)
+        .map_err(|e| anyhow::anyhow!("stdin is not UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to()))
 }
 
 pub fn run_tokenizer(cmd: TokenizerCmd) -> Result<()> {
@@ -149,7 +154,9 @@ pub fn run_tokenizer(cmd: TokenizerCmd) -> Result<()> {
             for (n, line) in text.lines().enumerate() {
                 let ids = line
                     .split_whitespace()
-                    .map(|w| w.parse::<u32>().map_err(|_| anyhow::anyhow!("stdin line {}: {w:?} is not a token id", n + 1)))
+                    .map(|w| {
+                        w.parse::<u32>().map_err(|_| anyhow::anyhow!("stdin line {}: {w:?} is not a token id", n + 1))
+                    })
                     .collect::<Result<Vec<u32>>>()?;
                 let s = tok.decode(&ids).with_context(|| format!("stdin line {}", n + 1))?;
                 writeln!(out, "{s}")?;
@@ -222,10 +229,12 @@ pub fn objective_config(path: &Path) -> Result<ObjectiveConfig> {
 /// Instruction records from a JSONL file.
 pub fn read_instructions(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = String::from_utf8(text).map_err(|e| anyhow::anyhow!("{}: not UTF-8 at byte {}", path.display(), e.utf8_error().valid_up_to()))?;
+    let text = String::from_utf8(text)
+        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 at byte {}", path.display(), e.utf8_error().valid_up_to()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
         let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
         match (get("prompt"), get("target")) {
             (Some(p), Some(t)) => out.push((p, t)),
@@ -263,7 +272,10 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
                 r.tokens as f64 / r.seconds
             );
             if r.skipped.files + r.skipped.lines > 0 {
-                eprintln!("skipped {} files and {} lines, e.g. {:?}", r.skipped.files, r.skipped.lines, r.skipped.messages);
+                eprintln!(
+                    "skipped {} files and {} lines, e.g. {:?}",
+                    r.skipped.files, r.skipped.lines, r.skipped.messages
+                );
             }
             println!("{}", serde_json::to_string(&r)?);
         }

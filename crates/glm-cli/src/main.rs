@@ -232,7 +232,8 @@ fn main() -> Result<()> {
             let report = glm_bench::data::data(&opts)?;
             println!("{}", glm_bench::data::render(&report));
             if let Some(p) = a.json {
-                std::fs::write(&p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
             }
         }
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,

@@ -87,29 +87,63 @@ fn train_a_tokenizer_then_prepare_shards_with_it() {
     }
     std::fs::write(&text, lines).unwrap();
     let tok = dir.path().join("tok.json");
-    let (ok, _, err) = glm(&["tokenizer", "train", "--input", text.to_str().unwrap(), "--field", "body", "--vocab-size", "1024", "--out", tok.to_str().unwrap()]);
+    let (ok, _, err) = glm(&[
+        "tokenizer",
+        "train",
+        "--input",
+        text.to_str().unwrap(),
+        "--field",
+        "body",
+        "--vocab-size",
+        "1024",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
-    let (ok, ids, err) = glm_stdin(&["tokenizer", "encode", "--tokenizer", tok.to_str().unwrap()], "the whale 今天".as_bytes());
+    let (ok, ids, err) =
+        glm_stdin(&["tokenizer", "encode", "--tokenizer", tok.to_str().unwrap()], "the whale 今天".as_bytes());
     assert!(ok, "{err}");
     let (_, back, _) = glm_stdin(&["tokenizer", "decode", "--tokenizer", tok.to_str().unwrap()], ids.as_bytes());
     assert_eq!(back, "the whale 今天\n");
 
     let out = dir.path().join("shards");
     let (ok, report, err) = glm(&[
-        "data", "prepare", "--input", text.to_str().unwrap(), "--field", "body", "--tokenizer", tok.to_str().unwrap(), "--out",
-        out.to_str().unwrap(), "--shards", "3",
+        "data",
+        "prepare",
+        "--input",
+        text.to_str().unwrap(),
+        "--field",
+        "body",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--shards",
+        "3",
     ]);
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
     assert_eq!(r["documents"], 400);
     assert_eq!(r["shards"].as_array().unwrap().len(), 3);
     // The shards feed `data stats` with the same tokenizer, and are refused with another one.
-    let (ok, _, err) = glm(&["data", "stats", "--samples", "50", "--seq-len", "256", "--data", out.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()]);
+    let (ok, _, err) = glm(&[
+        "data",
+        "stats",
+        "--samples",
+        "50",
+        "--seq-len",
+        "256",
+        "--data",
+        out.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     let (ok, _, err) = glm(&["data", "stats", "--samples", "50", "--seq-len", "256", "--data", out.to_str().unwrap()]);
     assert!(!ok && err.contains("glm data prepare"), "{err}");
     // A malformed line is named.
     std::fs::write(&text, "{\"body\": \"ok\"}\n{oops\n").unwrap();
-    let (ok, _, err) = glm(&["data", "prepare", "--input", text.to_str().unwrap(), "--field", "body", "--out", out.to_str().unwrap()]);
+    let (ok, _, err) =
+        glm(&["data", "prepare", "--input", text.to_str().unwrap(), "--field", "body", "--out", out.to_str().unwrap()]);
     assert!(!ok && err.contains("corpus.jsonl:2"), "{err}");
 }

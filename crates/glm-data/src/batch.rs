@@ -141,7 +141,9 @@ impl Batcher {
             Some(ins) if cfg.mip_token_share > 0.0 => {
                 // Rows are not all full: MIP rows hold whole examples, [MASK] rows hold whole samples.
                 let f_mip = ins.packing_fill(&cfg, &ids);
-                let f_mask = cfg.samples_per_row as f64 * (cfg.mask_text_len() as f64 * (1.0 + 2.0 * cfg.mask_ratio / cfg.mean_span())) / cfg.seq_len as f64;
+                let f_mask = cfg.samples_per_row as f64
+                    * (cfg.mask_text_len() as f64 * (1.0 + 2.0 * cfg.mask_ratio / cfg.mean_span()))
+                    / cfg.seq_len as f64;
                 let f_other = cfg.mask_mode_prob * f_mask.min(1.0) + (1.0 - cfg.mask_mode_prob);
                 let s = cfg.mip_token_share;
                 // s = q f_mip / (q f_mip + (1 - q) f_other)
@@ -149,7 +151,10 @@ impl Batcher {
             }
             Some(_) => 0.0,
             None if cfg.mip_token_share > 0.0 => {
-                return Err(DataError::Config(format!("mip_token_share = {} but no instruction data was given", cfg.mip_token_share)))
+                return Err(DataError::Config(format!(
+                    "mip_token_share = {} but no instruction data was given",
+                    cfg.mip_token_share
+                )))
             }
             None => 0.0,
         };
@@ -172,7 +177,8 @@ impl Batcher {
     }
 
     fn rng(&self) -> ChaCha8Rng {
-        let mut z = self.seed ^ self.rank.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ self.rows.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut z =
+            self.seed ^ self.rank.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ self.rows.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         // splitmix64 finalizer
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -30,7 +30,9 @@ pub struct Document {
 
 fn gunzip(bytes: &[u8], what: &str) -> Result<String, DataError> {
     let mut s = String::new();
-    flate2::read::GzDecoder::new(bytes).read_to_string(&mut s).map_err(|e| DataError::Format(format!("embedded {what}: {e}")))?;
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_string(&mut s)
+        .map_err(|e| DataError::Format(format!("embedded {what}: {e}")))?;
     Ok(s)
 }
 
@@ -52,12 +54,18 @@ pub fn documents(split: Split) -> Result<Vec<Document>, DataError> {
         Split::Train => (TRAIN_GZ, "train.jsonl.gz"),
         Split::Heldout => (HELDOUT_GZ, "heldout.jsonl.gz"),
     };
-    Ok(records(bytes, what)?.iter().map(|v| Document { text: field(v, "text"), lang: field(v, "lang"), source: field(v, "source") }).collect())
+    Ok(records(bytes, what)?
+        .iter()
+        .map(|v| Document { text: field(v, "text"), lang: field(v, "lang"), source: field(v, "source") })
+        .collect())
 }
 
 /// (prompt, target) pairs of the bundled instruction set.
 pub fn instructions() -> Result<Vec<(String, String)>, DataError> {
-    Ok(records(INSTRUCTIONS_GZ, "instructions.jsonl.gz")?.iter().map(|v| (field(v, "prompt"), field(v, "target"))).collect())
+    Ok(records(INSTRUCTIONS_GZ, "instructions.jsonl.gz")?
+        .iter()
+        .map(|v| (field(v, "prompt"), field(v, "target")))
+        .collect())
 }
 
 /// Tokenizes documents in parallel into an in-memory shard.

@@ -81,7 +81,10 @@ pub fn expand(inputs: &[String]) -> Result<Vec<PathBuf>, DataError> {
                 return Err(DataError::Config(format!("the pattern {inp:?} matches no files")));
             }
         } else {
-            return Err(DataError::Io { path: inp.clone(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory") });
+            return Err(DataError::Io {
+                path: inp.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            });
         }
     }
     files.sort();
@@ -91,7 +94,8 @@ pub fn expand(inputs: &[String]) -> Result<Vec<PathBuf>, DataError> {
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
     let io = |e| DataError::Io { path: dir.display().to_string(), source: e };
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).map_err(io)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(io)?;
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(io)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(io)?;
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -122,7 +126,12 @@ fn is_jsonl(path: &Path) -> bool {
 }
 
 /// Reads the documents of one file and passes each to `f`.
-pub fn read_file(path: &Path, opts: &InputOptions, skipped: &mut Skipped, f: &mut dyn FnMut(String)) -> Result<(), DataError> {
+pub fn read_file(
+    path: &Path,
+    opts: &InputOptions,
+    skipped: &mut Skipped,
+    f: &mut dyn FnMut(String),
+) -> Result<(), DataError> {
     let bytes = read_bytes(path)?;
     let name = path.display().to_string();
     let fail = |skipped: &mut Skipped, msg: String, file: bool| -> Result<(), DataError> {
@@ -146,7 +155,11 @@ pub fn read_file(path: &Path, opts: &InputOptions, skipped: &mut Skipped, f: &mu
             let line = match std::str::from_utf8(line) {
                 Ok(l) => l,
                 Err(e) => {
-                    fail(skipped, format!("{name}:{line_no}: not UTF-8 (byte {} of the line)", e.valid_up_to()), false)?;
+                    fail(
+                        skipped,
+                        format!("{name}:{line_no}: not UTF-8 (byte {} of the line)", e.valid_up_to()),
+                        false,
+                    )?;
                     continue;
                 }
             };
@@ -176,7 +189,11 @@ pub fn read_file(path: &Path, opts: &InputOptions, skipped: &mut Skipped, f: &mu
     let text = text.replace("\r\n", "\n");
     match opts.split {
         TextSplit::File => f(text),
-        TextSplit::Paragraph => text.split("\n\n").map(|p| p.trim_matches('\n')).filter(|p| !p.trim().is_empty()).for_each(|p| f(p.to_string())),
+        TextSplit::Paragraph => text
+            .split("\n\n")
+            .map(|p| p.trim_matches('\n'))
+            .filter(|p| !p.trim().is_empty())
+            .for_each(|p| f(p.to_string())),
         TextSplit::Line => text.lines().filter(|l| !l.trim().is_empty()).for_each(|l| f(l.to_string())),
     }
     Ok(())

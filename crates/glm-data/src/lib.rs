@@ -44,7 +44,8 @@ pub enum DataError {
 /// The ids the objective needs, from a tokenizer.
 pub fn objective_ids(tok: &glm_tokenizer::Tokenizer) -> Result<ObjectiveIds, DataError> {
     let s = tok.specials();
-    let need = |name: &str, id: Option<u32>| id.ok_or_else(|| DataError::Config(format!("the tokenizer has no {name} token")));
+    let need =
+        |name: &str, id: Option<u32>| id.ok_or_else(|| DataError::Config(format!("the tokenizer has no {name} token")));
     Ok(ObjectiveIds {
         mask: need("[MASK]", s.mask)?,
         gmask: need("[gMASK]", s.gmask)?,
@@ -87,7 +88,11 @@ impl Instructions {
     }
 
     /// Tokenizes JSON-lines records {"prompt": .., "target": ..}.
-    pub fn from_records(tok: &glm_tokenizer::Tokenizer, records: &[(String, String)], seed: u64) -> Result<Self, DataError> {
+    pub fn from_records(
+        tok: &glm_tokenizer::Tokenizer,
+        records: &[(String, String)],
+        seed: u64,
+    ) -> Result<Self, DataError> {
         Self::new(records.iter().map(|(p, t)| (tok.encode_plain(p), tok.encode_plain(t))).collect(), seed)
     }
 
@@ -116,7 +121,11 @@ impl Instructions {
     /// Mean share of a row filled when examples are packed greedily, over complete rows
     /// (cycling through the examples until 256 rows are full).
     pub fn packing_fill(&self, cfg: &ObjectiveConfig, ids: &ObjectiveIds) -> f64 {
-        let lens: Vec<usize> = self.examples.iter().map(|(p, t)| objective::mip_sample(p, t, cfg.window(), cfg.positions, ids).len()).collect();
+        let lens: Vec<usize> = self
+            .examples
+            .iter()
+            .map(|(p, t)| objective::mip_sample(p, t, cfg.window(), cfg.positions, ids).len())
+            .collect();
         let (mut rows, mut used, mut cur) = (0usize, 0usize, 0usize);
         for &len in lens.iter().cycle() {
             if cur + len > cfg.seq_len {

@@ -69,7 +69,13 @@ impl Default for ObjectiveConfig {
 
 impl ObjectiveConfig {
     pub fn validate(&self) -> Result<(), String> {
-        let unit = |name: &str, v: f64| if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(format!("{name} = {v} must be in [0, 1]")) };
+        let unit = |name: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name} = {v} must be in [0, 1]"))
+            }
+        };
         unit("mask_mode_prob", self.mask_mode_prob)?;
         unit("min_gmask_ratio", self.min_gmask_ratio)?;
         if !(self.mask_ratio > 0.0 && self.mask_ratio < 0.5) {
@@ -82,7 +88,10 @@ impl ObjectiveConfig {
             return Err("span_lambda must be > 0 and max_span >= 1".into());
         }
         if self.samples_per_row == 0 || self.seq_len / self.samples_per_row < 16 {
-            return Err(format!("seq_len {} / samples_per_row {} leaves windows under 16 tokens", self.seq_len, self.samples_per_row));
+            return Err(format!(
+                "seq_len {} / samples_per_row {} leaves windows under 16 tokens",
+                self.seq_len, self.samples_per_row
+            ));
         }
         Ok(())
     }
@@ -258,7 +267,13 @@ pub fn gmask_sample(text: &[u32], cfg: &ObjectiveConfig, ids: &ObjectiveIds, rng
 }
 
 /// `context [gMASK] <sop> target <eop>`, the layout of [gMASK] and MIP samples.
-pub fn prefix_lm_sample(context: &[u32], target: &[u32], mode: Mode, positions: PositionKind, ids: &ObjectiveIds) -> Sample {
+pub fn prefix_lm_sample(
+    context: &[u32],
+    target: &[u32],
+    mode: Mode,
+    positions: PositionKind,
+    ids: &ObjectiveIds,
+) -> Sample {
     let mut s = Sample::with_capacity(context.len() + target.len() + 2, mode, context.len() + target.len(), positions);
     s.push_context(context);
     s.push_context(&[ids.gmask]);
@@ -270,7 +285,13 @@ pub fn prefix_lm_sample(context: &[u32], target: &[u32], mode: Mode, positions: 
 
 /// An instruction example as a MIP sample no longer than `max_len`: the target is cut to at
 /// most half of it, then the prompt from the left.
-pub fn mip_sample(prompt: &[u32], target: &[u32], max_len: usize, positions: PositionKind, ids: &ObjectiveIds) -> Sample {
+pub fn mip_sample(
+    prompt: &[u32],
+    target: &[u32],
+    max_len: usize,
+    positions: PositionKind,
+    ids: &ObjectiveIds,
+) -> Sample {
     let room = max_len.saturating_sub(3);
     let t = target.len().min(room / 2).max(room.saturating_sub(prompt.len()).min(target.len()));
     let p = prompt.len().min(room - t);
@@ -306,7 +327,9 @@ impl Sample {
     /// [gMASK]/MIP blocks continue counting; 2-D: first dim held at `hold`, second 1, 2, ...
     fn push_block(&mut self, sop: u32, body: &[u32], eop: u32, hold: u32) {
         let start = self.tokens.len() as u32;
-        for (k, (&tok, &tgt)) in std::iter::once(&sop).chain(body).zip(body.iter().chain(std::iter::once(&eop))).enumerate() {
+        for (k, (&tok, &tgt)) in
+            std::iter::once(&sop).chain(body).zip(body.iter().chain(std::iter::once(&eop))).enumerate()
+        {
             let pos = match (&self.block_positions, self.mode) {
                 (None, Mode::Mask) => hold,
                 (None, _) => start + k as u32,

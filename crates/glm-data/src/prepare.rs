@@ -64,9 +64,11 @@ pub fn prepare(tok: &Tokenizer, tokenizer_hash: &str, opts: &PrepareOptions) -> 
     let total: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
     let bar = if opts.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} tokenizing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
-            .map_err(|e| DataError::Config(e.to_string()))?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} tokenizing [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+        .map_err(|e| DataError::Config(e.to_string()))?
+        .progress_chars("=> "),
     );
     let mut skipped = Skipped::default();
     let mut docs: Vec<Vec<u32>> = Vec::new();
@@ -86,7 +88,8 @@ pub fn prepare(tok: &Tokenizer, tokenizer_hash: &str, opts: &PrepareOptions) -> 
     }
     docs.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
 
-    std::fs::create_dir_all(&opts.out).map_err(|e| DataError::Io { path: opts.out.display().to_string(), source: e })?;
+    std::fs::create_dir_all(&opts.out)
+        .map_err(|e| DataError::Io { path: opts.out.display().to_string(), source: e })?;
     let n = opts.shards.min(docs.len());
     let mut names = Vec::with_capacity(n);
     for i in 0..n {
@@ -118,15 +121,25 @@ pub fn prepare(tok: &Tokenizer, tokenizer_hash: &str, opts: &PrepareOptions) -> 
     let io = |e| DataError::Io { path: path.display().to_string(), source: e };
     std::fs::write(&tmp, json).map_err(io)?;
     std::fs::rename(&tmp, &path).map_err(io)?;
-    Ok(PrepareReport { files: files.len(), documents: docs.len(), tokens, bytes, seconds: t0.elapsed().as_secs_f64(), shards: names, skipped })
+    Ok(PrepareReport {
+        files: files.len(),
+        documents: docs.len(),
+        tokens,
+        bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+        shards: names,
+        skipped,
+    })
 }
 
 /// Opens a prepared directory (its manifest) or a single shard file, checking the tokenizer.
 pub fn open(path: &Path, tokenizer_hash: Option<&str>) -> Result<Vec<Arc<Shard>>, DataError> {
     let shards: Vec<Arc<Shard>> = if path.is_dir() {
         let mpath = path.join(MANIFEST);
-        let text = std::fs::read_to_string(&mpath).map_err(|e| DataError::Io { path: mpath.display().to_string(), source: e })?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| DataError::Format(format!("{}: {e}", mpath.display())))?;
+        let text = std::fs::read_to_string(&mpath)
+            .map_err(|e| DataError::Io { path: mpath.display().to_string(), source: e })?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| DataError::Format(format!("{}: {e}", mpath.display())))?;
         m.shards.iter().map(|s| Shard::open(&path.join(s)).map(Arc::new)).collect::<Result<_, _>>()?
     } else {
         vec![Arc::new(Shard::open(path)?)]

@@ -59,14 +59,24 @@ impl Shard {
             offsets.push(tokens.len() as u64);
         }
         let (n_docs, n_tokens) = (docs.len(), tokens.len());
-        Self { header, path: None, store: Store::Owned { offsets, tokens }, n_docs, n_tokens, token_bytes: 4, offsets_at: 0, tokens_at: 0 }
+        Self {
+            header,
+            path: None,
+            store: Store::Owned { offsets, tokens },
+            n_docs,
+            n_tokens,
+            token_bytes: 4,
+            offsets_at: 0,
+            tokens_at: 0,
+        }
     }
 
     /// Writes documents atomically (temporary file, fsync, rename).
     pub fn write(path: &Path, header: &ShardHeader, docs: &[Vec<u32>]) -> Result<(), DataError> {
         let io = |e: std::io::Error| DataError::Io { path: path.display().to_string(), source: e };
         let token_bytes: usize = if header.vocab_size <= 1 << 16 { 2 } else { 4 };
-        let json = serde_json::to_vec(header).map_err(|e| DataError::Format(format!("{}: header: {e}", path.display())))?;
+        let json =
+            serde_json::to_vec(header).map_err(|e| DataError::Format(format!("{}: header: {e}", path.display())))?;
         let n_tokens: usize = docs.iter().map(Vec::len).sum();
         let mut buf = Vec::with_capacity(FIXED + json.len() + 8 * (docs.len() + 2) + token_bytes * n_tokens);
         buf.extend_from_slice(MAGIC);
@@ -88,7 +98,11 @@ impl Shard {
         for d in docs {
             for &t in d {
                 if t as usize >= header.vocab_size {
-                    return Err(DataError::Format(format!("{}: token {t} >= vocab size {}", path.display(), header.vocab_size)));
+                    return Err(DataError::Format(format!(
+                        "{}: token {t} >= vocab size {}",
+                        path.display(),
+                        header.vocab_size
+                    )));
                 }
                 match token_bytes {
                     2 => buf.extend_from_slice(&(t as u16).to_le_bytes()),
@@ -133,10 +147,24 @@ impl Shard {
         let tokens_at = offsets_at + 8 * (n_docs + 1);
         let expect = tokens_at as u128 + (n_tokens as u128) * token_bytes as u128;
         if expect != map.len() as u128 {
-            return Err(bad(format!("{} bytes, the header says {expect} (truncated or corrupt); {}", map.len(), regen_hint(path))));
+            return Err(bad(format!(
+                "{} bytes, the header says {expect} (truncated or corrupt); {}",
+                map.len(),
+                regen_hint(path)
+            )));
         }
-        let header: ShardHeader = serde_json::from_slice(&map[FIXED..FIXED + hlen]).map_err(|e| bad(format!("header: {e}")))?;
-        let shard = Self { header, path: Some(path.to_path_buf()), store: Store::Mmap(map), n_docs, n_tokens, token_bytes, offsets_at, tokens_at };
+        let header: ShardHeader =
+            serde_json::from_slice(&map[FIXED..FIXED + hlen]).map_err(|e| bad(format!("header: {e}")))?;
+        let shard = Self {
+            header,
+            path: Some(path.to_path_buf()),
+            store: Store::Mmap(map),
+            n_docs,
+            n_tokens,
+            token_bytes,
+            offsets_at,
+            tokens_at,
+        };
         let mut prev = 0;
         for i in 0..=n_docs {
             let o = shard.offset(i);

@@ -39,10 +39,18 @@ impl TokenStream {
         if world == 0 || rank >= world {
             return Err(DataError::Config(format!("data-parallel rank {rank} of world size {world}")));
         }
-        let all: Vec<(u32, u32)> =
-            shards.iter().enumerate().flat_map(|(s, sh)| (0..sh.num_docs()).filter(move |&d| sh.doc_len(d) > 0).map(move |d| (s as u32, d as u32))).collect();
+        let all: Vec<(u32, u32)> = shards
+            .iter()
+            .enumerate()
+            .flat_map(|(s, sh)| {
+                (0..sh.num_docs()).filter(move |&d| sh.doc_len(d) > 0).map(move |d| (s as u32, d as u32))
+            })
+            .collect();
         if all.len() < world {
-            return Err(DataError::Config(format!("{} non-empty documents cannot feed {world} data-parallel ranks", all.len())));
+            return Err(DataError::Config(format!(
+                "{} non-empty documents cannot feed {world} data-parallel ranks",
+                all.len()
+            )));
         }
         let mut s = Self { shards, all, order: Vec::new(), seed, rank, world, eod, cursor: StreamCursor::default() };
         s.set_epoch(0);
@@ -63,7 +71,11 @@ impl TokenStream {
     pub fn restore(&mut self, c: StreamCursor) -> Result<(), DataError> {
         self.set_epoch(c.epoch);
         if c.doc >= self.order.len() {
-            return Err(DataError::Config(format!("cursor document {} is past this rank's {} documents", c.doc, self.order.len())));
+            return Err(DataError::Config(format!(
+                "cursor document {} is past this rank's {} documents",
+                c.doc,
+                self.order.len()
+            )));
         }
         let (s, d) = self.order[c.doc];
         if c.offset > self.shards[s as usize].doc_len(d as usize) {

@@ -19,7 +19,8 @@ fn header() -> ShardHeader {
 /// Random documents of text ids in 10..900 (never a special id).
 fn stream(seed: u64, docs: usize) -> TokenStream {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let d: Vec<Vec<u32>> = (0..docs).map(|_| (0..rng.random_range(50..3000)).map(|_| rng.random_range(10..900)).collect()).collect();
+    let d: Vec<Vec<u32>> =
+        (0..docs).map(|_| (0..rng.random_range(50..3000)).map(|_| rng.random_range(10..900)).collect()).collect();
     TokenStream::new(vec![Arc::new(Shard::from_docs(header(), &d))], EOD, seed, 0, 1).unwrap()
 }
 

@@ -26,7 +26,14 @@ fn gz(text: &str) -> Vec<u8> {
 }
 
 fn opts(inputs: Vec<String>, out: &Path) -> PrepareOptions {
-    PrepareOptions { inputs, out: out.to_path_buf(), input: InputOptions::default(), shards: 2, seed: 7, progress: false }
+    PrepareOptions {
+        inputs,
+        out: out.to_path_buf(),
+        input: InputOptions::default(),
+        shards: 2,
+        seed: 7,
+        progress: false,
+    }
 }
 
 #[test]
@@ -37,7 +44,10 @@ fn prepares_text_jsonl_gzip_directories_and_globs() {
     write(d.path(), "in/c.jsonl.gz", &gz("{\"content\": \"gzip'd document\"}\n"));
     write(d.path(), "more/d.txt", b"glob matched");
     let t = tok();
-    let mut o = opts(vec![d.path().join("in").display().to_string(), format!("{}/more/*.txt", d.path().display())], &d.path().join("out"));
+    let mut o = opts(
+        vec![d.path().join("in").display().to_string(), format!("{}/more/*.txt", d.path().display())],
+        &d.path().join("out"),
+    );
     o.input.field = "content".into();
     let r = prepare::prepare(&t, "h1", &o).unwrap();
     assert_eq!((r.files, r.documents, r.shards.len()), (4, 5, 2));
@@ -51,12 +61,18 @@ fn prepares_text_jsonl_gzip_directories_and_globs() {
         }
     }
     texts.sort();
-    assert_eq!(texts, ["Call me Ishmael. Some years ago.\n", "glob matched", "gzip'd document", "今天天气很好。", "第二篇。"]);
+    assert_eq!(
+        texts,
+        ["Call me Ishmael. Some years ago.\n", "glob matched", "gzip'd document", "今天天气很好。", "第二篇。"]
+    );
     // Same inputs and seed: byte-identical shards.
     let o2 = PrepareOptions { out: d.path().join("out2"), ..o.clone() };
     prepare::prepare(&t, "h1", &o2).unwrap();
     for name in &r.shards {
-        assert_eq!(std::fs::read(d.path().join("out").join(name)).unwrap(), std::fs::read(d.path().join("out2").join(name)).unwrap());
+        assert_eq!(
+            std::fs::read(d.path().join("out").join(name)).unwrap(),
+            std::fs::read(d.path().join("out2").join(name)).unwrap()
+        );
     }
     // Another tokenizer's shards are refused.
     let e = prepare::open(&d.path().join("out"), Some("h2")).err().unwrap().to_string();

@@ -30,7 +30,8 @@ fn decoder() -> Value {
 pub fn to_json(t: &Tokenizer) -> Result<String, TokenizerError> {
     if !t.lossless {
         return Err(TokenizerError::Format(
-            "only tokenizers trained here are saved as tokenizer.json; keep SentencePiece models as .model files".into(),
+            "only tokenizers trained here are saved as tokenizer.json; keep SentencePiece models as .model files"
+                .into(),
         ));
     }
     let vocab: Vec<Value> = t.pieces.iter().map(|p| json!([p.text, p.score as f64])).collect();
@@ -38,7 +39,9 @@ pub fn to_json(t: &Tokenizer) -> Result<String, TokenizerError> {
         .pieces
         .iter()
         .enumerate()
-        .filter(|(_, p)| matches!(p.kind, PieceKind::Control | PieceKind::UserDefined | PieceKind::Unknown | PieceKind::Unused))
+        .filter(|(_, p)| {
+            matches!(p.kind, PieceKind::Control | PieceKind::UserDefined | PieceKind::Unknown | PieceKind::Unused)
+        })
         .map(|(id, p)| {
             let mark = p.kind == PieceKind::UserDefined;
             json!({"id": id, "content": p.text, "single_word": false, "lstrip": false, "rstrip": false,
@@ -61,7 +64,8 @@ pub fn to_json(t: &Tokenizer) -> Result<String, TokenizerError> {
 
 pub fn from_json(s: &str) -> Result<Tokenizer, TokenizerError> {
     let bad = |m: String| TokenizerError::Format(m);
-    let doc: Value = serde_json::from_str(s).map_err(|e| bad(format!("invalid JSON at line {} column {}: {e}", e.line(), e.column())))?;
+    let doc: Value = serde_json::from_str(s)
+        .map_err(|e| bad(format!("invalid JSON at line {} column {}: {e}", e.line(), e.column())))?;
     let model = doc.get("model").ok_or_else(|| bad("no \"model\"".into()))?;
     if model.get("type").and_then(Value::as_str) != Some("Unigram") {
         return Err(bad("only Unigram tokenizer.json files written by `glm tokenizer train` are supported".into()));
@@ -76,9 +80,12 @@ pub fn from_json(s: &str) -> Result<Tokenizer, TokenizerError> {
     let vocab = model.get("vocab").and_then(Value::as_array).ok_or_else(|| bad("model has no vocab".into()))?;
     let mut kinds = vec![PieceKind::Normal; vocab.len()];
     for (i, tok) in doc.get("added_tokens").and_then(Value::as_array).into_iter().flatten().enumerate() {
-        let id = tok.get("id").and_then(Value::as_u64).ok_or_else(|| bad(format!("added_tokens[{i}] has no id")))? as usize;
+        let id =
+            tok.get("id").and_then(Value::as_u64).ok_or_else(|| bad(format!("added_tokens[{i}] has no id")))? as usize;
         let special = tok.get("special").and_then(Value::as_bool).unwrap_or(false);
-        let kind = kinds.get_mut(id).ok_or_else(|| bad(format!("added token id {id} is outside the vocab ({})", vocab.len())))?;
+        let kind = kinds
+            .get_mut(id)
+            .ok_or_else(|| bad(format!("added token id {id} is outside the vocab ({})", vocab.len())))?;
         let content = tok.get("content").and_then(Value::as_str).unwrap_or_default();
         *kind = if !special {
             PieceKind::UserDefined

@@ -79,7 +79,10 @@ pub fn byte_name(b: u8) -> String {
 #[derive(Debug, Clone)]
 enum Surface {
     /// Text with "▁" already turned into spaces; `lead` = it started with "▁".
-    Text { text: String, lead: bool },
+    Text {
+        text: String,
+        lead: bool,
+    },
     Byte(u8),
     /// Specials: written verbatim, and they start a new segment.
     Special(String),
@@ -153,10 +156,12 @@ impl Tokenizer {
 
     /// Loads `tokenizer.json` (made by `train`) or a SentencePiece `.model`, by content.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| TokenizerError::Io { path: path.display().to_string(), source: e })?;
+        let bytes =
+            std::fs::read(path).map_err(|e| TokenizerError::Io { path: path.display().to_string(), source: e })?;
         let name = path.display().to_string();
         if bytes.first() == Some(&b'{') {
-            let s = std::str::from_utf8(&bytes).map_err(|e| TokenizerError::Format(format!("{name}: not UTF-8 JSON: {e}")))?;
+            let s = std::str::from_utf8(&bytes)
+                .map_err(|e| TokenizerError::Format(format!("{name}: not UTF-8 JSON: {e}")))?;
             Self::from_json_str(s, &name)
         } else {
             Self::from_sp_bytes(&bytes).map_err(|e| TokenizerError::Format(format!("{name}: {e}")))
@@ -170,7 +175,8 @@ impl Tokenizer {
     /// A SentencePiece unigram `.model`. icetk marks are used when the model has `<n>`.
     pub fn from_sp_bytes(bytes: &[u8]) -> Result<Self> {
         let m = sp::SpModel::from_bytes(bytes)?;
-        let charsmap = if m.precompiled_charsmap.is_empty() { None } else { Some(CharsMap::from_blob(&m.precompiled_charsmap)?) };
+        let charsmap =
+            if m.precompiled_charsmap.is_empty() { None } else { Some(CharsMap::from_blob(&m.precompiled_charsmap)?) };
         let normalizer = Normalizer {
             charsmap,
             add_dummy_prefix: m.add_dummy_prefix,
@@ -182,7 +188,12 @@ impl Tokenizer {
     }
 
     /// Assembles a tokenizer from its pieces (index = id).
-    pub(crate) fn build(pieces: Vec<Piece>, normalizer: Normalizer, lossless: bool, vocab_size: Option<usize>) -> Result<Self> {
+    pub(crate) fn build(
+        pieces: Vec<Piece>,
+        normalizer: Normalizer,
+        lossless: bool,
+        vocab_size: Option<usize>,
+    ) -> Result<Self> {
         let mut ids = HashMap::with_capacity(pieces.len());
         for (i, p) in pieces.iter().enumerate() {
             ids.entry(p.text.clone()).or_insert(i as u32);
@@ -190,9 +201,11 @@ impl Tokenizer {
         let unk_id = pieces
             .iter()
             .position(|p| p.kind == PieceKind::Unknown)
-            .ok_or_else(|| TokenizerError::Format("the vocabulary has no <unk> piece".into()))? as u32;
+            .ok_or_else(|| TokenizerError::Format("the vocabulary has no <unk> piece".into()))?
+            as u32;
         let normal = pieces.iter().filter(|p| p.kind == PieceKind::Normal).map(|p| p.score);
-        let (min_score, max_score) = normal.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), s| (lo.min(s), hi.max(s)));
+        let (min_score, max_score) =
+            normal.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), s| (lo.min(s), hi.max(s)));
         if !min_score.is_finite() {
             return Err(TokenizerError::Format("the vocabulary has no normal pieces".into()));
         }
@@ -213,7 +226,11 @@ impl Tokenizer {
             }
             _ => None,
         };
-        let special_ids: Vec<u32> = [specials.mask, specials.gmask, specials.smask, specials.eod, specials.sop, specials.eop].into_iter().flatten().collect();
+        let special_ids: Vec<u32> =
+            [specials.mask, specials.gmask, specials.smask, specials.eod, specials.sop, specials.eop]
+                .into_iter()
+                .flatten()
+                .collect();
 
         let mut bytes = Box::new([u32::MAX; 256]);
         for b in 0..=255u8 {
@@ -232,16 +249,25 @@ impl Tokenizer {
         };
         let lattice_scores: Vec<f32> = pieces
             .iter()
-            .map(|p| if p.kind == PieceKind::UserDefined { (p.text.len() as f64 * max_score as f64 - 0.1) as f32 } else { p.score })
+            .map(|p| {
+                if p.kind == PieceKind::UserDefined {
+                    (p.text.len() as f64 * max_score as f64 - 0.1) as f32
+                } else {
+                    p.score
+                }
+            })
             .collect();
-        let trie = Trie::build(pieces.iter().enumerate().filter(|(i, p)| in_lattice(*i, p)).map(|(i, p)| (p.text.as_str(), i as u32)));
+        let trie = Trie::build(
+            pieces.iter().enumerate().filter(|(i, p)| in_lattice(*i, p)).map(|(i, p)| (p.text.as_str(), i as u32)),
+        );
         let mut user_symbols: Vec<String> = if lossless {
             Vec::new()
         } else {
             pieces.iter().filter(|p| p.kind == PieceKind::UserDefined).map(|p| p.text.clone()).collect()
         };
         user_symbols.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        let mut special_strings: Vec<(String, u32)> = special_ids.iter().map(|&id| (pieces[id as usize].text.clone(), id)).collect();
+        let mut special_strings: Vec<(String, u32)> =
+            special_ids.iter().map(|&id| (pieces[id as usize].text.clone(), id)).collect();
         special_strings.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
 
         let surfaces = pieces
@@ -264,11 +290,15 @@ impl Tokenizer {
                     }
                 }
                 match p.kind {
-                    PieceKind::Byte => bytes.as_ref().and_then(|_| parse_byte_name(&p.text)).map_or(Surface::Empty, Surface::Byte),
+                    PieceKind::Byte => {
+                        bytes.as_ref().and_then(|_| parse_byte_name(&p.text)).map_or(Surface::Empty, Surface::Byte)
+                    }
                     PieceKind::Unknown => Surface::Unknown,
                     PieceKind::Control | PieceKind::Unused => Surface::Empty,
                     PieceKind::UserDefined => Surface::Literal(p.text.clone()),
-                    PieceKind::Normal => Surface::Text { text: p.text.replace(SPACE, " "), lead: p.text.starts_with(SPACE) },
+                    PieceKind::Normal => {
+                        Surface::Text { text: p.text.replace(SPACE, " "), lead: p.text.starts_with(SPACE) }
+                    }
                 }
             })
             .collect();
@@ -429,7 +459,10 @@ impl Tokenizer {
         let mut text_start = 0;
         while i < b.len() {
             let c = b[i];
-            let mark = c == b'\n' || c == b'\t' || (c == b' ' && b.get(i + 1) == Some(&b' ')) || (c == 0xE2 && b[i..].starts_with("▁".as_bytes()));
+            let mark = c == b'\n'
+                || c == b'\t'
+                || (c == b' ' && b.get(i + 1) == Some(&b' '))
+                || (c == 0xE2 && b[i..].starts_with("▁".as_bytes()));
             if !mark {
                 i += 1;
                 continue;
@@ -524,7 +557,10 @@ impl Tokenizer {
         let mut bytes = Vec::with_capacity(ids.len() * 4);
         let mut bos = self.normalizer.add_dummy_prefix;
         for &id in ids {
-            let p = self.pieces.get(id as usize).ok_or_else(|| TokenizerError::Input(format!("token id {id} is outside the vocabulary")))?;
+            let p = self
+                .pieces
+                .get(id as usize)
+                .ok_or_else(|| TokenizerError::Input(format!("token id {id} is outside the vocabulary")))?;
             let before = bytes.len();
             match p.kind {
                 PieceKind::Control | PieceKind::Unused => {}
@@ -555,7 +591,9 @@ impl Tokenizer {
     pub fn reference(&self) -> Result<RefSegmenter<'_>> {
         let eligible: Vec<u32> = (0..self.pieces.len() as u32).filter(|&i| self.trie_has(i)).collect();
         let mut vocab: Vec<(String, f64)> = vec![("\u{0}<unk>".into(), 0.0)];
-        vocab.extend(eligible.iter().map(|&i| (self.pieces[i as usize].text.clone(), self.lattice_scores[i as usize] as f64)));
+        vocab.extend(
+            eligible.iter().map(|&i| (self.pieces[i as usize].text.clone(), self.lattice_scores[i as usize] as f64)),
+        );
         let model = tokenizers::models::unigram::Unigram::from(vocab, Some(0), false)
             .map_err(|e| TokenizerError::Format(format!("reference unigram: {e}")))?;
         Ok(RefSegmenter { tok: self, model, eligible })
@@ -588,7 +626,8 @@ impl RefSegmenter<'_> {
     /// Ids for already-normalized text (unknown characters as bytes).
     pub fn segment(&self, normalized: &str) -> Result<Vec<u32>> {
         use tokenizers::Model;
-        let toks = self.model.tokenize(normalized).map_err(|e| TokenizerError::Format(format!("reference unigram: {e}")))?;
+        let toks =
+            self.model.tokenize(normalized).map_err(|e| TokenizerError::Format(format!("reference unigram: {e}")))?;
         let mut out = Vec::new();
         for t in toks {
             if t.id == 0 {

@@ -30,7 +30,8 @@ impl CharsMap {
         if trie_size % 4 != 0 || 4 + trie_size > blob.len() {
             return Err(bad(&format!("trie size {trie_size} does not fit")));
         }
-        let units = blob[4..4 + trie_size].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let units =
+            blob[4..4 + trie_size].chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         Ok(Self { units, normalized: blob[4 + trie_size..].to_vec() })
     }
 

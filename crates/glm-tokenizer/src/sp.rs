@@ -48,7 +48,10 @@ impl<'a> Reader<'a> {
     }
 
     fn err(&self, msg: &str) -> TokenizerError {
-        TokenizerError::Format(format!("SentencePiece model: {} at byte {} of {}: {msg}", self.what, self.pos, self.what))
+        TokenizerError::Format(format!(
+            "SentencePiece model: {} at byte {} of {}: {msg}",
+            self.what, self.pos, self.what
+        ))
     }
 
     fn varint(&mut self) -> Result<u64, TokenizerError> {
@@ -65,7 +68,8 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], TokenizerError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| self.err("truncated field"))?;
+        let end =
+            self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| self.err("truncated field"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -98,7 +102,8 @@ impl<'a> Reader<'a> {
 }
 
 fn utf8(b: &[u8], what: &str) -> Result<String, TokenizerError> {
-    String::from_utf8(b.to_vec()).map_err(|e| TokenizerError::Format(format!("SentencePiece model: {what} is not UTF-8: {e}")))
+    String::from_utf8(b.to_vec())
+        .map_err(|e| TokenizerError::Format(format!("SentencePiece model: {what} is not UTF-8: {e}")))
 }
 
 impl SpModel {
@@ -171,7 +176,11 @@ fn parse_piece(b: &[u8], index: usize) -> Result<SpPiece, TokenizerError> {
                     4 => PieceKind::UserDefined,
                     5 => PieceKind::Unused,
                     6 => PieceKind::Byte,
-                    t => return Err(TokenizerError::Format(format!("SentencePiece model: piece {index} has unknown type {t}"))),
+                    t => {
+                        return Err(TokenizerError::Format(format!(
+                            "SentencePiece model: piece {index} has unknown type {t}"
+                        )))
+                    }
                 }
             }
             _ => {}

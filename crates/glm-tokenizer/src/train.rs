@@ -14,7 +14,10 @@ use std::collections::HashMap;
 use rayon::prelude::*;
 use tokenizers::models::unigram::{Unigram, UnigramTrainer};
 
-use crate::{blank_name, byte_name, Normalizer, Piece, PieceKind, Result, Tokenizer, TokenizerError, MAX_BLANK, NEWLINE, SPACE, SPECIAL_NAMES, TAB};
+use crate::{
+    blank_name, byte_name, Normalizer, Piece, PieceKind, Result, Tokenizer, TokenizerError, MAX_BLANK, NEWLINE, SPACE,
+    SPECIAL_NAMES, TAB,
+};
 
 /// Ids reserved at the top of the vocabulary: the specials, then unused ids.
 pub const TOP_RESERVED: usize = 64;
@@ -64,8 +67,13 @@ pub fn bottom_pieces() -> Vec<Piece> {
 
 /// The 64 pieces at the top: specials then `<|reserved_k|>`.
 pub fn top_pieces() -> Vec<Piece> {
-    let mut p: Vec<Piece> = SPECIAL_NAMES.iter().map(|s| Piece { text: s.to_string(), score: 0.0, kind: PieceKind::Control }).collect();
-    p.extend((SPECIAL_NAMES.len()..TOP_RESERVED).map(|k| Piece { text: format!("<|reserved_{k}|>"), score: 0.0, kind: PieceKind::Unused }));
+    let mut p: Vec<Piece> =
+        SPECIAL_NAMES.iter().map(|s| Piece { text: s.to_string(), score: 0.0, kind: PieceKind::Control }).collect();
+    p.extend((SPECIAL_NAMES.len()..TOP_RESERVED).map(|k| Piece {
+        text: format!("<|reserved_{k}|>"),
+        score: 0.0,
+        kind: PieceKind::Unused,
+    }));
     p
 }
 
@@ -134,13 +142,18 @@ fn words(doc: &str, out: &mut HashMap<String, u32>) {
 pub fn train(docs: &[String], opts: &TrainOptions) -> Result<(Tokenizer, TrainReport)> {
     let bottom = bottom_pieces();
     let top = top_pieces();
-    let budget = opts
-        .vocab_size
-        .checked_sub(bottom.len() + top.len())
-        .filter(|&b| b >= 256)
-        .ok_or_else(|| TokenizerError::Train(format!("vocab size {} is too small: {} ids are reserved, at least 256 must be learned", opts.vocab_size, bottom.len() + top.len())))?;
+    let budget = opts.vocab_size.checked_sub(bottom.len() + top.len()).filter(|&b| b >= 256).ok_or_else(|| {
+        TokenizerError::Train(format!(
+            "vocab size {} is too small: {} ids are reserved, at least 256 must be learned",
+            opts.vocab_size,
+            bottom.len() + top.len()
+        ))
+    })?;
     if !(0.5..=1.0).contains(&opts.character_coverage) {
-        return Err(TokenizerError::Train(format!("character coverage {} must be in [0.5, 1]", opts.character_coverage)));
+        return Err(TokenizerError::Train(format!(
+            "character coverage {} must be in [0.5, 1]",
+            opts.character_coverage
+        )));
     }
 
     let input_bytes = docs.iter().map(String::len).sum();
@@ -201,7 +214,9 @@ pub fn train(docs: &[String], opts: &TrainOptions) -> Result<(Tokenizer, TrainRe
         .build()
         .map_err(|e| TokenizerError::Train(format!("trainer settings: {e}")))?;
     let mut model = Unigram::default();
-    trainer.do_train(sentences, &mut model).map_err(|e| TokenizerError::Train(format!("unigram training failed: {e}")))?;
+    trainer
+        .do_train(sentences, &mut model)
+        .map_err(|e| TokenizerError::Train(format!("unigram training failed: {e}")))?;
 
     let mut learned: Vec<(String, f64)> = model.iter().filter(|(p, _)| p != "<unk>").cloned().collect();
     // The trainer adds required characters that EM dropped with scores min + k * 1e-4, k in hash-set
@@ -221,7 +236,11 @@ pub fn train(docs: &[String], opts: &TrainOptions) -> Result<(Tokenizer, TrainRe
     let learned_pieces = learned.len();
 
     let mut pieces = bottom;
-    pieces.extend(learned.into_iter().map(|(text, score)| Piece { text, score: score as f32, kind: PieceKind::Normal }));
+    pieces.extend(learned.into_iter().map(|(text, score)| Piece {
+        text,
+        score: score as f32,
+        kind: PieceKind::Normal,
+    }));
     // Pad unused learned ids so that the specials land at vocab_size - 64.
     let mut k = 0;
     while pieces.len() < opts.vocab_size - top.len() {
@@ -233,6 +252,13 @@ pub fn train(docs: &[String], opts: &TrainOptions) -> Result<(Tokenizer, TrainRe
         return Err(TokenizerError::Train("the training text has no spaces: \"▁\" was not learned".into()));
     }
     let tok = Tokenizer::build(pieces, Normalizer::lossless(), true, Some(opts.vocab_size))?;
-    let report = TrainReport { input_bytes, distinct_words, characters_kept: kept.len(), characters_dropped: by_freq.len() - kept.len(), effective_coverage, learned_pieces };
+    let report = TrainReport {
+        input_bytes,
+        distinct_words,
+        characters_kept: kept.len(),
+        characters_dropped: by_freq.len() - kept.len(),
+        effective_coverage,
+        learned_pieces,
+    };
     Ok((tok, report))
 }

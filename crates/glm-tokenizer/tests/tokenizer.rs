@@ -15,7 +15,9 @@ fn heldout() -> Vec<String> {
     let gz = include_bytes!("../../../assets/corpus/heldout.jsonl.gz");
     let mut s = String::new();
     flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut s).unwrap();
-    s.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect()
+    s.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Random strings mixing the hard cases.
