@@ -1,6 +1,6 @@
-//! `glm data prepare`: raw documents -> tokenized shards. Documents are tokenized in parallel,
-//! shuffled with a seed (so shards mix sources), dealt round-robin into shards and written
-//! atomically, with a manifest.
+//! `glm data prepare`: raw documents -> tokenized shards. Each input file is tokenized in parallel
+//! and its documents are dealt to shards by a seeded hash (so every shard mixes every source),
+//! streamed to disk and written atomically, with a manifest. Memory holds one input file at a time.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,14 +8,11 @@ use std::time::Instant;
 
 use glm_tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::input::{self, InputOptions, Skipped};
-use crate::shard::{Shard, ShardHeader};
+use crate::shard::{Shard, ShardHeader, ShardWriter};
 use crate::DataError;
 
 #[derive(Debug, Clone)]
@@ -70,45 +67,52 @@ pub fn prepare(tok: &Tokenizer, tokenizer_hash: &str, opts: &PrepareOptions) -> 
         .map_err(|e| DataError::Config(e.to_string()))?
         .progress_chars("=> "),
     );
+    // Documents are dealt to shards by a seeded hash of their index, so shards mix all inputs;
+    // each file is tokenized in parallel and streamed out, so memory holds one file at a time.
+    // (The loader reads documents in a fresh seeded order every epoch.)
+    std::fs::create_dir_all(&opts.out)
+        .map_err(|e| DataError::Io { path: opts.out.display().to_string(), source: e })?;
+    let n = opts.shards;
+    let names: Vec<String> = (0..n).map(|i| format!("shard-{i:05}-of-{n:05}.bin")).collect();
+    let mut writers = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let header = ShardHeader {
+                tokenizer: tokenizer_hash.to_string(),
+                vocab_size: tok.vocab_size(),
+                index: i,
+                count: n,
+                created_by: format!("glm data prepare {}", env!("CARGO_PKG_VERSION")),
+            };
+            ShardWriter::create(&opts.out.join(name), header)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut skipped = Skipped::default();
-    let mut docs: Vec<Vec<u32>> = Vec::new();
-    let mut bytes = 0usize;
+    let (mut documents, mut tokens, mut bytes) = (0usize, 0usize, 0usize);
     for f in &files {
         let mut texts = Vec::new();
         input::read_file(f, &opts.input, &mut skipped, &mut |d| texts.push(d))?;
         bytes += texts.iter().map(String::len).sum::<usize>();
-        docs.par_extend(texts.par_iter().map(|t| tok.encode_plain(t)));
+        let docs: Vec<Vec<u32>> = texts.par_iter().map(|t| tok.encode_plain(t)).collect();
+        for d in docs.iter().filter(|d| !d.is_empty()) {
+            writers[shard_of(opts.seed, documents, n)].push(d)?;
+            documents += 1;
+            tokens += d.len();
+        }
         bar.inc(std::fs::metadata(f).map(|m| m.len()).unwrap_or(0));
-        bar.set_message(format!("{} docs", docs.len()));
+        bar.set_message(format!("{documents} docs, {tokens} tokens"));
     }
     bar.finish_and_clear();
-    docs.retain(|d| !d.is_empty());
-    if docs.is_empty() {
+    if documents == 0 {
         return Err(DataError::Input("no documents found in the inputs".into()));
     }
-    docs.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
-
-    std::fs::create_dir_all(&opts.out)
-        .map_err(|e| DataError::Io { path: opts.out.display().to_string(), source: e })?;
-    let n = opts.shards.min(docs.len());
-    let mut names = Vec::with_capacity(n);
-    for i in 0..n {
-        let part: Vec<Vec<u32>> = docs.iter().skip(i).step_by(n).cloned().collect();
-        let name = format!("shard-{i:05}-of-{n:05}.bin");
-        let header = ShardHeader {
-            tokenizer: tokenizer_hash.to_string(),
-            vocab_size: tok.vocab_size(),
-            index: i,
-            count: n,
-            created_by: format!("glm data prepare {}", env!("CARGO_PKG_VERSION")),
-        };
-        Shard::write(&opts.out.join(&name), &header, &part)?;
-        names.push(name);
+    for w in writers {
+        w.finish()?;
     }
-    let tokens = docs.iter().map(Vec::len).sum();
     let manifest = Manifest {
         shards: names.clone(),
-        documents: docs.len(),
+        documents,
         tokens,
         tokenizer: tokenizer_hash.to_string(),
         vocab_size: tok.vocab_size(),
@@ -123,13 +127,21 @@ pub fn prepare(tok: &Tokenizer, tokenizer_hash: &str, opts: &PrepareOptions) -> 
     std::fs::rename(&tmp, &path).map_err(io)?;
     Ok(PrepareReport {
         files: files.len(),
-        documents: docs.len(),
+        documents,
         tokens,
         bytes,
         seconds: t0.elapsed().as_secs_f64(),
         shards: names,
         skipped,
     })
+}
+
+/// The shard of the `i`-th document: a splitmix64 hash of (seed, i).
+fn shard_of(seed: u64, i: usize, n: usize) -> usize {
+    let mut z = seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) % n as u64) as usize
 }
 
 /// Opens a prepared directory (its manifest) or a single shard file, checking the tokenizer.

@@ -27,6 +27,98 @@ pub struct ShardHeader {
     pub created_by: String,
 }
 
+/// Streams documents into a shard: tokens go to a side file as they come (memory holds only the
+/// offsets), and `finish` assembles header, offsets and tokens into a temporary file that is
+/// fsynced and renamed into place.
+pub struct ShardWriter {
+    path: PathBuf,
+    header: ShardHeader,
+    token_bytes: usize,
+    tokens_path: PathBuf,
+    tokens: std::io::BufWriter<std::fs::File>,
+    offsets: Vec<u64>,
+}
+
+impl ShardWriter {
+    pub fn create(path: &Path, header: ShardHeader) -> Result<Self, DataError> {
+        let tokens_path = path.with_extension("tokens.tmp");
+        let file = std::fs::File::create(&tokens_path)
+            .map_err(|e| DataError::Io { path: tokens_path.display().to_string(), source: e })?;
+        let token_bytes = if header.vocab_size <= 1 << 16 { 2 } else { 4 };
+        Ok(Self {
+            path: path.to_path_buf(),
+            header,
+            token_bytes,
+            tokens_path,
+            tokens: std::io::BufWriter::new(file),
+            offsets: vec![0],
+        })
+    }
+
+    fn io(&self, e: std::io::Error) -> DataError {
+        DataError::Io { path: self.path.display().to_string(), source: e }
+    }
+
+    pub fn push(&mut self, doc: &[u32]) -> Result<(), DataError> {
+        let mut buf = Vec::with_capacity(doc.len() * self.token_bytes);
+        for &t in doc {
+            if t as usize >= self.header.vocab_size {
+                return Err(DataError::Format(format!(
+                    "{}: token {t} >= vocab size {}",
+                    self.path.display(),
+                    self.header.vocab_size
+                )));
+            }
+            match self.token_bytes {
+                2 => buf.extend_from_slice(&(t as u16).to_le_bytes()),
+                _ => buf.extend_from_slice(&t.to_le_bytes()),
+            }
+        }
+        self.tokens.write_all(&buf).map_err(|e| self.io(e))?;
+        let last = self.offsets.last().copied().unwrap_or(0);
+        self.offsets.push(last + doc.len() as u64);
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<(), DataError> {
+        self.tokens.flush().map_err(|e| self.io(e))?;
+        let json = serde_json::to_vec(&self.header)
+            .map_err(|e| DataError::Format(format!("{}: header: {e}", self.path.display())))?;
+        let n_docs = self.offsets.len() - 1;
+        let n_tokens = self.offsets.last().copied().unwrap_or(0);
+        let mut head = Vec::with_capacity(FIXED + json.len() + 8 * (n_docs + 2));
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        head.extend_from_slice(&(self.token_bytes as u32).to_le_bytes());
+        head.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(n_docs as u64).to_le_bytes());
+        head.extend_from_slice(&n_tokens.to_le_bytes());
+        head.extend_from_slice(&json);
+        while head.len() % 8 != 0 {
+            head.push(0);
+        }
+        for o in &self.offsets {
+            head.extend_from_slice(&o.to_le_bytes());
+        }
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| self.io(e))?;
+        f.write_all(&head).map_err(|e| self.io(e))?;
+        let mut tokens = std::fs::File::open(&self.tokens_path).map_err(|e| self.io(e))?;
+        std::io::copy(&mut tokens, &mut f).map_err(|e| self.io(e))?;
+        f.sync_all().map_err(|e| self.io(e))?;
+        drop(f);
+        std::fs::remove_file(&self.tokens_path).map_err(|e| self.io(e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| self.io(e))
+    }
+}
+
+impl Drop for ShardWriter {
+    /// An unfinished shard (an error midway) leaves no side file behind.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tokens_path);
+    }
+}
+
 enum Store {
     Mmap(Mmap),
     Owned { offsets: Vec<u64>, tokens: Vec<u32> },
@@ -73,49 +165,11 @@ impl Shard {
 
     /// Writes documents atomically (temporary file, fsync, rename).
     pub fn write(path: &Path, header: &ShardHeader, docs: &[Vec<u32>]) -> Result<(), DataError> {
-        let io = |e: std::io::Error| DataError::Io { path: path.display().to_string(), source: e };
-        let token_bytes: usize = if header.vocab_size <= 1 << 16 { 2 } else { 4 };
-        let json =
-            serde_json::to_vec(header).map_err(|e| DataError::Format(format!("{}: header: {e}", path.display())))?;
-        let n_tokens: usize = docs.iter().map(Vec::len).sum();
-        let mut buf = Vec::with_capacity(FIXED + json.len() + 8 * (docs.len() + 2) + token_bytes * n_tokens);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&VERSION.to_le_bytes());
-        buf.extend_from_slice(&(token_bytes as u32).to_le_bytes());
-        buf.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&(docs.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&(n_tokens as u64).to_le_bytes());
-        buf.extend_from_slice(&json);
-        while buf.len() % 8 != 0 {
-            buf.push(0);
-        }
-        let mut off = 0u64;
-        buf.extend_from_slice(&off.to_le_bytes());
+        let mut w = ShardWriter::create(path, header.clone())?;
         for d in docs {
-            off += d.len() as u64;
-            buf.extend_from_slice(&off.to_le_bytes());
+            w.push(d)?;
         }
-        for d in docs {
-            for &t in d {
-                if t as usize >= header.vocab_size {
-                    return Err(DataError::Format(format!(
-                        "{}: token {t} >= vocab size {}",
-                        path.display(),
-                        header.vocab_size
-                    )));
-                }
-                match token_bytes {
-                    2 => buf.extend_from_slice(&(t as u16).to_le_bytes()),
-                    _ => buf.extend_from_slice(&t.to_le_bytes()),
-                }
-            }
-        }
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&buf).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io)
+        w.finish()
     }
 
     /// Opens a shard memory-mapped, checking magic, version, sizes and offsets.

@@ -95,6 +95,9 @@ fn bad_input_names_file_and_line_or_is_skipped_and_counted() {
     assert!(e.contains("empty.txt") && e.contains("empty"), "{e}");
     let e = err(&bad_json);
     assert!(e.contains("bad.jsonl:2") && e.contains("malformed JSON"), "{e}");
+    // Failing midway leaves neither side files nor half-written shards.
+    let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "{left:?}");
     let e = err(&no_field);
     assert!(e.contains("nofield.jsonl:1") && e.contains("\"text\""), "{e}");
     let e = err(&d.path().join("nothing*.txt").display().to_string());
