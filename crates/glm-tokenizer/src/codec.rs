@@ -1,0 +1,247 @@
+//! GLM encoding and decoding over the lattice (spec section 9): specials split the raw text into
+//! segments encoded separately, each with the dummy "▁" prefix; icetk marks for newlines, tabs
+//! and runs of spaces; plain SentencePiece encoding and decoding for `.model` files.
+
+use crate::blank_name;
+use crate::{parse_byte_name, PieceKind, Result, Surface, Tokenizer, TokenizerError, MAX_BLANK, NEWLINE, SPACE, TAB};
+
+impl Tokenizer {
+    /// GLM encoding: specials split the text; each segment is encoded on its own (spec section 9).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 4);
+        self.encode_into(text, &mut out);
+        out
+    }
+
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
+        let mut rest = text;
+        while let Some((at, s, id)) = self.find_special(rest) {
+            self.encode_segment(&rest[..at], out);
+            out.push(id);
+            rest = &rest[at + s.len()..];
+        }
+        self.encode_segment(rest, out);
+    }
+
+    /// Encodes text that must not contain specials (they are encoded as plain text).
+    pub fn encode_plain(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.encode_segment(text, &mut out);
+        out
+    }
+
+    fn find_special<'a>(&'a self, s: &str) -> Option<(usize, &'a str, u32)> {
+        if self.special_strings.is_empty() {
+            return None;
+        }
+        let b = s.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'[' || b[i] == b'<' {
+                for (name, id) in &self.special_strings {
+                    if b[i..].starts_with(name.as_bytes()) {
+                        return Some((i, name.as_str(), *id));
+                    }
+                }
+            }
+            i += 1;
+        }
+        None
+    }
+
+    fn encode_segment(&self, seg: &str, out: &mut Vec<u32>) {
+        if seg.is_empty() {
+            return;
+        }
+        if self.lossless {
+            self.encode_lossless(seg, out);
+        } else if let Some(ice) = &self.ice {
+            // icetk: marks written as their pieces, then sentencepiece over the segment.
+            let mut s = String::with_capacity(seg.len() + 8);
+            let mut spaces = 0usize;
+            let flush = |s: &mut String, spaces: &mut usize| {
+                push_blanks(*spaces, &ice.blank, |r| match r {
+                    Run::Blank(k) => s.push_str(&blank_name(k)),
+                    Run::Space => s.push(' '),
+                });
+                *spaces = 0;
+            };
+            for c in seg.chars() {
+                if c == ' ' {
+                    spaces += 1;
+                    continue;
+                }
+                flush(&mut s, &mut spaces);
+                match c {
+                    '\n' => s.push_str(NEWLINE),
+                    '\t' => s.push_str(TAB),
+                    c => s.push(c),
+                }
+            }
+            flush(&mut s, &mut spaces);
+            self.encode_sp_into(&s, out);
+        } else {
+            self.encode_sp_into(seg, out);
+        }
+    }
+
+    /// Tokenizers trained here: marks are emitted structurally; the lattice sees only text.
+    fn encode_lossless(&self, seg: &str, out: &mut Vec<u32>) {
+        let lattice = self.lattice();
+        let mut buf = String::with_capacity(seg.len() + 3);
+        buf.push(SPACE); // dummy prefix
+        let flush = |buf: &mut String, out: &mut Vec<u32>| {
+            lattice.segment(buf, out);
+            buf.clear();
+        };
+        let b = seg.as_bytes();
+        let mut i = 0;
+        let mut text_start = 0;
+        while i < b.len() {
+            let c = b[i];
+            let mark = c == b'\n'
+                || c == b'\t'
+                || (c == b' ' && b.get(i + 1) == Some(&b' '))
+                || (c == 0xE2 && b[i..].starts_with("▁".as_bytes()));
+            if !mark {
+                i += 1;
+                continue;
+            }
+            push_escaped(&mut buf, &seg[text_start..i]);
+            if !buf.is_empty() {
+                flush(&mut buf, out);
+            }
+            match (c, &self.ice) {
+                (b'\n', Some(ice)) => {
+                    out.push(ice.newline);
+                    i += 1;
+                }
+                (b'\t', Some(ice)) => {
+                    out.push(ice.tab);
+                    i += 1;
+                }
+                (b' ', Some(ice)) if !ice.blank.is_empty() => {
+                    let n = b[i..].iter().take_while(|&&x| x == b' ').count();
+                    push_blanks(n, &ice.blank, |r| match r {
+                        Run::Blank(k) => out.push(ice.blank[k - 2]),
+                        Run::Space => buf.push(SPACE), // joins the next text
+                    });
+                    i += n;
+                }
+                (0xE2, _) => {
+                    // A literal "▁" would decode as a space: write its bytes.
+                    match &self.bytes {
+                        Some(bytes) => out.extend("▁".bytes().map(|x| bytes[x as usize])),
+                        None => out.push(self.unk_id),
+                    }
+                    i += 3;
+                }
+                _ => {
+                    // No icetk marks in this vocabulary: the character is ordinary text.
+                    buf.push(if c == b' ' { SPACE } else { c as char });
+                    i += 1;
+                }
+            }
+            text_start = i;
+        }
+        push_escaped(&mut buf, &seg[text_start..]);
+        if !buf.is_empty() {
+            flush(&mut buf, out);
+        }
+    }
+
+    /// Plain SentencePiece: normalize the whole text, then segment (Python's `sp.encode(text)`).
+    pub fn encode_sp(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.encode_sp_into(text, &mut out);
+        out
+    }
+
+    fn encode_sp_into(&self, text: &str, out: &mut Vec<u32>) {
+        let user: Vec<&str> = self.user_symbols.iter().map(String::as_str).collect();
+        let normalized = self.normalizer.normalize(text, &user);
+        self.lattice().segment(&normalized, out);
+    }
+
+    /// GLM decoding, the inverse of `encode` (exact for tokenizers trained here).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        let mut seg_start = true;
+        for &id in ids {
+            let s = self.surfaces.get(id as usize).ok_or_else(|| {
+                TokenizerError::Input(format!("token id {id} is outside the vocabulary ({} pieces)", self.pieces.len()))
+            })?;
+            match s {
+                Surface::Text { text, lead } => {
+                    let t = if seg_start && *lead { &text[1..] } else { text.as_str() };
+                    bytes.extend_from_slice(t.as_bytes());
+                }
+                Surface::Byte(b) => bytes.push(*b),
+                Surface::Special(t) => {
+                    bytes.extend_from_slice(t.as_bytes());
+                    seg_start = true;
+                    continue;
+                }
+                Surface::Literal(t) => bytes.extend_from_slice(t.as_bytes()),
+                Surface::Empty => continue,
+                Surface::Unknown => bytes.extend_from_slice(" \u{2047} ".as_bytes()),
+            }
+            seg_start = false;
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Python sentencepiece's `sp.decode(ids)`: user-defined pieces verbatim, control pieces dropped,
+    /// one dummy-prefix space removed at the start.
+    pub fn decode_sp(&self, ids: &[u32]) -> Result<String> {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        let mut bos = self.normalizer.add_dummy_prefix;
+        for &id in ids {
+            let p = self
+                .pieces
+                .get(id as usize)
+                .ok_or_else(|| TokenizerError::Input(format!("token id {id} is outside the vocabulary")))?;
+            let before = bytes.len();
+            match p.kind {
+                PieceKind::Control | PieceKind::Unused => {}
+                PieceKind::Unknown => bytes.extend_from_slice(" \u{2047} ".as_bytes()),
+                PieceKind::Byte => bytes.extend(parse_byte_name(&p.text)),
+                PieceKind::Normal | PieceKind::UserDefined => {
+                    let t = if bos { p.text.strip_prefix(SPACE).unwrap_or(&p.text) } else { &p.text };
+                    bytes.extend_from_slice(t.replace(SPACE, " ").as_bytes());
+                }
+            }
+            if bytes.len() > before {
+                bos = false;
+            }
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+enum Run {
+    Blank(usize),
+    Space,
+}
+
+/// icetk: a run of n spaces becomes `<|blank_k|>` pieces, longest first; a single space stays.
+fn push_blanks(mut n: usize, blank: &[u32], mut f: impl FnMut(Run)) {
+    if blank.is_empty() {
+        (0..n).for_each(|_| f(Run::Space));
+        return;
+    }
+    while n >= 2 {
+        let k = n.min(MAX_BLANK);
+        f(Run::Blank(k));
+        n -= k;
+    }
+    if n == 1 {
+        f(Run::Space);
+    }
+}
+
+fn push_escaped(buf: &mut String, text: &str) {
+    for c in text.chars() {
+        buf.push(if c == ' ' { SPACE } else { c });
+    }
+}
