@@ -111,7 +111,9 @@ impl Instructions {
         let mut cache = self.order_cache.borrow_mut();
         if cache.0 != pass {
             let mut o = self.order.clone();
-            o.shuffle(&mut ChaCha8Rng::seed_from_u64(self.seed ^ pass.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x4D49_50));
+            o.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                self.seed ^ pass.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x004D_4950,
+            ));
             *cache = (pass, o);
         }
         let (p, t) = &self.examples[cache.1[(i % n) as usize] as usize];

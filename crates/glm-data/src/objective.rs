@@ -9,6 +9,7 @@
 //!   `prefix [gMASK] <sop> suffix` with targets `suffix <eop>`; positions continue (1-D), or are
 //!   held at the [gMASK] index with a second dim 1, 2, .. (ChatGLM 2-D).
 //! * MIP: `prompt [gMASK] <sop> target <eop>`, laid out like [gMASK].
+//!
 //! Loss is only on Part B; Part A is attended bidirectionally, Part B causally (`prefix` = |A|).
 
 use rand::seq::SliceRandom;
@@ -84,7 +85,7 @@ impl ObjectiveConfig {
         if !(0.0..0.9).contains(&self.mip_token_share) {
             return Err(format!("mip_token_share = {} must be in [0, 0.9)", self.mip_token_share));
         }
-        if !(self.span_lambda > 0.0) || self.max_span < 1 {
+        if self.span_lambda.is_nan() || self.span_lambda <= 0.0 || self.max_span < 1 {
             return Err("span_lambda must be > 0 and max_span >= 1".into());
         }
         if self.samples_per_row == 0 || self.seq_len / self.samples_per_row < 16 {

@@ -27,7 +27,7 @@ impl CharsMap {
             return Err(bad("shorter than its 4-byte header"));
         }
         let trie_size = u32::from_le_bytes([blob[0], blob[1], blob[2], blob[3]]) as usize;
-        if trie_size % 4 != 0 || 4 + trie_size > blob.len() {
+        if !trie_size.is_multiple_of(4) || 4 + trie_size > blob.len() {
             return Err(bad(&format!("trie size {trie_size} does not fit")));
         }
         let units =
