@@ -136,26 +136,34 @@ impl Checkpoint {
     }
 }
 
-/// Write `tensors` to `path` atomically: a temporary file in the same folder is written and synced,
-/// then renamed over `path`, and the folder is synced. Readers see the old file or the new one, never
-/// a torn one.
+/// Write `tensors` to `path` atomically (see `write_atomic`).
 pub fn save_atomic<P: AsRef<Path>>(path: P, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let path = path.as_ref();
-    let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let bytes = serialize(tensors).map_err(|(name, source)| CheckpointError::Tensor {
         path: path.to_path_buf(),
         name,
         source: Box::new(source),
     })?;
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+    write_atomic(path, &bytes).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })
+}
+
+/// Writes `bytes` to `path` atomically (see `write_atomic_with`).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// Writes a file atomically: `write` fills a temporary file in the same folder, which is synced
+/// and renamed over `path`, and then the folder is synced. Readers see the old file or the new
+/// one, never a torn one; on error the temporary file is removed.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut fs::File) -> std::io::Result<()>) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let result = fs::File::create(&tmp).and_then(|mut f| {
+        write(&mut f)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         // Persist the rename itself.
@@ -163,11 +171,11 @@ pub fn save_atomic<P: AsRef<Path>>(path: P, tensors: &HashMap<String, Tensor>) -
             let _ = d.sync_all();
         }
         Ok(())
-    };
-    write().map_err(|e| {
+    });
+    if result.is_err() {
         let _ = fs::remove_file(&tmp);
-        io(e)
-    })
+    }
+    result
 }
 
 fn serialize(tensors: &HashMap<String, Tensor>) -> std::result::Result<Vec<u8>, (String, candle_core::Error)> {

@@ -226,24 +226,6 @@ pub fn objective_config(path: &Path) -> Result<ObjectiveConfig> {
     Ok(cfg)
 }
 
-/// Instruction records from a JSONL file.
-pub fn read_instructions(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = String::from_utf8(text)
-        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 at byte {}", path.display(), e.utf8_error().valid_up_to()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
-        let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        match (get("prompt"), get("target")) {
-            (Some(p), Some(t)) => out.push((p, t)),
-            _ => bail!("{}:{}: needs string fields \"prompt\" and \"target\"", path.display(), i + 1),
-        }
-    }
-    Ok(out)
-}
-
 pub fn run_data(cmd: DataCmd) -> Result<()> {
     match cmd {
         DataCmd::Prepare(a) => {
@@ -293,7 +275,7 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
                 None => vec![corpus::shard(&tok, &hash, corpus::Split::Train)?],
             };
             let records = match &a.instructions {
-                Some(p) => read_instructions(p)?,
+                Some(p) => glm_data::input::read_instructions(p)?,
                 None => corpus::instructions()?,
             };
             let ins = Instructions::from_records(&tok, &records, a.seed)?;

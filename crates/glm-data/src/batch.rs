@@ -83,14 +83,15 @@ impl Batch {
     /// (ids [B,T] u32, positions [B,T] or [B,2,T] u32, targets [B,T] i64, layout).
     pub fn tensors(&self, dev: &Device) -> Result<(Tensor, Tensor, Tensor, AttnLayout), DataError> {
         let (b, t) = (self.rows.len(), self.seq_len);
-        let cat = |f: &dyn Fn(&Row) -> Vec<u32>| self.rows.iter().flat_map(f).collect::<Vec<u32>>();
-        let ids = Tensor::from_vec(cat(&|r| r.tokens.clone()), (b, t), dev)?;
-        let positions = match self.rows.first().and_then(|r| r.block_positions.as_ref()) {
-            None => Tensor::from_vec(cat(&|r| r.positions.clone()), (b, t), dev)?,
-            Some(_) => {
-                let both = cat(&|r| [r.positions.clone(), r.block_positions.clone().unwrap_or_default()].concat());
-                Tensor::from_vec(both, (b, 2, t), dev)?
-            }
+        let cat = |f: &dyn Fn(&Row) -> [&[u32]; 2]| -> Vec<u32> {
+            self.rows.iter().flat_map(|r| f(r).into_iter().flatten().copied()).collect()
+        };
+        let ids = Tensor::from_vec(cat(&|r| [&r.tokens, &[]]), (b, t), dev)?;
+        // 2-D: each row holds its first position dimension, then its second.
+        let positions = cat(&|r| [&r.positions, r.block_positions.as_deref().unwrap_or(&[])]);
+        let positions = match self.rows.first().is_some_and(|r| r.block_positions.is_some()) {
+            false => Tensor::from_vec(positions, (b, t), dev)?,
+            true => Tensor::from_vec(positions, (b, 2, t), dev)?,
         };
         let targets: Vec<i64> = self.rows.iter().flat_map(|r| r.targets.iter().copied()).collect();
         let targets = Tensor::from_vec(targets, (b, t), dev)?;
@@ -125,6 +126,8 @@ pub struct Batcher {
     instruction: u64,
     /// Probability of a MIP row that gives `mip_token_share` of the tokens.
     mip_row_prob: f64,
+    /// `cfg.mask_text_len()`, computed once.
+    mask_text_len: usize,
 }
 
 impl Batcher {
@@ -137,12 +140,13 @@ impl Batcher {
         rank: usize,
     ) -> Result<Self, DataError> {
         cfg.validate().map_err(DataError::Config)?;
+        let mask_text_len = cfg.mask_text_len();
         let mip_row_prob = match &instructions {
             Some(ins) if cfg.mip_token_share > 0.0 => {
                 // Rows are not all full: MIP rows hold whole examples, [MASK] rows hold whole samples.
                 let f_mip = ins.packing_fill(&cfg, &ids);
                 let f_mask = cfg.samples_per_row as f64
-                    * (cfg.mask_text_len() as f64 * (1.0 + 2.0 * cfg.mask_ratio / cfg.mean_span()))
+                    * (mask_text_len as f64 * (1.0 + 2.0 * cfg.mask_ratio / cfg.mean_span()))
                     / cfg.seq_len as f64;
                 let f_other = cfg.mask_mode_prob * f_mask.min(1.0) + (1.0 - cfg.mask_mode_prob);
                 let s = cfg.mip_token_share;
@@ -158,7 +162,18 @@ impl Batcher {
             }
             None => 0.0,
         };
-        Ok(Self { cfg, ids, stream, instructions, seed, rank: rank as u64, rows: 0, instruction: 0, mip_row_prob })
+        Ok(Self {
+            cfg,
+            ids,
+            stream,
+            instructions,
+            seed,
+            rank: rank as u64,
+            rows: 0,
+            instruction: 0,
+            mip_row_prob,
+            mask_text_len,
+        })
     }
 
     pub fn config(&self) -> &ObjectiveConfig {
@@ -192,9 +207,9 @@ impl Batcher {
         let two_d = cfg.positions == PositionKind::TwoD;
         let mut text = Vec::with_capacity(cfg.seq_len);
         let u: f64 = rng.random();
-        let row = if u < self.mip_row_prob && self.instructions.is_some() {
-            let mut row = Row::new(cfg.seq_len, Mode::Mip, two_d);
-            if let Some(ins) = &self.instructions {
+        let mut row = match &mut self.instructions {
+            Some(ins) if u < self.mip_row_prob => {
+                let mut row = Row::new(cfg.seq_len, Mode::Mip, two_d);
                 loop {
                     let (p, t) = ins.get(self.instruction);
                     let s = objective::mip_sample(p, t, cfg.window(), cfg.positions, &self.ids);
@@ -204,26 +219,27 @@ impl Batcher {
                     row.push(s);
                     self.instruction += 1;
                 }
+                row
             }
-            row
-        } else if rng.random::<f64>() < cfg.mask_mode_prob {
-            let mut row = Row::new(cfg.seq_len, Mode::Mask, two_d);
-            for _ in 0..cfg.samples_per_row {
-                text.clear();
-                self.stream.take(cfg.mask_text_len(), &mut text);
-                let s = objective::mask_sample(&text, cfg, &self.ids, &mut rng);
-                if row.tokens.len() + s.len() <= cfg.seq_len {
-                    row.push(s);
+            _ if rng.random::<f64>() < cfg.mask_mode_prob => {
+                let mut row = Row::new(cfg.seq_len, Mode::Mask, two_d);
+                for _ in 0..cfg.samples_per_row {
+                    text.clear();
+                    self.stream.take(self.mask_text_len, &mut text);
+                    let s = objective::mask_sample(&text, cfg, &self.ids, &mut rng);
+                    if row.tokens.len() + s.len() <= cfg.seq_len {
+                        row.push(s);
+                    }
                 }
+                row
             }
-            row
-        } else {
-            let mut row = Row::new(cfg.seq_len, Mode::Gmask, two_d);
-            self.stream.take(cfg.gmask_text_len(), &mut text);
-            row.push(objective::gmask_sample(&text, cfg, &self.ids, &mut rng));
-            row
+            _ => {
+                let mut row = Row::new(cfg.seq_len, Mode::Gmask, two_d);
+                self.stream.take(cfg.gmask_text_len(), &mut text);
+                row.push(objective::gmask_sample(&text, cfg, &self.ids, &mut rng));
+                row
+            }
         };
-        let mut row = row;
         row.pad(cfg.seq_len, self.ids.pad);
         row
     }

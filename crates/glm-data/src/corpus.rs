@@ -38,10 +38,8 @@ fn gunzip(bytes: &[u8], what: &str) -> Result<String, DataError> {
 
 fn records(bytes: &[u8], what: &str) -> Result<Vec<serde_json::Value>, DataError> {
     let text = gunzip(bytes, what)?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| DataError::Format(format!("embedded {what}:{}: {e}", i + 1))))
+    crate::input::json_lines(text.as_bytes())
+        .map(|(line_no, r)| r.map_err(|e| DataError::Format(format!("embedded {what}:{line_no}: {e}"))))
         .collect()
 }
 

@@ -125,6 +125,38 @@ fn is_jsonl(path: &Path) -> bool {
     name.ends_with(".jsonl") || name.ends_with(".json") || name.ends_with(".ndjson")
 }
 
+/// The records of JSON-lines bytes with their 1-based line numbers, blank lines skipped; a bad
+/// line gives the reason (not UTF-8, malformed JSON) for the caller to report with its file.
+pub fn json_lines(bytes: &[u8]) -> impl Iterator<Item = (usize, Result<serde_json::Value, String>)> + '_ {
+    bytes.split(|&b| b == b'\n').enumerate().filter(|(_, l)| !l.iter().all(|b| b.is_ascii_whitespace())).map(
+        |(i, line)| {
+            let record = std::str::from_utf8(line)
+                .map_err(|e| format!("not UTF-8 (byte {} of the line)", e.valid_up_to()))
+                .and_then(|l| serde_json::from_str(l).map_err(|e| format!("malformed JSON: {e}")));
+            (i + 1, record)
+        },
+    )
+}
+
+/// Instruction records {"prompt": .., "target": ..} from a JSON-lines file (optionally .gz).
+pub fn read_instructions(path: &Path) -> Result<Vec<(String, String)>, DataError> {
+    let name = path.display();
+    let mut out = Vec::new();
+    for (line_no, record) in json_lines(&read_bytes(path)?) {
+        let v = record.map_err(|e| DataError::Input(format!("{name}:{line_no}: {e}")))?;
+        let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        match (get("prompt"), get("target")) {
+            (Some(p), Some(t)) => out.push((p, t)),
+            _ => {
+                return Err(DataError::Input(format!(
+                    "{name}:{line_no}: needs string fields \"prompt\" and \"target\""
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Reads the documents of one file and passes each to `f`.
 pub fn read_file(
     path: &Path,
@@ -146,27 +178,11 @@ pub fn read_file(
         return fail(skipped, format!("{name}: the file is empty"), true);
     }
     if is_jsonl(path) {
-        let mut line_no = 0;
-        for line in bytes.split(|&b| b == b'\n') {
-            line_no += 1;
-            if line.iter().all(|b| b.is_ascii_whitespace()) {
-                continue;
-            }
-            let line = match std::str::from_utf8(line) {
-                Ok(l) => l,
-                Err(e) => {
-                    fail(
-                        skipped,
-                        format!("{name}:{line_no}: not UTF-8 (byte {} of the line)", e.valid_up_to()),
-                        false,
-                    )?;
-                    continue;
-                }
-            };
-            let v: serde_json::Value = match serde_json::from_str(line) {
+        for (line_no, record) in json_lines(&bytes) {
+            let v = match record {
                 Ok(v) => v,
                 Err(e) => {
-                    fail(skipped, format!("{name}:{line_no}: malformed JSON: {e}"), false)?;
+                    fail(skipped, format!("{name}:{line_no}: {e}"), false)?;
                     continue;
                 }
             };

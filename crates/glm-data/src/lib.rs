@@ -73,9 +73,9 @@ pub fn content_hash(bytes: &[u8]) -> String {
 /// Tokenized instruction examples (prompt, target), read in a seeded order per pass.
 pub struct Instructions {
     examples: Vec<(Vec<u32>, Vec<u32>)>,
-    order: Vec<u32>,
     seed: u64,
-    order_cache: std::cell::RefCell<(u64, Vec<u32>)>,
+    /// The pass whose order is held, and that order.
+    order: (u64, Vec<u32>),
 }
 
 impl Instructions {
@@ -83,8 +83,7 @@ impl Instructions {
         if examples.is_empty() {
             return Err(DataError::Config("the instruction set is empty".into()));
         }
-        let order: Vec<u32> = (0..examples.len() as u32).collect();
-        Ok(Self { examples, order, seed, order_cache: std::cell::RefCell::new((u64::MAX, Vec::new())) })
+        Ok(Self { examples, seed, order: (u64::MAX, Vec::new()) })
     }
 
     /// Tokenizes JSON-lines records {"prompt": .., "target": ..}.
@@ -105,18 +104,17 @@ impl Instructions {
     }
 
     /// The i-th example of the stream (pass i / n in its own shuffled order).
-    pub fn get(&self, i: u64) -> (&[u32], &[u32]) {
+    pub fn get(&mut self, i: u64) -> (&[u32], &[u32]) {
         let n = self.examples.len() as u64;
         let pass = i / n;
-        let mut cache = self.order_cache.borrow_mut();
-        if cache.0 != pass {
-            let mut o = self.order.clone();
+        if self.order.0 != pass {
+            let mut o: Vec<u32> = (0..n as u32).collect();
             o.shuffle(&mut ChaCha8Rng::seed_from_u64(
                 self.seed ^ pass.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x004D_4950,
             ));
-            *cache = (pass, o);
+            self.order = (pass, o);
         }
-        let (p, t) = &self.examples[cache.1[(i % n) as usize] as usize];
+        let (p, t) = &self.examples[self.order.1[(i % n) as usize] as usize];
         (p, t)
     }
 

@@ -121,10 +121,8 @@ pub fn prepare(tok: &Tokenizer, tokenizer_hash: &str, opts: &PrepareOptions) -> 
     };
     let path = opts.out.join(MANIFEST);
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| DataError::Format(e.to_string()))?;
-    let tmp = path.with_extension("tmp");
-    let io = |e| DataError::Io { path: path.display().to_string(), source: e };
-    std::fs::write(&tmp, json).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    glm_checkpoint::write_atomic(&path, json.as_bytes())
+        .map_err(|e| DataError::Io { path: path.display().to_string(), source: e })?;
     Ok(PrepareReport {
         files: files.len(),
         documents,

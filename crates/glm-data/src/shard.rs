@@ -28,8 +28,8 @@ pub struct ShardHeader {
 }
 
 /// Streams documents into a shard: tokens go to a side file as they come (memory holds only the
-/// offsets), and `finish` assembles header, offsets and tokens into a temporary file that is
-/// fsynced and renamed into place.
+/// offsets), and `finish` writes header, offsets and tokens atomically
+/// (`glm_checkpoint::write_atomic_with`).
 pub struct ShardWriter {
     path: PathBuf,
     header: ShardHeader,
@@ -60,21 +60,20 @@ impl ShardWriter {
     }
 
     pub fn push(&mut self, doc: &[u32]) -> Result<(), DataError> {
-        let mut buf = Vec::with_capacity(doc.len() * self.token_bytes);
-        for &t in doc {
-            if t as usize >= self.header.vocab_size {
-                return Err(DataError::Format(format!(
-                    "{}: token {t} >= vocab size {}",
-                    self.path.display(),
-                    self.header.vocab_size
-                )));
-            }
-            match self.token_bytes {
-                2 => buf.extend_from_slice(&(t as u16).to_le_bytes()),
-                _ => buf.extend_from_slice(&t.to_le_bytes()),
-            }
+        if let Some(&t) = doc.iter().find(|&&t| t as usize >= self.header.vocab_size) {
+            return Err(DataError::Format(format!(
+                "{}: token {t} >= vocab size {}",
+                self.path.display(),
+                self.header.vocab_size
+            )));
         }
-        self.tokens.write_all(&buf).map_err(|e| self.io(e))?;
+        for &t in doc {
+            let written = match self.token_bytes {
+                2 => self.tokens.write_all(&(t as u16).to_le_bytes()),
+                _ => self.tokens.write_all(&t.to_le_bytes()),
+            };
+            written.map_err(|e| self.io(e))?;
+        }
         let last = self.offsets.last().copied().unwrap_or(0);
         self.offsets.push(last + doc.len() as u64);
         Ok(())
@@ -100,15 +99,13 @@ impl ShardWriter {
         for o in &self.offsets {
             head.extend_from_slice(&o.to_le_bytes());
         }
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| self.io(e))?;
-        f.write_all(&head).map_err(|e| self.io(e))?;
         let mut tokens = std::fs::File::open(&self.tokens_path).map_err(|e| self.io(e))?;
-        std::io::copy(&mut tokens, &mut f).map_err(|e| self.io(e))?;
-        f.sync_all().map_err(|e| self.io(e))?;
-        drop(f);
-        std::fs::remove_file(&self.tokens_path).map_err(|e| self.io(e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| self.io(e))
+        glm_checkpoint::write_atomic_with(&self.path, |f| {
+            f.write_all(&head)?;
+            std::io::copy(&mut tokens, f).map(|_| ())
+        })
+        .map_err(|e| self.io(e))
+        // Drop removes the side file.
     }
 }
 
@@ -163,7 +160,7 @@ impl Shard {
         }
     }
 
-    /// Writes documents atomically (temporary file, fsync, rename).
+    /// Writes documents atomically (through `ShardWriter`).
     pub fn write(path: &Path, header: &ShardHeader, docs: &[Vec<u32>]) -> Result<(), DataError> {
         let mut w = ShardWriter::create(path, header.clone())?;
         for d in docs {

@@ -158,8 +158,7 @@ impl Tokenizer {
     }
 
     fn encode_sp_into(&self, text: &str, out: &mut Vec<u32>) {
-        let user: Vec<&str> = self.user_symbols.iter().map(String::as_str).collect();
-        let normalized = self.normalizer.normalize(text, &user);
+        let normalized = self.normalizer.normalize(text, &self.user_symbols);
         self.lattice().segment(&normalized, out);
     }
 

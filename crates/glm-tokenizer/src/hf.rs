@@ -115,5 +115,5 @@ pub fn from_json(s: &str) -> Result<Tokenizer, TokenizerError> {
     if unk_id >= pieces.len() {
         return Err(bad(format!("unk_id {unk_id} is outside the vocab ({})", pieces.len())));
     }
-    Tokenizer::build(pieces, Normalizer::lossless(), true, None)
+    Tokenizer::build(pieces, Normalizer::lossless(), true)
 }

@@ -130,15 +130,12 @@ pub struct Tokenizer {
     /// Trained here: icetk marks are structural (a literal "<n>" in text stays text) and a literal
     /// "▁" is byte-encoded, so decode(encode(s)) == s for every s.
     lossless: bool,
-    /// Vocabulary size the model was padded to (>= number of pieces).
-    vocab_size: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("pieces", &self.pieces.len())
-            .field("vocab_size", &self.vocab_size)
             .field("specials", &self.specials)
             .field("lossless", &self.lossless)
             .finish()
@@ -185,16 +182,11 @@ impl Tokenizer {
             escape_whitespaces: m.escape_whitespaces,
         };
         let pieces = m.pieces.into_iter().map(|p| Piece { text: p.piece, score: p.score, kind: p.kind }).collect();
-        Self::build(pieces, normalizer, false, None)
+        Self::build(pieces, normalizer, false)
     }
 
     /// Assembles a tokenizer from its pieces (index = id).
-    pub(crate) fn build(
-        pieces: Vec<Piece>,
-        normalizer: Normalizer,
-        lossless: bool,
-        vocab_size: Option<usize>,
-    ) -> Result<Self> {
+    pub(crate) fn build(pieces: Vec<Piece>, normalizer: Normalizer, lossless: bool) -> Result<Self> {
         let mut ids = HashMap::with_capacity(pieces.len());
         for (i, p) in pieces.iter().enumerate() {
             ids.entry(p.text.clone()).or_insert(i as u32);
@@ -241,13 +233,7 @@ impl Tokenizer {
         }
         let bytes = bytes.iter().all(|&id| id != u32::MAX).then_some(bytes);
 
-        // Lattice: normal pieces and (SentencePiece) user-defined symbols, which sentencepiece
-        // scores as length * max_score - 0.1 so that they always win.
-        let in_lattice = |_: usize, p: &Piece| match p.kind {
-            PieceKind::Normal => true,
-            PieceKind::UserDefined => !lossless,
-            _ => false,
-        };
+        // Lattice scores; user-defined symbols are boosted as sentencepiece does (`in_lattice`).
         let lattice_scores: Vec<f32> = pieces
             .iter()
             .map(|p| {
@@ -259,7 +245,11 @@ impl Tokenizer {
             })
             .collect();
         let trie = Trie::build(
-            pieces.iter().enumerate().filter(|(i, p)| in_lattice(*i, p)).map(|(i, p)| (p.text.as_str(), i as u32)),
+            pieces
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| in_lattice(p.kind, lossless))
+                .map(|(i, p)| (p.text.as_str(), i as u32)),
         );
         let mut user_symbols: Vec<String> = if lossless {
             Vec::new()
@@ -303,8 +293,6 @@ impl Tokenizer {
                 }
             })
             .collect();
-        let n = pieces.len();
-        let vocab_size = vocab_size.unwrap_or(n).max(n);
         Ok(Self {
             pieces,
             surfaces,
@@ -320,7 +308,6 @@ impl Tokenizer {
             specials,
             ice,
             lossless,
-            vocab_size,
         })
     }
 
@@ -338,12 +325,8 @@ impl Tokenizer {
         self.specials
     }
 
-    /// Number of ids the model must have (pieces, padded).
+    /// Number of ids the model must have (tokenizers trained here pad to the full vocabulary).
     pub fn vocab_size(&self) -> usize {
-        self.vocab_size
-    }
-
-    pub fn num_pieces(&self) -> usize {
         self.pieces.len()
     }
 
@@ -370,15 +353,15 @@ impl Tokenizer {
     /// Saves as a Hugging Face `tokenizer.json` (atomically).
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = hf::to_json(self)?;
-        let tmp = path.with_extension("json.tmp");
-        let io = |e| TokenizerError::Io { path: path.display().to_string(), source: e };
-        std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        glm_checkpoint::write_atomic(path, json.as_bytes())
+            .map_err(|e| TokenizerError::Io { path: path.display().to_string(), source: e })
     }
 
     /// Slow twin of the lattice, on the `tokenizers` crate's Unigram (for tests and checks).
     pub fn reference(&self) -> Result<RefSegmenter<'_>> {
-        let eligible: Vec<u32> = (0..self.pieces.len() as u32).filter(|&i| self.trie_has(i)).collect();
+        let eligible: Vec<u32> = (0..self.pieces.len() as u32)
+            .filter(|&i| in_lattice(self.pieces[i as usize].kind, self.lossless))
+            .collect();
         let mut vocab: Vec<(String, f64)> = vec![("\u{0}<unk>".into(), 0.0)];
         vocab.extend(
             eligible.iter().map(|&i| (self.pieces[i as usize].text.clone(), self.lattice_scores[i as usize] as f64)),
@@ -388,15 +371,7 @@ impl Tokenizer {
         Ok(RefSegmenter { tok: self, model, eligible })
     }
 
-    fn trie_has(&self, id: u32) -> bool {
-        let mut found = false;
-        if let Some(p) = self.pieces.get(id as usize) {
-            self.trie.prefixes(p.text.as_bytes(), |len, i| found |= i == id && len == p.text.len());
-        }
-        found
-    }
-
-    /// The lattice over already-normalized text (for tests against `segment_ref`).
+    /// The lattice over already-normalized text (for tests against `reference`).
     pub fn segment(&self, normalized: &str) -> Vec<u32> {
         let mut out = Vec::new();
         self.lattice().segment(normalized, &mut out);
@@ -429,6 +404,16 @@ impl RefSegmenter<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+/// Pieces the lattice may choose: normal pieces and, in SentencePiece models, user-defined
+/// symbols (which sentencepiece scores as length * max_score - 0.1 so that they always win).
+fn in_lattice(kind: PieceKind, lossless: bool) -> bool {
+    match kind {
+        PieceKind::Normal => true,
+        PieceKind::UserDefined => !lossless,
+        _ => false,
     }
 }
 

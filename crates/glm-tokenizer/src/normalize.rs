@@ -82,7 +82,7 @@ impl Normalizer {
     }
 
     /// One normalization step at the start of `input`: (replacement, consumed bytes).
-    fn prefix<'a>(&'a self, input: &'a str, user: &[&str]) -> (&'a str, usize) {
+    fn prefix<'a>(&'a self, input: &'a str, user: &[String]) -> (&'a str, usize) {
         for u in user {
             if input.starts_with(u) {
                 return (&input[..u.len()], u.len());
@@ -98,7 +98,7 @@ impl Normalizer {
     }
 
     /// Normalizes `input` as sentencepiece does. `user` = user-defined symbols, longest first.
-    pub fn normalize(&self, input: &str, user: &[&str]) -> String {
+    pub fn normalize(&self, input: &str, user: &[String]) -> String {
         let mut out = String::with_capacity(input.len() + 3);
         let mut rest = input;
         if self.remove_extra_whitespaces {

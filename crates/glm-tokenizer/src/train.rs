@@ -251,7 +251,7 @@ pub fn train(docs: &[String], opts: &TrainOptions) -> Result<(Tokenizer, TrainRe
     if !pieces.iter().any(|p| p.text == SPACE.to_string()) {
         return Err(TokenizerError::Train("the training text has no spaces: \"▁\" was not learned".into()));
     }
-    let tok = Tokenizer::build(pieces, Normalizer::lossless(), true, Some(opts.vocab_size))?;
+    let tok = Tokenizer::build(pieces, Normalizer::lossless(), true)?;
     let report = TrainReport {
         input_bytes,
         distinct_words,

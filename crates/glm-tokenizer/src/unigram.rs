@@ -1,6 +1,6 @@
 //! Unigram segmentation: a byte trie over the pieces and SentencePiece's Viterbi (`EncodeOptimized`),
 //! with f32 scores, first-best tie-breaking and byte fallback for unknown characters, so that ids
-//! equal sentencepiece's. `segment_ref` is the slow twin built on the `tokenizers` crate's Unigram.
+//! equal sentencepiece's. `Tokenizer::reference` is the slow twin built on the `tokenizers` crate's Unigram.
 
 use std::collections::BTreeMap;
 

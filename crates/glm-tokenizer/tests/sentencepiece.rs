@@ -37,7 +37,7 @@ fn encodings_match_python_sentencepiece() {
 #[test]
 fn model_facts_are_read() {
     let tok = Tokenizer::from_file(&dir().join("glm_sp_test.model")).unwrap();
-    assert_eq!(tok.num_pieces(), 4000);
+    assert_eq!(tok.vocab_size(), 4000);
     let s = tok.specials();
     assert_eq!((s.mask, s.gmask, s.smask, s.sop, s.eop), (Some(3), Some(4), Some(5), Some(6), Some(7)));
     assert!(!tok.is_lossless());
