@@ -53,6 +53,9 @@ fn mb(bytes: usize, secs: f64) -> f64 {
 }
 
 pub fn data(opts: &DataBench) -> Result<DataReport> {
+    if opts.rows == 0 {
+        return Err(anyhow!("--rows must be positive"));
+    }
     let threads = rayon::current_num_threads();
     let train_docs: Vec<String> = corpus::documents(corpus::Split::Train)?.into_iter().map(|d| d.text).collect();
     let budget = (opts.train_mb * 1e6) as usize;
@@ -172,9 +175,6 @@ pub fn data(opts: &DataBench) -> Result<DataReport> {
         std::hint::black_box(b.next_row());
     }
     let secs = t0.elapsed().as_secs_f64();
-    if opts.rows == 0 {
-        return Err(anyhow!("--rows must be positive"));
-    }
     Ok(DataReport {
         train_bytes,
         encode_bytes,

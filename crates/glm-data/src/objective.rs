@@ -183,10 +183,10 @@ pub struct Sample {
     pub text_len: usize,
 }
 
-/// Draws span lengths until they cover `mask_ratio` of `n` tokens in expectation (while they
-/// still fit with a gap before each span), then places them uniformly at random without touching.
+/// Draws span lengths until they cover `mask_ratio` of `n` tokens in expectation, while they
+/// still fit with a gap before each span and the sample (text + a [MASK] and a <sop> per span)
+/// stays within `max_total` tokens; then places them uniformly at random without touching.
 /// Returns (start, len) sorted by start.
-/// The sample (text + a [MASK] and a <sop> per span) stays within `max_total` tokens.
 pub fn sample_spans(n: usize, max_total: usize, cfg: &ObjectiveConfig, rng: &mut impl Rng) -> Vec<(usize, usize)> {
     let pmf = span_pmf(cfg.span_lambda, cfg.max_span);
     let goal = cfg.mask_ratio * n as f64;

@@ -85,10 +85,6 @@ impl TokenStream {
         Ok(())
     }
 
-    pub fn total_tokens(&self) -> usize {
-        self.shards.iter().map(|s| s.num_tokens() + s.num_docs()).sum()
-    }
-
     /// The next `n` tokens (documents joined by eod, wrapping into the next epoch).
     pub fn take(&mut self, n: usize, out: &mut Vec<u32>) {
         let mut need = n;
