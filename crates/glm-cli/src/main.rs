@@ -7,6 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use glm_model::{param_count, weight_bytes, Config, PRESETS};
 
 mod data_cmd;
+mod samples;
+mod train_cmd;
 
 // Tensor buffers are large and short-lived: mimalloc, told to keep freed memory
 // (`glm_bench::keep_freed_memory`), reuses them instead of faulting fresh zeroed pages in.
@@ -47,6 +49,8 @@ enum Cmd {
     /// Prepare training data and inspect the pretraining objective.
     #[command(subcommand)]
     Data(data_cmd::DataCmd),
+    /// Pretrain with the GLM-130B recipe (default: `tiny` on the embedded corpus).
+    Train(train_cmd::TrainArgs),
 }
 
 #[derive(Args)]
@@ -238,6 +242,7 @@ fn main() -> Result<()> {
         }
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
         Cmd::Data(c) => data_cmd::run_data(c)?,
+        Cmd::Train(a) => train_cmd::run(a)?,
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ pub struct SampleInfo {
 }
 
 impl Row {
-    fn new(seq_len: usize, mode: Mode, two_d: bool) -> Self {
+    pub fn new(seq_len: usize, mode: Mode, two_d: bool) -> Self {
         Self {
             tokens: Vec::with_capacity(seq_len),
             targets: Vec::with_capacity(seq_len),
@@ -45,7 +45,7 @@ impl Row {
         }
     }
 
-    fn push(&mut self, s: Sample) {
+    pub fn push(&mut self, s: Sample) {
         self.segments.push(Segment { start: self.tokens.len(), len: s.len(), prefix: s.prefix });
         self.samples.push(SampleInfo { spans: s.spans, text_len: s.text_len, len: s.tokens.len() });
         self.tokens.extend(s.tokens);
@@ -56,7 +56,7 @@ impl Row {
         }
     }
 
-    fn pad(&mut self, seq_len: usize, pad: u32) {
+    pub fn pad(&mut self, seq_len: usize, pad: u32) {
         let n = seq_len - self.tokens.len();
         self.tokens.extend(std::iter::repeat_n(pad, n));
         self.targets.extend(std::iter::repeat_n(IGNORE, n));

@@ -30,7 +30,7 @@ pub enum PositionKind {
 }
 
 /// Ratios of the objective; defaults from GLM-130B (spec section 3).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObjectiveConfig {
     /// Tokens per training row (2048 in GLM-130B).

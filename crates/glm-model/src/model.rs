@@ -26,6 +26,36 @@ struct Step<'a> {
     cos: Tensor,  // (B, 1, T, D)
     sin: Tensor,  // (B, 1, T, D)
     mask: Tensor, // (B, 1, T, T_past + T), additive, f32
+    train: Option<&'a TrainOptions>,
+}
+
+/// What a training forward adds to inference: dropout (seeded per step, layer and site, so a resumed
+/// run drops the same elements) and embedding gradient shrink.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainOptions {
+    /// Dropout on the attention and FFN outputs, before each residual sum.
+    pub hidden_dropout: f32,
+    /// Dropout on the attention probabilities.
+    pub attention_dropout: f32,
+    /// EGS (spec section 4): `e = alpha * e + (1 - alpha) * e.detach()`, so the forward is unchanged
+    /// and the gradient into the embedding is scaled by alpha. 1 turns it off.
+    pub egs_alpha: f64,
+    /// Mixed into every dropout mask; a training run passes a function of (run seed, step, micro-batch).
+    pub seed: u64,
+}
+
+impl<'a> Step<'a> {
+    /// Dropout at one site of one layer (identity at inference or with p = 0).
+    fn dropout(&self, x: Tensor, layer: usize, site: u64, pick: fn(&TrainOptions) -> f32) -> Result<Tensor> {
+        match self.train {
+            Some(t) if pick(t) > 0.0 => Ok(glm_nn::dropout(
+                &x,
+                pick(t),
+                glm_nn::dropout::site_seed(&[t.seed, layer as u64, site]),
+            )?),
+            _ => Ok(x),
+        }
+    }
 }
 
 struct Attention {
@@ -49,7 +79,7 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, step: &Step, cache: Option<&mut Option<LayerKv>>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, layer: usize, cache: Option<&mut Option<LayerKv>>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (n, d) = (self.num_heads, self.head_dim);
         // (B, T, N, 3D): the fused weight is per-head interleaved, q | k | v inside each head.
@@ -64,10 +94,11 @@ impl Attention {
         let q = (q * (1.0 / (d as f64).sqrt()))?;
         let scores = glm_nn::blas::matmul(&q, &k, true)?; // q kᵀ, (B, N, T, T_k)
                                                           // Softmax in f32 whatever the activation dtype.
-        let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &step.mask)?.to_dtype(v.dtype())?;
+        let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &step.mask)?;
+        let probs = step.dropout(probs, layer, 0, |t| t.attention_dropout)?.to_dtype(v.dtype())?;
         let ctx = glm_nn::blas::matmul(&probs, &v, false)?; // (B, N, T, D)
         let ctx = ctx.transpose(1, 2)?.reshape((b, t, n * d))?; // (B, T, H)
-        Ok(self.dense.forward(&ctx)?)
+        step.dropout(self.dense.forward(&ctx)?, layer, 1, |t| t.hidden_dropout)
     }
 }
 
@@ -121,12 +152,13 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, step: &Step, cache: Option<&mut Option<LayerKv>>) -> Result<Tensor> {
-        // a = LN1(x);  y = alpha*a + Attn(a);  m = LN2(y);  x = alpha*m + FFN(m)
+    fn forward(&self, x: &Tensor, step: &Step, layer: usize, cache: Option<&mut Option<LayerKv>>) -> Result<Tensor> {
+        // a = LN1(x);  y = alpha*a + Attn(a);  m = LN2(y);  x = alpha*m + FFN(m)   (dropout on Attn, FFN)
         let a = self.input_layernorm.forward(x)?;
-        let y = ((&a * self.alpha)? + self.attention.forward(&a, step, cache)?)?;
+        let y = ((&a * self.alpha)? + self.attention.forward(&a, step, layer, cache)?)?;
         let m = self.post_attention_layernorm.forward(&y)?;
-        Ok(((&m * self.alpha)? + self.mlp.forward(&m)?)?)
+        let ffn = step.dropout(self.mlp.forward(&m)?, layer, 2, |t| t.hidden_dropout)?;
+        Ok(((&m * self.alpha)? + ffn)?)
     }
 }
 
@@ -191,7 +223,29 @@ impl Glm {
         ids: &Tensor,
         positions: &Tensor,
         layout: &AttnLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        self.run(ids, positions, layout, cache, None)
+    }
+
+    /// The training forward: `forward` plus dropout and embedding gradient shrink, no cache.
+    pub fn forward_train(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        layout: &AttnLayout,
+        train: &TrainOptions,
+    ) -> Result<Tensor> {
+        self.run(ids, positions, layout, None, Some(train))
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        layout: &AttnLayout,
         mut cache: Option<&mut KvCache>,
+        train: Option<&TrainOptions>,
     ) -> Result<Tensor> {
         let (b, t) = self.check_inputs(ids, positions, layout)?;
         let past = match cache.as_deref_mut() {
@@ -200,12 +254,15 @@ impl Glm {
         };
         let dtype = self.dtype();
         let (cos, sin) = self.rope.tables(positions, dtype)?;
-        let step = Step { rope: &self.rope, cos, sin, mask: layout.mask(past, t, past + t, self.device())? };
+        let step = Step { rope: &self.rope, cos, sin, mask: layout.mask(past, t, past + t, self.device())?, train };
 
         let mut x = self.word_embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?; // (B, T, H)
+        if let Some(alpha) = train.map(|t| t.egs_alpha).filter(|a| *a != 1.0) {
+            x = ((&x * alpha)? + (x.detach() * (1.0 - alpha))?)?; // EGS: same value, gradient scaled by alpha
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
-            x = layer.forward(&x, &step, slot)?;
+            x = layer.forward(&x, &step, i, slot)?;
         }
         let out = self.final_layernorm.forward(&x)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.word_embeddings);

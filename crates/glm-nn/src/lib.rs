@@ -7,6 +7,7 @@
 //! Shapes use one alphabet: B batch, T sequence, H hidden, N heads, D head dim, F ffn, V vocab.
 
 pub mod blas;
+pub mod dropout;
 pub mod kernels;
 pub mod layout;
 pub mod linear;
@@ -14,6 +15,7 @@ pub mod loss;
 pub mod norm;
 pub mod rope;
 
+pub use dropout::dropout;
 pub use kernels::{layer_norm, masked_softmax};
 pub use layout::{AttnLayout, Segment};
 pub use linear::{DenseFactory, Linear, LinearFactory, LinearSpec, ParallelRole};

@@ -1,0 +1,33 @@
+//! Sample generations at the end of a training run: a [gMASK] continuation in English and in
+//! Chinese, and a [MASK] fill, greedy, printed and written to OUT/samples.txt.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use glm_infer::{Generator, SamplingConfig};
+use glm_model::Glm;
+use glm_tokenizer::Tokenizer;
+
+const PROMPTS: [(&str, &str); 3] = [
+    ("[gMASK] continuation, English", "The President said that the nation"),
+    ("[gMASK] continuation, Chinese", "中国人民"),
+    ("[MASK] fill", "The whale swam [MASK] the ship and the sea."),
+];
+
+pub fn print_samples(model: &Glm, tok: &Tokenizer, out: &Path) -> Result<()> {
+    let g = Generator::new(model, tok)?;
+    let cfg = SamplingConfig::greedy(32);
+    let mut text = String::new();
+    for (what, prompt) in PROMPTS {
+        let r = if what.starts_with("[MASK]") { g.fill(prompt, &cfg) } else { g.complete(prompt, &cfg) };
+        let line = match r {
+            Ok(gen) => format!("{what}:\n  prompt: {prompt}\n  output: {}\n", gen.text.replace('\n', "\\n")),
+            Err(e) => format!("{what}:\n  prompt: {prompt}\n  error: {e}\n"),
+        };
+        eprint!("{line}");
+        text.push_str(&line);
+    }
+    let p = out.join("samples.txt");
+    glm_checkpoint::write_atomic(&p, text.as_bytes()).with_context(|| format!("writing {}", p.display()))?;
+    Ok(())
+}

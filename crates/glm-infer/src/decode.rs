@@ -1,0 +1,127 @@
+//! One row being decoded: GLM's layout (spec section 2, as glm-data's objective builds it) and the
+//! KV cache. The row is `context <sop> generated...`; the context (everything before `<sop>`) is
+//! attended bidirectionally, `<sop>` and the generated tokens causally. Positions:
+//!
+//! | layout   | context          | `<sop>` and generated token k = 0, 1, ..                 |
+//! |----------|------------------|----------------------------------------------------------|
+//! | 1-D      | 0, 1, .., c - 1  | [gMASK]: c + k (keeps counting); [MASK] at m: m          |
+//! | 2-D      | (i, 0)           | (g, k + 1), g = the [gMASK] index c - 1 or the [MASK]'s m |
+
+use candle_core::{DType, Tensor};
+use glm_model::{Glm, KvCache, PositionEncoding};
+use glm_nn::AttnLayout;
+
+use crate::{Error, Result};
+
+/// Which blank the generated block fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blank {
+    /// Left-to-right continuation: the context ends with its [gMASK].
+    Gmask,
+    /// Blank filling: the [MASK] (or [sMASK]) at context index `at`.
+    Mask { at: usize },
+}
+
+/// Incremental decoding of one row: `feed` runs only the new tokens, over the cached keys and
+/// values of the earlier ones.
+pub struct Decoder<'m> {
+    model: &'m Glm,
+    blank: Blank,
+    context_len: usize,
+    tokens: Vec<u32>,
+    cache: KvCache,
+    layout: AttnLayout,
+}
+
+impl<'m> Decoder<'m> {
+    /// A row holding `context`; nothing runs until the first `feed` (normally of `<sop>`).
+    pub fn new(model: &'m Glm, context: &[u32], blank: Blank) -> Result<Self> {
+        let max = model.config().max_seq_len;
+        if context.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        if context.len() + 1 > max {
+            return Err(Error::TooLong { tokens: context.len() + 1, max });
+        }
+        if let Blank::Mask { at } = blank {
+            if at >= context.len() {
+                return Err(Error::Input(format!("blank at {at} is outside the {}-token context", context.len())));
+            }
+        }
+        Ok(Self {
+            model,
+            blank,
+            context_len: context.len(),
+            tokens: context.to_vec(),
+            cache: KvCache::new(model.config()),
+            layout: AttnLayout::prefix_lm(&[context.len()]),
+        })
+    }
+
+    /// Every token of the row so far: the context, then what was fed.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Tokens the row can still take before max_seq_len.
+    pub fn room(&self) -> usize {
+        self.model.config().max_seq_len.saturating_sub(self.tokens.len())
+    }
+
+    /// Appends `ids` to the row and runs every token not yet cached (on the first call, the whole
+    /// context as well); returns the next-token logits after the last one, as f32.
+    pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        if ids.len() > self.room() {
+            return Err(Error::TooLong { tokens: self.tokens.len() + ids.len(), max: self.model.config().max_seq_len });
+        }
+        let old_len = self.tokens.len();
+        self.tokens.extend_from_slice(ids);
+        let (start, end) = (self.cache.len(), self.tokens.len());
+        if start == end {
+            return Err(Error::Input(format!("nothing to run: all {end} row tokens are cached")));
+        }
+        let mut cache = std::mem::take(&mut self.cache);
+        let out = self.run(start, Some(&mut cache));
+        self.cache = cache;
+        if out.is_err() {
+            // Some layers may have cached the new tokens: start over from the context next time.
+            self.cache.clear();
+            self.tokens.truncate(old_len);
+        }
+        out.map_err(|e| e.context(format!("decoding row tokens {start}..{end}")))
+    }
+
+    /// The next-token logits after the last token, recomputed over the whole row without the
+    /// cache (the reference `feed` must match).
+    pub fn recompute(&self) -> Result<Vec<f32>> {
+        self.run(0, None).map_err(|e| e.context(format!("recomputing {} row tokens", self.tokens.len())))
+    }
+
+    /// Forward of row tokens start.. (continuing `cache`), last token's logits.
+    fn run(&self, start: usize, cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
+        let dev = self.model.device();
+        let new = &self.tokens[start..];
+        let ids = Tensor::new(new, dev)?.unsqueeze(0)?;
+        let (p1, p2): (Vec<u32>, Vec<u32>) = (start..self.tokens.len()).map(|i| self.position(i)).unzip();
+        let positions = match self.model.config().position_encoding {
+            PositionEncoding::Rope1d => Tensor::new(p1, dev)?.unsqueeze(0)?,
+            PositionEncoding::Rope2d => Tensor::new([p1, p2].concat(), dev)?.reshape((1, 2, new.len()))?,
+        };
+        let logits = self.model.forward(&ids, &positions, &self.layout, cache)?; // (1, T, V)
+        Ok(logits.get(0)?.get(new.len() - 1)?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+
+    /// (1-D position, 2-D block position) of row token i; the 1-D model uses the first.
+    fn position(&self, i: usize) -> (u32, u32) {
+        let c = self.context_len;
+        if i < c {
+            return (i as u32, 0);
+        }
+        let k = (i - c + 1) as u32; // <sop> is 1
+        match (self.model.config().position_encoding, self.blank) {
+            (PositionEncoding::Rope1d, Blank::Gmask) => (i as u32, k),
+            (PositionEncoding::Rope2d, Blank::Gmask) => ((c - 1) as u32, k),
+            (_, Blank::Mask { at }) => (at as u32, k),
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Training checkpoints: `checkpoints/step-NNNNNNNN/` holding
+//!
+//! - `model.safetensors`: the f32 master weights under the released names (so `glm` inference
+//!   loads a training checkpoint directly),
+//! - `optimizer.safetensors`: the AdamW moments,
+//! - `state.json`: step, samples, data cursor, loss scaler, RNG seeds and counters, monitor window,
+//!   interventions, the model config and the training-config hash,
+//! - `manifest.json`, written last: each file's size and CRC-32.
+//!
+//! A checkpoint is written into `.tmp-step-N/`, every file fsynced, then the directory is renamed
+//! into place and the parent fsynced: a crash leaves either the whole checkpoint or none. Loading
+//! checks the manifest first, so a truncated or corrupted file is reported and the previous
+//! checkpoint used instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const MANIFEST_FILE: &str = "manifest.json";
+const FORMAT: &str = "glm-train-checkpoint";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FileSum {
+    bytes: u64,
+    crc32: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Manifest {
+    format: String,
+    version: u32,
+    step: u64,
+    files: BTreeMap<String, FileSum>,
+}
+
+fn ctx(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Checkpoint(format!("{}: {what}: {e}", path.display()))
+}
+
+fn checksum(path: &Path) -> Result<FileSum> {
+    let mut f = fs::File::open(path).map_err(|e| ctx(path, "cannot open", e))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| ctx(path, "cannot read", e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileSum { bytes, crc32: h.finalize() })
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| ctx(path, "cannot fsync", e))
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    // Directories can be fsynced on Unix; elsewhere this is best effort.
+    match fs::File::open(path) {
+        Ok(f) => {
+            let _ = f.sync_all();
+            Ok(())
+        }
+        Err(e) => Err(ctx(path, "cannot open directory", e)),
+    }
+}
+
+/// The checkpoints of one run.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    pub root: PathBuf,
+}
+
+impl Checkpoints {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn dir(&self, step: u64) -> PathBuf {
+        self.root.join(format!("step-{step:08}"))
+    }
+
+    /// Complete-looking checkpoint directories, oldest first (not yet verified).
+    pub fn list(&self) -> Vec<(u64, PathBuf)> {
+        let Ok(rd) = fs::read_dir(&self.root) else { return Vec::new() };
+        let mut out: Vec<(u64, PathBuf)> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+                Some((step, e.path()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Write a checkpoint atomically and keep only the newest `keep`.
+    pub fn save(
+        &self,
+        step: u64,
+        model: &HashMap<String, Tensor>,
+        optimizer: &HashMap<String, Tensor>,
+        state: &[u8],
+        keep: usize,
+    ) -> Result<PathBuf> {
+        fs::create_dir_all(&self.root).map_err(|e| ctx(&self.root, "cannot create", e))?;
+        let tmp = self.root.join(format!(".tmp-step-{step:08}"));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| ctx(&tmp, "cannot remove a stale temporary", e))?;
+        }
+        fs::create_dir_all(&tmp).map_err(|e| ctx(&tmp, "cannot create", e))?;
+        let mut files = BTreeMap::new();
+        for (name, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
+            let p = tmp.join(name);
+            candle_core::safetensors::save(tensors, &p).map_err(|e| ctx(&p, "cannot write", e))?;
+            sync_file(&p)?;
+            files.insert(name.to_string(), checksum(&p)?);
+        }
+        let p = tmp.join(STATE_FILE);
+        fs::write(&p, state).map_err(|e| ctx(&p, "cannot write", e))?;
+        sync_file(&p)?;
+        files.insert(STATE_FILE.to_string(), checksum(&p)?);
+        let manifest = Manifest { format: FORMAT.into(), version: 1, step, files };
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| ctx(&tmp, "manifest", e))?;
+        let p = tmp.join(MANIFEST_FILE);
+        fs::write(&p, text).map_err(|e| ctx(&p, "cannot write", e))?;
+        sync_file(&p)?;
+        sync_dir(&tmp)?;
+        let dst = self.dir(step);
+        if dst.exists() {
+            // Re-saving a step (after a rollback): the old copy goes first.
+            fs::remove_dir_all(&dst).map_err(|e| ctx(&dst, "cannot replace", e))?;
+        }
+        fs::rename(&tmp, &dst).map_err(|e| ctx(&dst, "cannot rename into place", e))?;
+        sync_dir(&self.root)?;
+        self.prune(keep)?;
+        Ok(dst)
+    }
+
+    fn prune(&self, keep: usize) -> Result<()> {
+        let all = self.list();
+        for (_, p) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+            fs::remove_dir_all(p).map_err(|e| ctx(p, "cannot delete an old checkpoint", e))?;
+        }
+        Ok(())
+    }
+
+    /// Check a checkpoint against its manifest (sizes and CRC-32 of every file).
+    pub fn verify(dir: &Path) -> Result<()> {
+        let mp = dir.join(MANIFEST_FILE);
+        let text = fs::read(&mp).map_err(|e| ctx(&mp, "no readable manifest (incomplete checkpoint?)", e))?;
+        let m: Manifest = serde_json::from_slice(&text).map_err(|e| ctx(&mp, "corrupt manifest", e))?;
+        if m.format != FORMAT {
+            return Err(ctx(&mp, "not a training checkpoint", &m.format));
+        }
+        for want in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+            let Some(sum) = m.files.get(want) else {
+                return Err(ctx(&mp, "manifest does not list", want));
+            };
+            let p = dir.join(want);
+            let got = checksum(&p)?;
+            if got.bytes != sum.bytes {
+                return Err(ctx(&p, "truncated or extended", format!("{} bytes, manifest says {}", got.bytes, sum.bytes)));
+            }
+            if got.crc32 != sum.crc32 {
+                return Err(ctx(&p, "checksum mismatch (corrupt)", format!("{:08x} vs {:08x}", got.crc32, sum.crc32)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest checkpoint that verifies; each one that does not is passed to `report`.
+    pub fn latest_good(&self, mut report: impl FnMut(&Path, &Error)) -> Option<(u64, PathBuf)> {
+        for (step, dir) in self.list().into_iter().rev() {
+            match Self::verify(&dir) {
+                Ok(()) => return Some((step, dir)),
+                Err(e) => report(&dir, &e),
+            }
+        }
+        None
+    }
+
+    /// Tensors of one file of a verified checkpoint.
+    pub fn load_tensors(dir: &Path, file: &str) -> Result<HashMap<String, Tensor>> {
+        let p = dir.join(file);
+        candle_core::safetensors::load(&p, &candle_core::Device::Cpu).map_err(|e| ctx(&p, "cannot load", e))
+    }
+
+    pub fn load_state(dir: &Path) -> Result<Vec<u8>> {
+        let p = dir.join(STATE_FILE);
+        fs::read(&p).map_err(|e| ctx(&p, "cannot read", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn tensors(v: f32) -> Result<HashMap<String, Tensor>> {
+        let mut m = HashMap::new();
+        m.insert("w".to_string(), Tensor::full(v, (64, 64), &Device::Cpu)?);
+        Ok(m)
+    }
+
+    #[test]
+    fn saves_atomically_keeps_k_and_detects_truncation() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let c = Checkpoints::new(tmp.path().join("checkpoints"));
+        for step in [10, 20, 30] {
+            c.save(step, &tensors(step as f32)?, &tensors(0.0)?, b"{}", 2)?;
+        }
+        let steps: Vec<u64> = c.list().iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, vec![20, 30]);
+        assert_eq!(c.latest_good(|_, _| {}).map(|x| x.0), Some(30));
+        // Truncate the newest model file: reported, and step 20 is used.
+        let p = c.dir(30).join(MODEL_FILE);
+        let len = fs::metadata(&p).map_err(|e| Error::Checkpoint(e.to_string()))?.len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_len(len / 2))
+            .map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let mut reports = Vec::new();
+        assert_eq!(c.latest_good(|d, e| reports.push(format!("{}: {e}", d.display()))).map(|x| x.0), Some(20));
+        assert!(reports[0].contains("truncated"), "{reports:?}");
+        // A flipped byte is a checksum mismatch.
+        let p = c.dir(20).join(STATE_FILE);
+        fs::write(&p, b"{]").map_err(|e| Error::Checkpoint(e.to_string()))?;
+        assert!(Checkpoints::verify(&c.dir(20)).is_err());
+        Ok(())
+    }
+}

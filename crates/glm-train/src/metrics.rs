@@ -1,0 +1,153 @@
+//! The run's logs, one JSON object per line, flushed line by line:
+//! `metrics.jsonl` (one per step: step, loss, lr, grad_norm, tokens_per_s, loss_scale, egs_alpha,
+//! batch, per-group norms), `eval.jsonl` (validation) and `events.jsonl` (interventions, overflows,
+//! rollbacks, resumes). `plots.svg` draws them. On resume, records past the restored step are dropped
+//! (their work was lost with the process), so logs and plots describe the run that continues.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[cfg(any())]
+use glm_plot::{Mark, Panel, Series, Style};
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+pub const METRICS: &str = "metrics.jsonl";
+pub const EVAL: &str = "eval.jsonl";
+pub const EVENTS: &str = "events.jsonl";
+pub const PLOTS: &str = "plots.svg";
+
+struct Log {
+    path: PathBuf,
+    file: File,
+    records: Vec<Value>,
+}
+
+impl Log {
+    /// Open `path`, keeping the records with step <= `keep_until` (none when None).
+    fn open(path: PathBuf, keep_until: Option<u64>) -> Result<Self> {
+        let io = |e: std::io::Error| Error::Io(format!("{}: {e}", path.display()));
+        let records: Vec<Value> = match (fs::read_to_string(&path), keep_until) {
+            (Ok(text), Some(s)) => text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok()) // a torn last line is dropped
+                .filter(|v| v["step"].as_u64().is_some_and(|x| x <= s))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let text: String = records.iter().map(|v| format!("{v}\n")).collect();
+        glm_checkpoint::write_atomic(&path, text.as_bytes()).map_err(io)?;
+        let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
+        Ok(Self { path, file, records })
+    }
+
+    fn push(&mut self, v: Value) -> Result<()> {
+        let line = format!("{v}\n");
+        self.file.write_all(line.as_bytes()).map_err(|e| Error::Io(format!("{}: {e}", self.path.display())))?;
+        self.records.push(v);
+        Ok(())
+    }
+}
+
+pub struct Metrics {
+    dir: PathBuf,
+    steps: Log,
+    evals: Log,
+    events: Log,
+}
+
+impl Metrics {
+    /// Open the logs of `dir`: with `resume_step`, records after it are dropped; without, they start empty.
+    pub fn open(dir: &Path, resume_step: Option<u64>) -> Result<Self> {
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            steps: Log::open(dir.join(METRICS), resume_step)?,
+            evals: Log::open(dir.join(EVAL), resume_step)?,
+            events: Log::open(dir.join(EVENTS), resume_step)?,
+        })
+    }
+
+    pub fn step(&mut self, v: Value) -> Result<()> {
+        self.steps.push(v)
+    }
+
+    pub fn eval(&mut self, v: Value) -> Result<()> {
+        self.evals.push(v)
+    }
+
+    pub fn event(&mut self, v: Value) -> Result<()> {
+        self.events.push(v)
+    }
+
+    pub fn steps(&self) -> &[Value] {
+        &self.steps.records
+    }
+
+    #[cfg(not(any()))]
+    pub fn plot(&self, _title: &str) -> Result<PathBuf> {
+        Ok(self.dir.join(PLOTS))
+    }
+
+    #[cfg(any())]
+    /// Draw loss, learning rate, gradient norms, loss scale, throughput and EGS alpha, with every
+    /// intervention marked.
+    pub fn plot(&self, title: &str) -> Result<PathBuf> {
+        let xy = |recs: &[Value], key: &str| -> Vec<(f64, f64)> {
+            recs.iter()
+                .filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?)))
+                .collect::<Vec<_>>()
+        };
+        let line = |name: &str, points| Series { name: name.into(), points, style: Style::Line };
+        let dots = |name: &str, points| Series { name: name.into(), points, style: Style::Dots };
+        let marks: Vec<Mark> = self
+            .events
+            .records
+            .iter()
+            .filter(|e| e["intervention"].as_bool().unwrap_or(false))
+            .filter_map(|e| Some(Mark { x: e["step"].as_f64()?, label: e["action"].as_str().unwrap_or("").into() }))
+            .collect();
+        let s = &self.steps.records;
+        let panel = |title: &str, y: &str, log_y, series| Panel {
+            title: title.into(),
+            x_label: "step".into(),
+            y_label: y.into(),
+            log_y,
+            series,
+            marks: marks.clone(),
+        };
+        let mut group_series = vec![line("global", xy(s, "grad_norm"))];
+        if let Some(Value::Object(groups)) = s.last().map(|v| &v["grad_norms"]) {
+            for g in groups.keys() {
+                let pts = s.iter().filter_map(|v| Some((v["step"].as_f64()?, v["grad_norms"][g].as_f64()?))).collect();
+                group_series.push(line(g, pts));
+            }
+        }
+        let panels = vec![
+            panel(
+                "loss",
+                "nats / token",
+                false,
+                vec![
+                    line("train", xy(s, "loss")),
+                    dots("held-out", xy(&self.evals.records, "val_loss")),
+                    dots("unigram baseline", xy(&self.evals.records, "unigram_loss")),
+                ],
+            ),
+            panel("held-out bits per byte", "bits / byte", false, vec![dots("model", xy(&self.evals.records, "val_bpb"))]),
+            panel("learning rate", "lr", false, vec![line("lr", xy(s, "lr"))]),
+            panel("gradient norm (before clipping)", "L2 norm", true, group_series),
+            panel("loss scale", "scale", true, vec![line("loss scale", xy(s, "loss_scale"))]),
+            panel("throughput", "tokens / s", false, vec![line("tokens/s", xy(s, "tokens_per_s"))]),
+            panel("EGS alpha and LR factor", "value", false, vec![
+                line("egs_alpha", xy(s, "egs_alpha")),
+                line("lr_scale", xy(s, "lr_scale")),
+            ]),
+            panel("global batch", "rows", false, vec![line("rows", xy(s, "batch"))]),
+        ];
+        let path = self.dir.join(PLOTS);
+        glm_plot::write_svg(&path, title, &panels, 2).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        Ok(path)
+    }
+}

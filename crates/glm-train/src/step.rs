@@ -1,0 +1,197 @@
+//! One optimizer step's numerics: f32 master weights and their compute-dtype copies, the forward and
+//! backward over a step's micro-batches with gradient accumulation, and the gradient norms.
+//!
+//! The loss of a step is the mean over every scored token of all its micro-batches, so k
+//! micro-batches give the gradient of one batch k times larger (each micro-batch's mean is weighted
+//! by its share of the step's scored tokens).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use glm_data::Batch;
+use glm_model::weights::{param_table, ParamKind};
+use glm_model::{Config, Glm, TrainOptions};
+use glm_nn::DenseFactory;
+
+use crate::{Error, Result};
+
+/// The trainable parameters, in `param_table` order.
+pub struct Params {
+    pub names: Vec<String>,
+    /// f32 master weights (what AdamW updates and checkpoints hold).
+    pub master: Vec<Var>,
+    /// What the model computes with: the master variables themselves in f32, copies in bf16/f16.
+    pub compute: Vec<Var>,
+    /// Weight decay applies (not to biases and LayerNorms).
+    pub decay: Vec<bool>,
+    /// Index into `groups` (embedding, layer.i, final) for per-layer gradient norms.
+    pub group: Vec<usize>,
+    pub groups: Vec<String>,
+    pub dtype: DType,
+}
+
+impl Params {
+    /// From f32 tensors by name (as `init_weights` or a checkpoint gives them).
+    pub fn new(cfg: &Config, tensors: &HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+        let table = param_table(cfg);
+        let mut groups = vec!["embedding".to_string()];
+        groups.extend((0..cfg.num_layers).map(|i| format!("layer.{i}")));
+        groups.push("final".to_string());
+        let mut p = Self {
+            names: Vec::new(),
+            master: Vec::new(),
+            compute: Vec::new(),
+            decay: Vec::new(),
+            group: Vec::new(),
+            groups,
+            dtype,
+        };
+        for spec in &table {
+            let t = tensors.get(&spec.name).ok_or_else(|| Error::Checkpoint(format!("missing tensor {}", spec.name)))?;
+            if t.dims() != spec.shape.as_slice() {
+                return Err(Error::Checkpoint(format!(
+                    "tensor {} has shape {:?}, the model needs {:?}",
+                    spec.name,
+                    t.dims(),
+                    spec.shape
+                )));
+            }
+            let master = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?;
+            let compute = if dtype == DType::F32 { master.clone() } else { Var::from_tensor(&master.to_dtype(dtype)?)? };
+            p.decay.push(!matches!(spec.kind, ParamKind::NormWeight | ParamKind::NormBias | ParamKind::Bias));
+            p.group.push(group_of(&spec.name, cfg.num_layers));
+            p.names.push(spec.name.clone());
+            p.master.push(master);
+            p.compute.push(compute);
+        }
+        Ok(p)
+    }
+
+    /// A model computing with the `compute` variables: the gradients of its loss are theirs.
+    pub fn model(&self, cfg: &Config) -> Result<Glm> {
+        let map: HashMap<String, Tensor> =
+            self.names.iter().cloned().zip(self.compute.iter().map(|v| v.as_tensor().clone())).collect();
+        let dev = self.master.first().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
+        Ok(Glm::new(cfg, VarBuilder::from_tensors(map, self.dtype, &dev), &DenseFactory)?)
+    }
+
+    /// Copy the master weights into the compute copies (after an update or a load).
+    pub fn sync_compute(&self) -> Result<()> {
+        if self.dtype != DType::F32 {
+            for (m, c) in self.master.iter().zip(&self.compute) {
+                c.set(&m.to_dtype(self.dtype)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn master_tensors(&self) -> HashMap<String, Tensor> {
+        self.names.iter().cloned().zip(self.master.iter().map(|v| v.as_tensor().clone())).collect()
+    }
+
+    /// Overwrite the master weights (and compute copies) from tensors by name.
+    pub fn load(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in self.names.iter().zip(&self.master) {
+            let t = tensors.get(name).ok_or_else(|| Error::Checkpoint(format!("missing tensor {name}")))?;
+            if t.dims() != var.dims() {
+                return Err(Error::Checkpoint(format!("tensor {name} has shape {:?}, want {:?}", t.dims(), var.dims())));
+            }
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        }
+        self.sync_compute()
+    }
+}
+
+fn group_of(name: &str, layers: usize) -> usize {
+    if name.contains("word_embeddings") {
+        return 0;
+    }
+    match name.split("layers.").nth(1).and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok()) {
+        Some(i) if i < layers => 1 + i,
+        _ => layers + 1,
+    }
+}
+
+/// Scored (non-ignored) targets of a batch.
+pub fn scored(b: &Batch) -> usize {
+    b.rows.iter().map(|r| r.targets.iter().filter(|&&t| t >= 0).count()).sum()
+}
+
+/// A fault to inject into this step's loss (see `FaultConfig`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossFault {
+    Scale(f64),
+    Nan,
+}
+
+/// The accumulated result of a step's micro-batches.
+pub struct Grads {
+    /// Σ over micro-batches of d(loss * loss_scale)/dθ, in f32, by parameter.
+    pub grads: Vec<Tensor>,
+    /// The step's loss (mean over its scored tokens), with any injected fault.
+    pub loss: f64,
+    pub scored: usize,
+}
+
+/// Forward and backward over the micro-batches of one step. `train.seed` is combined with the
+/// micro-batch index for dropout.
+pub fn forward_backward(
+    model: &Glm,
+    params: &Params,
+    batches: &[Batch],
+    train: &TrainOptions,
+    loss_scale: f64,
+    fault: Option<LossFault>,
+) -> Result<Grads> {
+    let dev = model.device().clone();
+    let total: usize = batches.iter().map(scored).sum();
+    let mut acc: Vec<Option<Tensor>> = vec![None; params.compute.len()];
+    let mut loss = 0f64;
+    for (k, b) in batches.iter().enumerate() {
+        let n = scored(b);
+        if n == 0 {
+            continue;
+        }
+        let (ids, pos, targets, layout) = b.tensors(&dev)?;
+        let opts = TrainOptions { seed: glm_nn::dropout::site_seed(&[train.seed, k as u64]), ..*train };
+        let logits = model.forward_train(&ids, &pos, &layout, &opts)?.to_dtype(DType::F32)?;
+        let mut l = (glm_nn::cross_entropy(&logits, &targets)? * (n as f64 / total as f64))?;
+        match fault {
+            Some(LossFault::Scale(f)) => l = (l * f)?,
+            Some(LossFault::Nan) => l = (l * f64::NAN)?,
+            None => {}
+        }
+        loss += l.to_scalar::<f32>()? as f64;
+        let store = (l * loss_scale)?.backward()?;
+        for (slot, var) in acc.iter_mut().zip(&params.compute) {
+            let g = match store.get(var.as_tensor()) {
+                Some(g) => g.to_dtype(DType::F32)?,
+                None => continue,
+            };
+            *slot = Some(match slot.take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+    }
+    let grads = acc
+        .into_iter()
+        .zip(&params.master)
+        .map(|(g, m)| match g {
+            Some(g) => Ok(g),
+            None => Ok(m.zeros_like()?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Grads { grads, loss, scored: total })
+}
+
+/// Gradient norms, unscaled by `loss_scale`: (global, per group).
+pub fn grad_norms(grads: &[Tensor], params: &Params, loss_scale: f64) -> Result<(f64, Vec<f64>)> {
+    let mut groups = vec![0f64; params.groups.len()];
+    for (g, &gi) in grads.iter().zip(&params.group) {
+        groups[gi] += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    let global = groups.iter().sum::<f64>().sqrt() / loss_scale;
+    Ok((global, groups.into_iter().map(|s| s.sqrt() / loss_scale).collect()))
+}
