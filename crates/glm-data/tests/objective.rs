@@ -273,3 +273,37 @@ fn bad_configs_are_refused() {
     let err = Batcher::new(ObjectiveConfig::default(), IDS, stream(1, 20), None, 0, 0).err().unwrap();
     assert!(err.to_string().contains("no instruction data"), "{err}");
 }
+
+#[test]
+fn pieces_shuffle_long_documents_and_keep_every_token_once() {
+    // 6 documents of 40 distinct tokens: doc i holds 100 i + 0..40.
+    let d: Vec<Vec<u32>> = (0..6u32).map(|i| (0..40).map(|j| 100 * (i + 1) + j).collect()).collect();
+    let shard = Arc::new(Shard::from_docs(header(), &d));
+    let mut s = TokenStream::new(vec![shard.clone()], EOD, 5, 0, 1).unwrap().with_max_piece(7);
+    let mut out = Vec::new();
+    s.take(6 * 41, &mut out); // one epoch: every token plus one eod per document
+    assert_eq!(out.iter().filter(|&&t| t == EOD).count(), 6);
+    let mut toks: Vec<u32> = out.iter().copied().filter(|&t| t != EOD).collect();
+    // An eod follows only a document's last token.
+    for w in out.windows(2) {
+        if w[1] == EOD {
+            assert_eq!(w[0] % 100, 39, "eod after {}", w[0]);
+        }
+    }
+    // The first 7-token windows come from several documents, not one book in order.
+    let docs: std::collections::HashSet<u32> = toks.iter().take(42).map(|t| t / 100).collect();
+    assert!(docs.len() >= 3, "{docs:?}");
+    toks.sort();
+    assert_eq!(toks, d.concat());
+    // The cursor restores mid-piece.
+    let mut a = TokenStream::new(vec![shard.clone()], EOD, 5, 0, 1).unwrap().with_max_piece(7);
+    let mut skip = Vec::new();
+    a.take(31, &mut skip);
+    let c = a.cursor();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    a.take(50, &mut x);
+    let mut b = TokenStream::new(vec![shard], EOD, 5, 0, 1).unwrap().with_max_piece(7);
+    b.restore(c).unwrap();
+    b.take(50, &mut y);
+    assert_eq!(x, y);
+}

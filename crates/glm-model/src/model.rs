@@ -225,18 +225,22 @@ impl Glm {
         layout: &AttnLayout,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        self.run(ids, positions, layout, cache, None)
+        self.run(ids, positions, layout, cache, None, None)
     }
 
-    /// The training forward: `forward` plus dropout and embedding gradient shrink, no cache.
+    /// The training forward: `forward` plus dropout and embedding gradient shrink, no cache. With
+    /// `rows` (indices into the flattened [B*T] positions) only those rows get logits, [N, V]: the
+    /// objective scores a fraction of the positions, and the head is the largest product of a small
+    /// model.
     pub fn forward_train(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         layout: &AttnLayout,
         train: &TrainOptions,
+        rows: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.run(ids, positions, layout, None, Some(train))
+        self.run(ids, positions, layout, None, Some(train), rows)
     }
 
     fn run(
@@ -246,6 +250,7 @@ impl Glm {
         layout: &AttnLayout,
         mut cache: Option<&mut KvCache>,
         train: Option<&TrainOptions>,
+        rows: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t) = self.check_inputs(ids, positions, layout)?;
         let past = match cache.as_deref_mut() {
@@ -264,9 +269,12 @@ impl Glm {
             let slot = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
             x = layer.forward(&x, &step, i, slot)?;
         }
-        let out = self.final_layernorm.forward(&x)?;
+        let mut out = self.final_layernorm.forward(&x)?;
+        if let Some(r) = rows {
+            out = out.reshape((b * t, ()))?.index_select(r, 0)?; // (N, H)
+        }
         let head = self.lm_head.as_ref().unwrap_or(&self.word_embeddings);
-        Ok(glm_nn::linear::linear_nd(&out, head, None)?) // (B, T, V)
+        Ok(glm_nn::linear::linear_nd(&out, head, None)?) // (B, T, V) or (N, V)
     }
 
     fn check_inputs(&self, ids: &Tensor, positions: &Tensor, layout: &AttnLayout) -> Result<(usize, usize)> {

@@ -107,6 +107,17 @@ impl Checkpoints {
         out
     }
 
+    /// Remove `.tmp-*` directories a killed save left behind.
+    pub fn clean_temporaries(&self) -> Result<()> {
+        let Ok(rd) = fs::read_dir(&self.root) else { return Ok(()) };
+        for e in rd.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                fs::remove_dir_all(e.path()).map_err(|x| ctx(&e.path(), "cannot remove a stale temporary", x))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Write a checkpoint atomically and keep only the newest `keep`.
     pub fn save(
         &self,

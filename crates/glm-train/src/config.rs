@@ -148,8 +148,8 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegConfig {
-    pub hidden_dropout: f32,
-    pub attention_dropout: f32,
+    pub hidden_dropout: f64,
+    pub attention_dropout: f64,
     /// Embedding gradient shrink alpha (1 = off; the paper's 0.1).
     pub egs_alpha: f64,
 }

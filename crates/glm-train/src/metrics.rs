@@ -8,7 +8,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-#[cfg(any())]
 use glm_plot::{Mark, Panel, Series, Style};
 use serde_json::Value;
 
@@ -85,12 +84,6 @@ impl Metrics {
         &self.steps.records
     }
 
-    #[cfg(not(any()))]
-    pub fn plot(&self, _title: &str) -> Result<PathBuf> {
-        Ok(self.dir.join(PLOTS))
-    }
-
-    #[cfg(any())]
     /// Draw loss, learning rate, gradient norms, loss scale, throughput and EGS alpha, with every
     /// intervention marked.
     pub fn plot(&self, title: &str) -> Result<PathBuf> {

@@ -118,6 +118,19 @@ pub fn scored(b: &Batch) -> usize {
     b.rows.iter().map(|r| r.targets.iter().filter(|&&t| t >= 0).count()).sum()
 }
 
+/// The flattened positions that have a target, and those targets: only they need logits.
+fn scored_rows(b: &Batch, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
+    for (i, t) in b.rows.iter().flat_map(|r| r.targets.iter()).enumerate() {
+        if *t >= 0 {
+            rows.push(i as u32);
+            targets.push(*t);
+        }
+    }
+    let n = rows.len();
+    Ok((Tensor::from_vec(rows, n, dev)?, Tensor::from_vec(targets, n, dev)?))
+}
+
 /// A fault to inject into this step's loss (see `FaultConfig`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LossFault {
@@ -153,9 +166,10 @@ pub fn forward_backward(
         if n == 0 {
             continue;
         }
-        let (ids, pos, targets, layout) = b.tensors(&dev)?;
+        let (ids, pos, _, layout) = b.tensors(&dev)?;
+        let (rows, targets) = scored_rows(b, &dev)?;
         let opts = TrainOptions { seed: glm_nn::dropout::site_seed(&[train.seed, k as u64]), ..*train };
-        let logits = model.forward_train(&ids, &pos, &layout, &opts)?.to_dtype(DType::F32)?;
+        let logits = model.forward_train(&ids, &pos, &layout, &opts, Some(&rows))?.to_dtype(DType::F32)?;
         let mut l = (glm_nn::cross_entropy(&logits, &targets)? * (n as f64 / total as f64))?;
         match fault {
             Some(LossFault::Scale(f)) => l = (l * f)?,

@@ -152,7 +152,9 @@ impl Trainer {
         } else {
             None
         };
-        let stream = TokenStream::new(train_shards.clone(), glm_data::eod_id(&tok)?, cfg.seed, 0, 1)?;
+        // Pieces of one row's length are shuffled, so a long book does not fill consecutive batches.
+        let stream = TokenStream::new(train_shards.clone(), glm_data::eod_id(&tok)?, cfg.seed, 0, 1)?
+            .with_max_piece(cfg.objective.seq_len);
         let batcher = Batcher::new(cfg.objective.clone(), ids, stream, instructions, cfg.seed, 0)?;
         let heldout = corpus::shard(&tok, &tok_hash, corpus::Split::Heldout)?;
         let val = Validation::new(
@@ -169,6 +171,7 @@ impl Trainer {
 
         std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io(format!("{}: {e}", opts.out.display())))?;
         let ckpts = Checkpoints::new(opts.out.join("checkpoints"));
+        ckpts.clean_temporaries()?;
         let existing = ckpts.list();
         if !opts.resume && !existing.is_empty() {
             return Err(Error::Config(format!(
@@ -445,8 +448,8 @@ impl Trainer {
         };
         let r = &self.cfg.regularization;
         let train = TrainOptions {
-            hidden_dropout: r.hidden_dropout,
-            attention_dropout: r.attention_dropout,
+            hidden_dropout: r.hidden_dropout as f32,
+            attention_dropout: r.attention_dropout as f32,
             egs_alpha: self.state.egs_alpha,
             seed: glm_nn::dropout::site_seed(&[self.cfg.seed, step]),
         };

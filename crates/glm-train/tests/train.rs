@@ -324,3 +324,16 @@ fn training_checkpoints_load_for_inference() -> Result<()> {
     assert_eq!(m.config().num_layers, 4);
     Ok(())
 }
+
+#[test]
+fn logits_of_selected_rows_equal_the_full_forward() -> Result<()> {
+    let (cfg, params) = setup(5)?;
+    let model = params.model(&cfg)?;
+    let b = &batches(1, 2, 64)?[0];
+    let (ids, pos, _, layout) = b.tensors(&Device::Cpu)?;
+    let full = model.forward(&ids, &pos, &layout, None)?.reshape((2 * 64, ()))?;
+    let rows = Tensor::new(&[0u32, 5, 63, 64, 127], &Device::Cpu)?;
+    let some = model.forward_train(&ids, &pos, &layout, &NO_DROPOUT, Some(&rows))?;
+    assert!(max_rel(&some, &full.index_select(&rows, 0)?)? < 1e-6);
+    Ok(())
+}

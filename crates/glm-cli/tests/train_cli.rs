@@ -1,0 +1,115 @@
+//! `glm train`: the interface scripts rely on, and surviving SIGKILL.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A quick configuration: 64-token rows, 4 rows per step, checkpoints every 3 steps.
+const CONFIG: &str = r#"
+max_steps = 30
+[objective]
+seq_len = 64
+[batch]
+micro_batch = 2
+global = 4
+ramp_start = 4
+[optim]
+warmup_samples = 8
+decay_samples = 120
+[eval]
+every = 0
+rows = 4
+[checkpoint]
+every = 3
+keep = 2
+"#;
+
+fn steps(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn glm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_glm")).args(args).output().expect("run glm")
+}
+
+#[test]
+fn train_writes_metrics_checkpoints_plots_and_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("train.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let out = dir.path().join("run");
+    let o = glm(&["train", "--config", cfg.to_str().unwrap(), "--max-steps", "4", "--out", out.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = steps(&out);
+    assert_eq!(m.len(), 4);
+    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
+        assert!(m.iter().all(|v| v[key].is_number()), "{key} missing: {:?}", m[0]);
+    }
+    assert!(out.join("checkpoints/step-00000004/manifest.json").exists());
+    let svg = std::fs::read_to_string(out.join("plots.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("loss scale"));
+    let samples = std::fs::read_to_string(out.join("samples.txt")).unwrap();
+    assert!(samples.contains("[MASK] fill") && samples.contains("Chinese"), "{samples}");
+    let summary: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(summary["step"], 4);
+    // A second run into the same directory without --resume is refused, and loses nothing.
+    let o = glm(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    assert_eq!(steps(&out).len(), 4);
+    // Bad configs are reported, not panicked on.
+    std::fs::write(&cfg, "[optim]\nlr = -1\n").unwrap();
+    let o = glm(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("optim.lr"));
+    std::fs::write(&cfg, "[optim]\nlearning_rate = 1\n").unwrap();
+    let o = glm(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("learning_rate"));
+}
+
+/// Kill -9 at a random moment, restart with --resume: at most one checkpoint interval is lost and
+/// the run completes.
+#[test]
+fn sigkill_loses_at_most_one_checkpoint_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("train.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let out = dir.path().join("run");
+    let args = ["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet", "--no-samples"];
+    // A pseudo-random kill point between steps 5 and 20, from the clock.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let kill_after = 5 + (nanos % 16) as usize;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glm")).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while steps(&out).len() < kill_after && t0.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let done = steps(&out).iter().filter_map(|v| v["step"].as_u64()).max().unwrap_or(0);
+    assert!(done >= kill_after as u64 && done < 30, "killed after {done} steps");
+
+    let mut resumed = args.to_vec();
+    resumed.push("--resume");
+    let o = glm(&resumed);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    let from = summary["resumed_from"].as_u64().unwrap();
+    assert!(done - from <= 3, "killed at step {done}, resumed from {from}: lost more than one interval");
+    assert_eq!(summary["step"], 30);
+    // The log describes one run: steps 1..=30, each once.
+    let logged: Vec<u64> = steps(&out).iter().filter_map(|v| v["step"].as_u64()).collect();
+    assert_eq!(logged, (1..=30).collect::<Vec<u64>>());
+    // No temporary checkpoint directories are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
