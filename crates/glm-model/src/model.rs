@@ -48,11 +48,9 @@ impl<'a> Step<'a> {
     /// Dropout at one site of one layer (identity at inference or with p = 0).
     fn dropout(&self, x: Tensor, layer: usize, site: u64, pick: fn(&TrainOptions) -> f32) -> Result<Tensor> {
         match self.train {
-            Some(t) if pick(t) > 0.0 => Ok(glm_nn::dropout(
-                &x,
-                pick(t),
-                glm_nn::dropout::site_seed(&[t.seed, layer as u64, site]),
-            )?),
+            Some(t) if pick(t) > 0.0 => {
+                Ok(glm_nn::dropout(&x, pick(t), glm_nn::dropout::site_seed(&[t.seed, layer as u64, site]))?)
+            }
             _ => Ok(x),
         }
     }

@@ -184,7 +184,11 @@ impl Checkpoints {
             let p = dir.join(want);
             let got = checksum(&p)?;
             if got.bytes != sum.bytes {
-                return Err(ctx(&p, "truncated or extended", format!("{} bytes, manifest says {}", got.bytes, sum.bytes)));
+                return Err(ctx(
+                    &p,
+                    "truncated or extended",
+                    format!("{} bytes, manifest says {}", got.bytes, sum.bytes),
+                ));
             }
             if got.crc32 != sum.crc32 {
                 return Err(ctx(&p, "checksum mismatch (corrupt)", format!("{:08x} vs {:08x}", got.crc32, sum.crc32)));

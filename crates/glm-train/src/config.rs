@@ -259,18 +259,18 @@ impl TrainConfig {
             return bad("batch.micro_batch and batch.global must be at least 1".into());
         }
         for (name, v) in [("batch.global", b.global), ("batch.ramp_start", b.ramp_start)] {
-            if v % b.micro_batch != 0 {
+            if !v.is_multiple_of(b.micro_batch) {
                 return bad(format!("{name} = {v} is not a multiple of batch.micro_batch = {}", b.micro_batch));
             }
         }
-        if b.ramp_start < b.global && (b.ramp_increment == 0 || b.ramp_increment % b.micro_batch != 0) {
+        if b.ramp_start < b.global && (b.ramp_increment == 0 || !b.ramp_increment.is_multiple_of(b.micro_batch)) {
             return bad(format!(
                 "batch.ramp_increment = {} must be a positive multiple of batch.micro_batch = {}",
                 b.ramp_increment, b.micro_batch
             ));
         }
         let o = &self.optim;
-        if !(o.lr > 0.0 && o.lr.is_finite()) || !(0.0..=1.0).contains(&o.min_lr_ratio) {
+        if !(o.lr > 0.0 && o.lr.is_finite() && (0.0..=1.0).contains(&o.min_lr_ratio)) {
             return bad(format!("optim.lr = {} must be positive, optim.min_lr_ratio in [0, 1]", o.lr));
         }
         if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) || o.eps <= 0.0 || o.weight_decay < 0.0 {

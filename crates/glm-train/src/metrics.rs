@@ -88,9 +88,7 @@ impl Metrics {
     /// intervention marked.
     pub fn plot(&self, title: &str) -> Result<PathBuf> {
         let xy = |recs: &[Value], key: &str| -> Vec<(f64, f64)> {
-            recs.iter()
-                .filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?)))
-                .collect::<Vec<_>>()
+            recs.iter().filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?))).collect::<Vec<_>>()
         };
         let line = |name: &str, points| Series { name: name.into(), points, style: Style::Line };
         let dots = |name: &str, points| Series { name: name.into(), points, style: Style::Dots };
@@ -128,15 +126,22 @@ impl Metrics {
                     dots("unigram baseline", xy(&self.evals.records, "unigram_loss")),
                 ],
             ),
-            panel("held-out bits per byte", "bits / byte", false, vec![dots("model", xy(&self.evals.records, "val_bpb"))]),
+            panel(
+                "held-out bits per byte",
+                "bits / byte",
+                false,
+                vec![dots("model", xy(&self.evals.records, "val_bpb"))],
+            ),
             panel("learning rate", "lr", false, vec![line("lr", xy(s, "lr"))]),
             panel("gradient norm (before clipping)", "L2 norm", true, group_series),
             panel("loss scale", "scale", true, vec![line("loss scale", xy(s, "loss_scale"))]),
             panel("throughput", "tokens / s", false, vec![line("tokens/s", xy(s, "tokens_per_s"))]),
-            panel("EGS alpha and LR factor", "value", false, vec![
-                line("egs_alpha", xy(s, "egs_alpha")),
-                line("lr_scale", xy(s, "lr_scale")),
-            ]),
+            panel(
+                "EGS alpha and LR factor",
+                "value",
+                false,
+                vec![line("egs_alpha", xy(s, "egs_alpha")), line("lr_scale", xy(s, "lr_scale"))],
+            ),
             panel("global batch", "rows", false, vec![line("rows", xy(s, "batch"))]),
         ];
         let path = self.dir.join(PLOTS);

@@ -65,7 +65,8 @@ impl MonitorConfig {
         if self.window == 0 || self.min_history > self.window {
             return Err(format!("monitor: window {} >= min_history {} >= 0", self.window, self.min_history));
         }
-        for (n, f) in [("rollback_lr_factor", self.rollback_lr_factor), ("rollback_egs_factor", self.rollback_egs_factor)]
+        for (n, f) in
+            [("rollback_lr_factor", self.rollback_lr_factor), ("rollback_egs_factor", self.rollback_egs_factor)]
         {
             if !(f > 0.0 && f <= 1.0) {
                 return Err(format!("monitor.{n} = {f} is outside (0, 1]"));
@@ -82,9 +83,19 @@ impl MonitorConfig {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     /// The loss or the gradient norm is not finite.
-    Nan { loss: f64, grad_norm: f64 },
-    LossSpike { loss: f64, mean: f64, std: f64 },
-    GradSpike { grad_norm: f64, median: f64 },
+    Nan {
+        loss: f64,
+        grad_norm: f64,
+    },
+    LossSpike {
+        loss: f64,
+        mean: f64,
+        std: f64,
+    },
+    GradSpike {
+        grad_norm: f64,
+        median: f64,
+    },
 }
 
 impl Event {

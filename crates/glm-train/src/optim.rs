@@ -243,7 +243,12 @@ mod tests {
                 }
                 let got = var.as_tensor().to_vec1::<f32>()?;
                 for i in 0..5 {
-                    assert!((got[i] as f64 - p[i]).abs() < 1e-6, "decay {decay} fused {fused} [{i}]: {} vs {}", got[i], p[i]);
+                    assert!(
+                        (got[i] as f64 - p[i]).abs() < 1e-6,
+                        "decay {decay} fused {fused} [{i}]: {} vs {}",
+                        got[i],
+                        p[i]
+                    );
                 }
             }
         }
@@ -257,7 +262,8 @@ mod tests {
         let mut a = AdamW::new(CFG, std::slice::from_ref(&var), true)?;
         a.step(std::slice::from_ref(&var), &[Tensor::new(&[1f32, -1., 0.5], &dev)?], &[true], 0.1, 1.0)?;
         let names = vec!["w".to_string()];
-        let saved: std::collections::HashMap<String, Tensor> = a.state_tensors(&names, &[var.clone()])?.into_iter().collect();
+        let saved: std::collections::HashMap<String, Tensor> =
+            a.state_tensors(&names, std::slice::from_ref(&var))?.into_iter().collect();
         let mut b = AdamW::new(CFG, std::slice::from_ref(&var), false)?;
         b.load_state(&names, |n| saved.get(n).cloned().ok_or_else(|| Error::Optim(n.into())), a.t)?;
         let again: std::collections::HashMap<String, Tensor> = b.state_tensors(&names, &[var])?.into_iter().collect();

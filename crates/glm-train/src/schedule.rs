@@ -56,7 +56,8 @@ mod tests {
 
     #[test]
     fn warmup_cosine_floor() {
-        let o = OptimConfig { lr: 1.0, min_lr_ratio: 0.1, warmup_samples: 10, decay_samples: 110, ..Default::default() };
+        let o =
+            OptimConfig { lr: 1.0, min_lr_ratio: 0.1, warmup_samples: 10, decay_samples: 110, ..Default::default() };
         let s = LrSchedule::new(&o, 1000);
         assert_eq!(s.at(5), 0.5);
         assert_eq!(s.at(10), 1.0);

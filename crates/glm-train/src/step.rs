@@ -48,7 +48,8 @@ impl Params {
             dtype,
         };
         for spec in &table {
-            let t = tensors.get(&spec.name).ok_or_else(|| Error::Checkpoint(format!("missing tensor {}", spec.name)))?;
+            let t =
+                tensors.get(&spec.name).ok_or_else(|| Error::Checkpoint(format!("missing tensor {}", spec.name)))?;
             if t.dims() != spec.shape.as_slice() {
                 return Err(Error::Checkpoint(format!(
                     "tensor {} has shape {:?}, the model needs {:?}",
@@ -58,7 +59,8 @@ impl Params {
                 )));
             }
             let master = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?;
-            let compute = if dtype == DType::F32 { master.clone() } else { Var::from_tensor(&master.to_dtype(dtype)?)? };
+            let compute =
+                if dtype == DType::F32 { master.clone() } else { Var::from_tensor(&master.to_dtype(dtype)?)? };
             p.decay.push(!matches!(spec.kind, ParamKind::NormWeight | ParamKind::NormBias | ParamKind::Bias));
             p.group.push(group_of(&spec.name, cfg.num_layers));
             p.names.push(spec.name.clone());
@@ -95,7 +97,11 @@ impl Params {
         for (name, var) in self.names.iter().zip(&self.master) {
             let t = tensors.get(name).ok_or_else(|| Error::Checkpoint(format!("missing tensor {name}")))?;
             if t.dims() != var.dims() {
-                return Err(Error::Checkpoint(format!("tensor {name} has shape {:?}, want {:?}", t.dims(), var.dims())));
+                return Err(Error::Checkpoint(format!(
+                    "tensor {name} has shape {:?}, want {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
             }
             var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
         }

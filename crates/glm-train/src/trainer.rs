@@ -93,7 +93,8 @@ pub struct Trainer {
     schedule: LrSchedule,
     /// (step, fault kind) already injected.
     fired: HashSet<(u64, u8)>,
-    last_val: Option<ValResult>,
+    /// (step, result) of the latest validation.
+    last_val: Option<(u64, ValResult)>,
     resumed_from: Option<u64>,
     last_saved: Option<u64>,
     pb: ProgressBar,
@@ -341,7 +342,7 @@ impl Trainer {
                 self.state.step, v.val_loss, v.unigram_loss, v.val_bpb, v.unigram_bpb
             )
         });
-        self.last_val = Some(v);
+        self.last_val = Some((self.state.step, v));
         Ok(v)
     }
 
@@ -371,18 +372,17 @@ impl Trainer {
         while self.state.step < end {
             self.train_step()?;
             let s = self.state.step;
-            if self.cfg.eval.every > 0 && s % self.cfg.eval.every == 0 && s < end {
+            if self.cfg.eval.every > 0 && s.is_multiple_of(self.cfg.eval.every) && s < end {
                 self.validate()?;
                 self.plot()?;
             }
-            if self.cfg.checkpoint.every > 0 && s % self.cfg.checkpoint.every == 0 && s < end {
+            if self.cfg.checkpoint.every > 0 && s.is_multiple_of(self.cfg.checkpoint.every) && s < end {
                 self.save()?;
             }
         }
-        let val = if self.cfg.eval.every == 0 || self.last_val.is_none() || self.state.step % self.cfg.eval.every != 0 {
-            Some(self.validate()?)
-        } else {
-            self.validate().ok()
+        let val = match self.last_val {
+            Some((step, v)) if step == self.state.step => Some(v),
+            _ => Some(self.validate()?),
         };
         let checkpoint = if self.last_saved != Some(self.state.step) { Some(self.save()?) } else { None };
         let plots = Some(self.plot()?);
@@ -478,15 +478,21 @@ impl Trainer {
         }
         if let Some(ev) = self.state.monitor.check(&self.cfg.monitor, g.loss, norm) {
             match Monitor::policy(&self.cfg.monitor, &ev) {
-                Policy::Ignore => {
-                    self.event(step, json!({"kind": "monitor", "event": ev, "action": "ignore", "message": ev.describe()}), false)?
-                }
+                Policy::Ignore => self.event(
+                    step,
+                    json!({"kind": "monitor", "event": ev, "action": "ignore", "message": ev.describe()}),
+                    false,
+                )?,
                 Policy::Skip => {
                     self.count_intervention(step, &ev)?;
                     self.advance(rows);
                     self.log_step(step, &g.loss, lr, norm, &groups, rows, t0, true)?;
                     let msg = format!("{}: update skipped", ev.describe());
-                    return self.event(step, json!({"kind": "monitor", "event": ev, "action": "skip", "message": msg}), true);
+                    return self.event(
+                        step,
+                        json!({"kind": "monitor", "event": ev, "action": "skip", "message": msg}),
+                        true,
+                    );
                 }
                 Policy::Rollback => return self.rollback(step, ev),
             }

@@ -15,8 +15,7 @@ use serde_json::Value;
 
 /// A run small enough for a test: 64-token rows, micro-batches of 2, steps of 4 rows.
 fn small() -> TrainConfig {
-    let mut c = TrainConfig::default();
-    c.max_steps = 12;
+    let mut c = TrainConfig { max_steps: 12, ..Default::default() };
     c.objective.seq_len = 64;
     c.batch.micro_batch = 2;
     c.batch.global = 4;
@@ -38,11 +37,7 @@ fn opts(out: &Path, resume: bool, stop_at: Option<u64>) -> RunOptions {
 }
 
 fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 fn losses(out: &Path) -> Vec<(u64, u32)> {
@@ -98,7 +93,8 @@ fn egs_keeps_the_forward_and_scales_only_the_embedding_gradient() -> Result<()> 
     let (cfg, params) = setup(2)?;
     let model = params.model(&cfg)?;
     let b = batches(1, 2, 64)?;
-    let run = |alpha: f64| forward_backward(&model, &params, &b, &TrainOptions { egs_alpha: alpha, ..NO_DROPOUT }, 1.0, None);
+    let run =
+        |alpha: f64| forward_backward(&model, &params, &b, &TrainOptions { egs_alpha: alpha, ..NO_DROPOUT }, 1.0, None);
     let (g1, g03, g0) = (run(1.0)?, run(0.3)?, run(0.0)?);
     assert_eq!(g1.loss, g03.loss, "EGS changed the forward");
     for (i, name) in params.names.iter().enumerate() {
@@ -132,6 +128,7 @@ fn one_step_matches_a_hand_computed_adamw_update() -> Result<()> {
     let (lr, wd, b1, b2, eps) = (1e-3, 0.1, 0.9, 0.95, 1e-8);
     let mut opt = AdamW::new(AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd }, &params.master, true)?;
     opt.step(&params.master, &g.grads, &params.decay, lr, coef)?;
+    #[allow(clippy::needless_range_loop)]
     for i in 0..params.names.len() {
         let grad = g.grads[i].flatten_all()?.to_vec1::<f32>()?;
         let after = params.master[i].flatten_all()?.to_vec1::<f32>()?;
@@ -257,7 +254,8 @@ fn a_loss_spike_rolls_back_skips_data_and_shrinks_egs_and_lr() -> Result<()> {
     assert_eq!(s.step, 16);
     assert_eq!(s.interventions, 1);
     let events = jsonl(&out.join("events.jsonl"));
-    let rb = events.iter().find(|e| e["action"] == "rollback").ok_or_else(|| anyhow::anyhow!("no rollback: {events:?}"))?;
+    let rb =
+        events.iter().find(|e| e["action"] == "rollback").ok_or_else(|| anyhow::anyhow!("no rollback: {events:?}"))?;
     assert_eq!(rb["step"], 10);
     assert_eq!(rb["to_step"], 8);
     assert_eq!(rb["skip"], serde_json::json!([8, 10]));
