@@ -25,6 +25,9 @@ struct Step<'a> {
     rope: &'a Rope,
     cos: Tensor,  // (B, 1, T, D)
     sin: Tensor,  // (B, 1, T, D)
+    /// The tables times 1/sqrt(D), for q: the attention scale costs no pass over q.
+    cos_q: Tensor,
+    sin_q: Tensor,
     mask: Tensor, // (B, 1, T, T_past + T), additive, f32
     train: Option<&'a TrainOptions>,
 }
@@ -83,13 +86,12 @@ impl Attention {
         // (B, T, N, 3D): the fused weight is per-head interleaved, q | k | v inside each head.
         let qkv = self.query_key_value.forward(x)?.reshape((b, t, n, 3 * d))?;
         let heads = |i: usize| qkv.narrow(3, i * d, d)?.transpose(1, 2)?.contiguous(); // (B, N, T, D)
-        let q = step.rope.apply(&heads(0)?, &step.cos, &step.sin)?;
+        let q = step.rope.apply(&heads(0)?, &step.cos_q, &step.sin_q)?; // rope(q) / sqrt(D)
         let mut k = step.rope.apply(&heads(1)?, &step.cos, &step.sin)?;
         let mut v = heads(2)?;
         if let Some(slot) = cache {
             (k, v) = LayerKv::append(slot, &k, &v)?; // (B, N, T_past + T, D)
         }
-        let q = (q * (1.0 / (d as f64).sqrt()))?;
         let scores = glm_nn::blas::matmul(&q, &k, true)?; // q kᵀ, (B, N, T, T_k)
                                                           // Softmax in f32 whatever the activation dtype.
         let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &step.mask)?;
@@ -257,7 +259,10 @@ impl Glm {
         };
         let dtype = self.dtype();
         let (cos, sin) = self.rope.tables(positions, dtype)?;
-        let step = Step { rope: &self.rope, cos, sin, mask: layout.mask(past, t, past + t, self.device())?, train };
+        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+        let (cos_q, sin_q) = ((&cos * scale)?, (&sin * scale)?);
+        let mask = layout.mask(past, t, past + t, self.device())?;
+        let step = Step { rope: &self.rope, cos, sin, cos_q, sin_q, mask, train };
 
         let mut x = self.word_embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?; // (B, T, H)
         if let Some(alpha) = train.map(|t| t.egs_alpha).filter(|a| *a != 1.0) {

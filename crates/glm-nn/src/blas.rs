@@ -213,7 +213,9 @@ impl CustomOp2 for Gemm {
         };
         let m = if self.ta { va.cols } else { va.rows };
         let n = if self.tb { vb.rows } else { vb.cols };
-        let mut c = vec![0f32; va.batch * m * n];
+        // sgemm with beta = 0 sets every element (OpenBLAS zeroes C itself, never reading it); the
+        // sgemv path (m = 1) scales y by beta, so it starts from zeros.
+        let mut c = if m == 1 { vec![0f32; va.batch * n] } else { crate::kernels::out_buf(va.batch * m * n) };
         let (a, b) = (f32_storage(s1, self.name())?, f32_storage(s2, self.name())?);
         gemm(a, va, b, vb, self.ta, self.tb, 0.0, &mut c)?;
         let mut dims = l1.dims().to_vec();

@@ -68,7 +68,7 @@ impl CustomOp1 for Dropout {
         let x = crate::kernels::f32_slice(s, l, self.name())?;
         let (t, scale, seed) = (threshold(self.p), 1.0 / (1.0 - self.p), self.seed);
         const CHUNK: usize = 1 << 14;
-        let mut out = vec![0f32; x.len()];
+        let mut out = crate::kernels::out_buf(x.len());
         out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (o, x))| {
             let base = (c * CHUNK) as u64;
             for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {

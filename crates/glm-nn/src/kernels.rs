@@ -14,6 +14,20 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     }
 }
 
+/// An output buffer of `n` f32 that the caller overwrites completely before anything reads it.
+/// Skips the zeroing pass of `vec![0.0; n]` (a full memory pass over every large output: attention
+/// scores, FFN activations).
+pub(crate) fn out_buf(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns, and every caller writes all n elements before the
+    // buffer is read or leaves the kernel.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(n)
+    };
+    v
+}
+
 /// e^x for the softmax-style kernels, written so that loops over it vectorize (no libm call):
 /// x = n ln2 + r with |r| <= ln2/2 (Cody-Waite reduction), e^r by a degree-6 Taylor polynomial
 /// (relative error < 1e-6, tested against `exp_fast_ref`), 2^n from the exponent bits. Inputs
@@ -104,7 +118,7 @@ impl CustomOp2 for MaskedSoftmax {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (scores, mask) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
         let (_, n, tq, tk) = l1.shape().dims4()?;
-        let mut out = vec![0f32; scores.len()];
+        let mut out = out_buf(scores.len());
         out.par_chunks_mut(tk).enumerate().with_min_len(min_rows(tk)).for_each(|(r, o)| {
             let (b, q) = (r / (n * tq), r % tq);
             let s = &scores[r * tk..(r + 1) * tk];
@@ -140,7 +154,7 @@ impl CustomOp2 for SoftmaxGrad {
         if p.len() != g.len() {
             candle_core::bail!("softmax grad: {} probabilities, {} gradients", p.len(), g.len())
         }
-        let mut ds = vec![0f32; p.len()];
+        let mut ds = out_buf(p.len());
         ds.par_chunks_mut(w).zip(p.par_chunks(w).zip(g.par_chunks(w))).with_min_len(min_rows(w)).for_each(
             |(ds, (p, g))| {
                 let mut acc = [0f32; LANES];
@@ -343,7 +357,7 @@ impl CustomOp3 for RopeOp {
         let (cos, sin) = (f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let (_, n, t, d) = l1.shape().dims4()?;
         let half = d / (2 * self.parts);
-        let mut out = vec![0f32; x.len()];
+        let mut out = out_buf(x.len());
         // One (b, head, token) row of D at a time; its tables are row (b, token).
         out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().with_min_len(min_rows(d)).for_each(|(r, (o, x))| {
             let (b, tok) = (r / (n * t), r % t);
@@ -413,7 +427,7 @@ impl CustomOp1 for GeGlu {
             candle_core::bail!("geglu: last dim {two_f} is odd")
         }
         let f = two_f / 2;
-        let mut out = vec![0f32; u.len() / 2];
+        let mut out = out_buf(u.len() / 2);
         out.par_chunks_mut(f.max(1)).zip(u.par_chunks(two_f.max(1))).with_min_len(min_rows(two_f)).for_each(
             |(o, u)| {
                 for i in 0..f {
@@ -445,7 +459,7 @@ impl CustomOp2 for GeGluGrad {
         let (u, g) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?);
         let two_f = l1.shape().dims().last().copied().unwrap_or(0);
         let f = two_f / 2;
-        let mut du = vec![0f32; u.len()];
+        let mut du = out_buf(u.len());
         du.par_chunks_mut(two_f.max(1))
             .zip(u.par_chunks(two_f.max(1)).zip(g.par_chunks(f.max(1))))
             .with_min_len(min_rows(two_f))
