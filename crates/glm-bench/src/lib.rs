@@ -4,6 +4,7 @@
 //! Nothing here is asserted in tests: these are measurements, printed and returned as JSON.
 
 pub mod data;
+pub mod train;
 
 use std::io::Write;
 use std::process::Command;
@@ -151,27 +152,40 @@ struct TorchRun {
     sgemm_gflops: Option<f64>,
 }
 
-fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<TorchRun> {
-    let script = tempfile_path("glm-torch-bench.py");
+/// Runs the Python script `source` (written to a temporary `name`) with `args` as JSON in argv[1]
+/// and `env` added to the environment; returns the JSON object it prints.
+fn run_python(
+    python: &str,
+    name: &str,
+    source: &str,
+    args: &serde_json::Value,
+    env: &[(&str, &str)],
+) -> Result<serde_json::Value> {
+    let script = tempfile_path(name);
     std::fs::File::create(&script)
-        .and_then(|mut f| f.write_all(TORCH_SCRIPT.as_bytes()))
+        .and_then(|mut f| f.write_all(source.as_bytes()))
         .with_context(|| format!("writing {}", script.display()))?;
-    let args = serde_json::json!({
-        "threads": threads(), "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-        "num_heads": cfg.num_heads, "ffn_hidden_size": cfg.ffn_hidden_size, "vocab_size": cfg.vocab_size,
-        "batch": opts.batch, "seq": opts.seq, "iters": opts.iters,
-        "decode_prompt": opts.decode_prompt, "decode_new": opts.decode_new,
-    });
     let out = Command::new(python)
         .arg(&script)
         .arg(args.to_string())
+        .envs(env.iter().copied())
         .output()
         .with_context(|| format!("running {python}"))?;
     let _ = std::fs::remove_file(&script);
     if !out.status.success() {
         return Err(anyhow!("{python} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing torch bench output")?;
+    serde_json::from_slice(&out.stdout).with_context(|| format!("parsing the output of {name}"))
+}
+
+fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<TorchRun> {
+    let args = serde_json::json!({
+        "threads": threads(), "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_heads, "ffn_hidden_size": cfg.ffn_hidden_size, "vocab_size": cfg.vocab_size,
+        "batch": opts.batch, "seq": opts.seq, "iters": opts.iters,
+        "decode_prompt": opts.decode_prompt, "decode_new": opts.decode_new,
+    });
+    let v = run_python(python, "glm-torch-bench.py", TORCH_SCRIPT, &args, &[])?;
     let f = |k: &str| v[k].as_f64().ok_or_else(|| anyhow!("torch bench output lacks {k}"));
     Ok(TorchRun {
         forward_s: f("forward_s")?,
@@ -211,6 +225,34 @@ pub fn torch_available(python: &str) -> bool {
     Command::new(python).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
+/// The Python to run a PyTorch baseline with (`None`: skip it) and, when skipped, why.
+fn torch_python(python: Option<&str>) -> (Option<&str>, Option<String>) {
+    match python {
+        None => (None, Some("PyTorch baseline skipped (--no-torch)".to_string())),
+        Some(p) if !torch_available(p) => (None, Some(format!("PyTorch baseline skipped: `{p}` cannot import torch"))),
+        Some(p) => (Some(p), None),
+    }
+}
+
+/// sgemm rates of candle's gemm and of the BLAS the dense layers use, if any.
+fn sgemm_peaks() -> Result<(f64, Option<f64>)> {
+    let candle = sgemm_gflops(|a, b| glm_nn::blas::linear_ref(a, b, None))?;
+    let blas = match glm_nn::blas::backend() {
+        Some(_) => Some(sgemm_gflops(|a, b| glm_nn::blas::linear(a, b, None))?),
+        None => None,
+    };
+    Ok((candle, blas))
+}
+
+/// A progress bar of `len` runs named `name` (on stderr).
+fn progress(name: &str, len: usize) -> Result<ProgressBar> {
+    let style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} runs  {per_sec}  eta {eta}")
+        .map_err(|e| anyhow!("{e}"))?;
+    let bar = ProgressBar::new(len as u64).with_style(style);
+    bar.set_prefix(name.to_string());
+    Ok(bar)
+}
+
 pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
     if opts.iters == 0 || opts.batch == 0 || opts.seq == 0 || opts.decode_prompt == 0 || opts.decode_new == 0 {
         return Err(anyhow!("--iters, --batch, --seq, --decode-prompt and --decode-new must be positive"));
@@ -218,28 +260,15 @@ pub fn forward(opts: &ForwardBench) -> Result<ForwardReport> {
     if opts.decode_prompt > opts.seq {
         return Err(anyhow!("--decode-prompt ({}) must not exceed --seq ({})", opts.decode_prompt, opts.seq));
     }
-    let candle_peak = sgemm_gflops(|a, b| glm_nn::blas::linear_ref(a, b, None))?;
-    let blas_peak = match glm_nn::blas::backend() {
-        Some(_) => Some(sgemm_gflops(|a, b| glm_nn::blas::linear(a, b, None))?),
-        None => None,
-    };
+    let (candle_peak, blas_peak) = sgemm_peaks()?;
     let mut peak = candle_peak.max(blas_peak.unwrap_or(0.0));
-    let torch = opts.torch_python.as_deref().filter(|p| torch_available(p));
-    let torch_note = match (&opts.torch_python, torch) {
-        (None, _) => Some("PyTorch baseline skipped (--no-torch)".to_string()),
-        (Some(p), None) => Some(format!("PyTorch baseline skipped: `{p}` cannot import torch")),
-        _ => None,
-    };
+    let (torch, torch_note) = torch_python(opts.torch_python.as_deref());
     let mut results = Vec::new();
     let mut torch_sgemm = None;
     for name in &opts.presets {
         let cfg = Config::preset(name)?;
         let (b, t) = (opts.batch, opts.seq);
-        let bar = ProgressBar::new(2 * opts.iters as u64).with_style(
-            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} runs  {per_sec}  eta {eta}")
-                .map_err(|e| anyhow!("{e}"))?,
-        );
-        bar.set_prefix(name.clone());
+        let bar = progress(name, 2 * opts.iters)?;
         let (ids, pos, layout) = inputs(&cfg, b, t)?;
         // Inference path: plain tensors, no autograd graph. Training path: variables.
         let weights = init_weights(&cfg, 0, &Device::Cpu)?;

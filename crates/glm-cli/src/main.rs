@@ -81,6 +81,9 @@ enum BenchCmd {
     /// Tokenizer training/encoding MB/s beside Python sentencepiece and tokenizers, and the data
     /// loader's tokens/s.
     Data(DataArgs),
+    /// Training tokens/s and model TFLOP/s of full optimizer steps on CPU, beside PyTorch eager and
+    /// the sgemm peak.
+    Train(glm_bench::train::TrainBenchArgs),
 }
 
 #[derive(Args)]
@@ -240,6 +243,7 @@ fn main() -> Result<()> {
                     .with_context(|| format!("writing {}", p.display()))?;
             }
         }
+        Cmd::Bench(BenchCmd::Train(a)) => a.run()?,
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
         Cmd::Data(c) => data_cmd::run_data(c)?,
         Cmd::Train(a) => train_cmd::run(a)?,
