@@ -83,7 +83,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
-    let device = if a.cuda { candle_core::Device::new_cuda(0).context("opening CUDA device 0")? } else { candle_core::Device::Cpu };
+    let device = if a.cuda {
+        candle_core::Device::new_cuda(0).context("opening CUDA device 0")?
+    } else {
+        candle_core::Device::Cpu
+    };
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}", cfg.preset)));
     let opts = RunOptions { out: out.clone(), resume: a.resume, stop_at: a.stop_at, progress: !a.quiet, device };
     let model = cfg.model()?;

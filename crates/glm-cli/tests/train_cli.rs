@@ -44,7 +44,16 @@ fn train_writes_metrics_checkpoints_plots_and_samples() {
     let cfg = dir.path().join("train.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
     let out = dir.path().join("run");
-    let o = glm(&["train", "--config", cfg.to_str().unwrap(), "--max-steps", "4", "--out", out.to_str().unwrap(), "--quiet"]);
+    let o = glm(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--max-steps",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = steps(&out);
     assert_eq!(m.len(), 4);
@@ -84,7 +93,8 @@ fn sigkill_loses_at_most_one_checkpoint_interval() {
     // A pseudo-random kill point between steps 5 and 20, from the clock.
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     let kill_after = 5 + (nanos % 16) as usize;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_glm")).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_glm")).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let t0 = Instant::now();
     while steps(&out).len() < kill_after && t0.elapsed() < Duration::from_secs(300) {
         std::thread::sleep(Duration::from_millis(20));

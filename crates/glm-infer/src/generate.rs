@@ -150,6 +150,13 @@ impl<'a> Generator<'a> {
                     *x = f32::NEG_INFINITY;
                 }
             }
+            if out.len() < sampler.config().min_new_tokens {
+                for id in std::iter::once(self.eop).chain(self.eod) {
+                    if let Some(x) = logits.get_mut(id as usize) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let tok = sampler.sample(&logits)?;
             if tok == self.eop {
                 return Ok((out, StopReason::Eop));

@@ -21,19 +21,21 @@ pub struct SamplingConfig {
     pub seed: u64,
     /// Most tokens generated per blank, the end token not counted.
     pub max_new_tokens: usize,
+    /// End tokens are banned until this many tokens are generated (GLM's `min_gen_length`).
+    pub min_new_tokens: usize,
 }
 
 impl Default for SamplingConfig {
     /// GLM-130B's scripts/generate.sh: T = 1, top_k off, top_p 0.7, seed 1234.
     fn default() -> Self {
-        Self { temperature: 1.0, top_k: 0, top_p: 0.7, seed: 1234, max_new_tokens: 256 }
+        Self { temperature: 1.0, top_k: 0, top_p: 0.7, seed: 1234, max_new_tokens: 256, min_new_tokens: 0 }
     }
 }
 
 impl SamplingConfig {
     /// Argmax decoding (what evaluation uses).
     pub fn greedy(max_new_tokens: usize) -> Self {
-        Self { temperature: 0.0, top_k: 1, top_p: 0.0, seed: 0, max_new_tokens }
+        Self { temperature: 0.0, top_k: 1, top_p: 0.0, seed: 0, max_new_tokens, min_new_tokens: 0 }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -173,7 +175,8 @@ mod tests {
 
     #[test]
     fn top_p_keeps_the_token_that_crosses_p() {
-        let cfg = |top_p| SamplingConfig { temperature: 1.0, top_k: 0, top_p, seed: 0, max_new_tokens: 1 };
+        let cfg =
+            |top_p| SamplingConfig { temperature: 1.0, top_k: 0, top_p, seed: 0, max_new_tokens: 1, min_new_tokens: 0 };
         // 0.5 alone is not over 0.45: keep it only.
         assert!(close(&distribution(&logits(), &cfg(0.45)), &[0.0, 1.0, 0.0, 0.0]));
         // 0.5 < 0.7, 0.5 + 0.3 crosses it: keep both, renormalized.
@@ -188,7 +191,8 @@ mod tests {
 
     #[test]
     fn top_k_and_temperature() {
-        let cfg = SamplingConfig { temperature: 1.0, top_k: 2, top_p: 0.0, seed: 0, max_new_tokens: 1 };
+        let cfg =
+            SamplingConfig { temperature: 1.0, top_k: 2, top_p: 0.0, seed: 0, max_new_tokens: 1, min_new_tokens: 0 };
         assert!(close(&distribution(&logits(), &cfg), &[0.0, 0.625, 0.0, 0.375]));
         // top_k 1 through the sampling path is one-hot on the argmax.
         assert!(close(&distribution(&logits(), &SamplingConfig { top_k: 1, ..cfg }), &[0.0, 1.0, 0.0, 0.0]));
@@ -204,7 +208,8 @@ mod tests {
 
     #[test]
     fn draws_follow_the_distribution_and_the_seed() {
-        let cfg = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.0, seed: 42, max_new_tokens: 1 };
+        let cfg =
+            SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.0, seed: 42, max_new_tokens: 1, min_new_tokens: 0 };
         let mut s = Sampler::new(&cfg).unwrap();
         let n = 20_000;
         let mut counts = [0usize; 4];

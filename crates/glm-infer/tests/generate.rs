@@ -160,12 +160,12 @@ fn seeded_sampling_is_reproducible_and_top_k_1_is_greedy() -> Result<()> {
     let tok = tok()?;
     let m = model(&Config::tiny(), 2)?;
     let gen = Generator::new(&m, &tok)?;
-    let cfg = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.9, seed: 7, max_new_tokens: 10 };
+    let cfg = SamplingConfig { temperature: 1.0, top_k: 0, top_p: 0.9, seed: 7, max_new_tokens: 10, min_new_tokens: 0 };
     let a = gen.complete("Hello world", &cfg)?;
     ensure!(a == gen.complete("Hello world", &cfg)?, "same seed, different samples");
     let c = gen.complete("Hello world", &SamplingConfig { seed: 8, ..cfg })?;
     ensure!(a.tokens != c.tokens, "another seed gave the same {} tokens", a.tokens.len());
-    let k1 = SamplingConfig { temperature: 0.8, top_k: 1, top_p: 0.9, seed: 99, max_new_tokens: 10 };
+    let k1 = SamplingConfig { temperature: 0.8, top_k: 1, top_p: 0.9, seed: 99, max_new_tokens: 10, min_new_tokens: 0 };
     ensure!(gen.complete("Hello world", &k1)? == gen.complete("Hello world", &SamplingConfig::greedy(10))?);
     Ok(())
 }
@@ -246,5 +246,21 @@ fn bad_input_gives_clear_errors() -> Result<()> {
     let m = model(&narrow, 1)?;
     let e = Generator::new(&m, &tok).err().unwrap();
     ensure!(matches!(e, Error::TokenOutsideVocab { vocab: 4096, .. }), "{e}");
+    Ok(())
+}
+
+#[test]
+fn min_new_tokens_bans_the_end_tokens_until_reached() -> Result<()> {
+    let tok = tok()?;
+    let m = model(&Config::tiny(), 3)?;
+    let gen = Generator::new(&m, &tok)?;
+    let s = tok.specials();
+    for seed in 0..6 {
+        // temperature 3 flattens the distribution, so end tokens are real candidates.
+        let cfg = SamplingConfig { temperature: 3.0, top_k: 0, top_p: 0.0, seed, max_new_tokens: 9, min_new_tokens: 9 };
+        let out = gen.complete("Hello", &cfg)?;
+        ensure!(out.tokens.len() == 9 && out.stop == StopReason::MaxNewTokens, "{:?}", out.stop);
+        ensure!(out.tokens.iter().all(|t| Some(*t) != s.eop && Some(*t) != s.eod));
+    }
     Ok(())
 }

@@ -112,7 +112,7 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         Self {
-            lr: 2e-3,
+            lr: 1e-3,
             min_lr_ratio: 0.1,
             warmup_samples: 0,
             decay_samples: 0,
