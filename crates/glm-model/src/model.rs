@@ -23,8 +23,8 @@ use crate::{Error, Result};
 /// Values every layer of one forward shares.
 struct Step<'a> {
     rope: &'a Rope,
-    cos: Tensor,  // (B, 1, T, D)
-    sin: Tensor,  // (B, 1, T, D)
+    cos: Tensor, // (B, 1, T, D)
+    sin: Tensor, // (B, 1, T, D)
     /// The tables times 1/sqrt(D), for q: the attention scale costs no pass over q.
     cos_q: Tensor,
     sin_q: Tensor,
