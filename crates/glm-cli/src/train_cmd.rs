@@ -1,6 +1,7 @@
 //! `glm train`: pretrain a GLM with the GLM-130B recipe (the project's main job).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -89,7 +90,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         candle_core::Device::Cpu
     };
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}", cfg.preset)));
-    let opts = RunOptions { out: out.clone(), resume: a.resume, stop_at: a.stop_at, progress: !a.quiet, device };
+    let stop = stop_on_sigint();
+    let opts = RunOptions { out: out.clone(), resume: a.resume, stop_at: a.stop_at, progress: !a.quiet, device, stop };
     let model = cfg.model()?;
     eprintln!(
         "training {} ({} parameters) on {} for {} steps, {:?}, into {}",
@@ -101,8 +103,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         out.display()
     );
     let mut trainer = Trainer::new(cfg, opts)?;
-    if let Some(s) = trainer.state().step.checked_sub(0).filter(|s| *s > 0) {
-        eprintln!("resumed at step {s}");
+    if trainer.state().step > 0 {
+        eprintln!("resumed at step {}", trainer.state().step);
     }
     let summary = trainer.run()?;
     if let Some(v) = &summary.val {
@@ -114,9 +116,38 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(p) = &summary.plots {
         eprintln!("plots: {}", p.display());
     }
+    if summary.interrupted {
+        eprintln!(
+            "interrupted at step {}: checkpoint saved; continue with the same command and --resume",
+            summary.step
+        );
+        println!("{}", serde_json::to_string(&summary)?);
+        std::process::exit(130);
+    }
     if !a.no_samples {
         crate::samples::print_samples(trainer.model(), trainer.tokenizer(), &out)?;
     }
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The first Ctrl-C (SIGINT) asks the trainer to stop after the current step with a checkpoint;
+/// the handler then restores the default, so a second Ctrl-C ends the process at once.
+#[cfg(unix)]
+fn stop_on_sigint() -> Option<&'static AtomicBool> {
+    extern "C" fn on_sigint(_: libc::c_int) {
+        STOP.store(true, Ordering::SeqCst);
+        // SAFETY: signal() is async-signal-safe; SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    }
+    // SAFETY: installs a handler that only stores to an atomic and resets the disposition.
+    let prev = unsafe { libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    (prev != libc::SIG_ERR).then_some(&STOP)
+}
+
+#[cfg(not(unix))]
+fn stop_on_sigint() -> Option<&'static AtomicBool> {
+    None
 }

@@ -123,3 +123,34 @@ fn sigkill_loses_at_most_one_checkpoint_interval() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+/// Ctrl-C stops after the current step with a checkpoint of that step: nothing is lost.
+#[cfg(unix)]
+#[test]
+fn sigint_stops_with_a_checkpoint_of_the_last_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("train.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let out = dir.path().join("run");
+    let args = ["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet", "--no-samples"];
+    let child = Command::new(env!("CARGO_BIN_EXE_glm"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while steps(&out).len() < 4 && t0.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ok = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(summary["interrupted"], true);
+    let step = summary["step"].as_u64().unwrap();
+    assert!((4..30).contains(&step), "{step}");
+    assert!(out.join(format!("checkpoints/step-{step:08}/manifest.json")).exists(), "no checkpoint of step {step}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+}

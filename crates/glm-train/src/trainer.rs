@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -34,6 +35,8 @@ pub struct RunOptions {
     pub stop_at: Option<u64>,
     pub progress: bool,
     pub device: Device,
+    /// Set (e.g. by a SIGINT handler) to stop after the current step with a checkpoint.
+    pub stop: Option<&'static AtomicBool>,
 }
 
 /// Everything besides weights and moments that a checkpoint holds.
@@ -75,6 +78,8 @@ pub struct Summary {
     pub interventions: u32,
     pub checkpoint: Option<PathBuf>,
     pub plots: Option<PathBuf>,
+    /// Stopped early by `RunOptions::stop`.
+    pub interrupted: bool,
 }
 
 pub struct Trainer {
@@ -369,7 +374,12 @@ impl Trainer {
         if self.resumed_from.is_none() && self.state.step == 0 && self.cfg.eval.every > 0 {
             self.validate()?;
         }
+        let mut interrupted = false;
         while self.state.step < end {
+            if self.opts.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                interrupted = true;
+                break;
+            }
             self.train_step()?;
             let s = self.state.step;
             if self.cfg.eval.every > 0 && s.is_multiple_of(self.cfg.eval.every) && s < end {
@@ -382,6 +392,7 @@ impl Trainer {
         }
         let val = match self.last_val {
             Some((step, v)) if step == self.state.step => Some(v),
+            _ if interrupted => None, // stop quickly
             _ => Some(self.validate()?),
         };
         let checkpoint = if self.last_saved != Some(self.state.step) { Some(self.save()?) } else { None };
@@ -403,6 +414,7 @@ impl Trainer {
             interventions: self.state.interventions,
             checkpoint: checkpoint.or_else(|| self.last_saved.map(|s| self.ckpts.dir(s))),
             plots,
+            interrupted,
         })
     }
 

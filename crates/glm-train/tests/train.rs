@@ -33,7 +33,7 @@ fn small() -> TrainConfig {
 }
 
 fn opts(out: &Path, resume: bool, stop_at: Option<u64>) -> RunOptions {
-    RunOptions { out: out.to_path_buf(), resume, stop_at, progress: false, device: Device::Cpu }
+    RunOptions { out: out.to_path_buf(), resume, stop_at, progress: false, device: Device::Cpu, stop: None }
 }
 
 fn jsonl(path: &Path) -> Vec<Value> {
