@@ -9,7 +9,7 @@ use glm_data::input::{InputOptions, TextSplit};
 use glm_data::{
     corpus, objective_ids, prepare, stats, Batcher, Instructions, ObjectiveConfig, PositionKind, TokenStream,
 };
-use glm_tokenizer::{Tokenizer, TrainOptions};
+use glm_tokenizer::TrainOptions;
 
 #[derive(Subcommand)]
 pub enum TokenizerCmd {
@@ -79,18 +79,6 @@ pub struct TrainArgs {
 }
 
 /// The tokenizer named by `--tokenizer`, or the embedded default, with its content hash.
-pub fn load_tokenizer(path: Option<&Path>) -> Result<(Tokenizer, String)> {
-    match path {
-        Some(p) => {
-            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            Ok((Tokenizer::from_file(p)?, glm_data::content_hash(&bytes)))
-        }
-        None => {
-            Ok((Tokenizer::default_glm()?, glm_data::content_hash(glm_tokenizer::DEFAULT_TOKENIZER_JSON.as_bytes())))
-        }
-    }
-}
-
 fn stdin_text() -> Result<String> {
     let mut buf = Vec::new();
     std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
@@ -140,7 +128,7 @@ pub fn run_tokenizer(cmd: TokenizerCmd) -> Result<()> {
             );
         }
         TokenizerCmd::Encode(a) => {
-            let (tok, _) = load_tokenizer(a.tokenizer.as_deref())?;
+            let (tok, _) = glm_data::load_tokenizer(a.tokenizer.as_deref())?;
             let text = stdin_text()?;
             let text = text.strip_suffix('\n').unwrap_or(&text);
             let ids = tok.encode(text);
@@ -148,7 +136,7 @@ pub fn run_tokenizer(cmd: TokenizerCmd) -> Result<()> {
             println!("{}", line.join(" "));
         }
         TokenizerCmd::Decode(a) => {
-            let (tok, _) = load_tokenizer(a.tokenizer.as_deref())?;
+            let (tok, _) = glm_data::load_tokenizer(a.tokenizer.as_deref())?;
             let text = stdin_text()?;
             let mut out = std::io::stdout().lock();
             for (n, line) in text.lines().enumerate() {
@@ -232,7 +220,7 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
             if a.input.input.is_empty() {
                 bail!("give --input files, directories or globs");
             }
-            let (tok, hash) = load_tokenizer(a.tokenizer.as_deref())?;
+            let (tok, hash) = glm_data::load_tokenizer(a.tokenizer.as_deref())?;
             let opts = prepare::PrepareOptions {
                 inputs: a.input.input.clone(),
                 out: a.out.clone(),
@@ -269,15 +257,9 @@ pub fn run_data(cmd: DataCmd) -> Result<()> {
             if let Some(n) = a.seq_len {
                 cfg.seq_len = n;
             }
-            let (tok, hash) = load_tokenizer(a.tokenizer.as_deref())?;
-            let shards = match &a.data {
-                Some(p) => prepare::open(p, Some(&hash))?,
-                None => vec![corpus::shard(&tok, &hash, corpus::Split::Train)?],
-            };
-            let records = match &a.instructions {
-                Some(p) => glm_data::input::read_instructions(p)?,
-                None => corpus::instructions()?,
-            };
+            let (tok, hash) = glm_data::load_tokenizer(a.tokenizer.as_deref())?;
+            let shards = glm_data::train_shards(&tok, &hash, a.data.as_deref())?;
+            let records = glm_data::instruction_records(a.instructions.as_deref())?;
             let ins = Instructions::from_records(&tok, &records, a.seed)?;
             let stream = TokenStream::new(shards, glm_data::eod_id(&tok)?, a.seed, 0, 1)?;
             let positions = cfg.positions;

@@ -55,6 +55,41 @@ pub fn objective_ids(tok: &glm_tokenizer::Tokenizer) -> Result<ObjectiveIds, Dat
     })
 }
 
+/// A tokenizer file (tokenizer.json or SentencePiece .model), or the embedded one when `path` is
+/// None, with the content hash that shard headers record.
+pub fn load_tokenizer(path: Option<&std::path::Path>) -> Result<(glm_tokenizer::Tokenizer, String), DataError> {
+    Ok(match path {
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(|e| DataError::Io { path: p.display().to_string(), source: e })?;
+            (glm_tokenizer::Tokenizer::from_file(p)?, content_hash(&bytes))
+        }
+        None => {
+            (glm_tokenizer::Tokenizer::default_glm()?, content_hash(glm_tokenizer::DEFAULT_TOKENIZER_JSON.as_bytes()))
+        }
+    })
+}
+
+/// Training shards: those `glm data prepare` wrote to `dir` (checked against the tokenizer hash), or
+/// the embedded corpus's train split tokenized in memory.
+pub fn train_shards(
+    tok: &glm_tokenizer::Tokenizer,
+    tok_hash: &str,
+    dir: Option<&std::path::Path>,
+) -> Result<Vec<std::sync::Arc<shard::Shard>>, DataError> {
+    match dir {
+        Some(d) => prepare::open(d, Some(tok_hash)),
+        None => Ok(vec![corpus::shard(tok, tok_hash, corpus::Split::Train)?]),
+    }
+}
+
+/// Instruction (prompt, target) records for MIP: a JSONL file, or the embedded set.
+pub fn instruction_records(path: Option<&std::path::Path>) -> Result<Vec<(String, String)>, DataError> {
+    match path {
+        Some(p) => input::read_instructions(p),
+        None => corpus::instructions(),
+    }
+}
+
 /// The end-of-document id written between documents.
 pub fn eod_id(tok: &glm_tokenizer::Tokenizer) -> Result<u32, DataError> {
     tok.specials().eod.ok_or_else(|| DataError::Config("the tokenizer has no <eod> token".into()))

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use glm_data::{corpus, prepare, Batch, BatchCursor, Batcher, Instructions, TokenStream};
+use glm_data::{corpus, Batch, BatchCursor, Batcher, Instructions, TokenStream};
 use glm_model::{Config, Glm, TrainOptions};
 use glm_tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -105,16 +105,6 @@ pub struct Trainer {
     pb: ProgressBar,
 }
 
-fn load_tokenizer(path: Option<&Path>) -> Result<(Tokenizer, String)> {
-    Ok(match path {
-        Some(p) => {
-            let bytes = std::fs::read(p).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
-            (Tokenizer::from_file(p)?, glm_data::content_hash(&bytes))
-        }
-        None => (Tokenizer::default_glm()?, glm_data::content_hash(glm_tokenizer::DEFAULT_TOKENIZER_JSON.as_bytes())),
-    })
-}
-
 /// The fields in which two model configs differ, as "field: a vs b".
 fn config_diff(a: &Config, b: &Config) -> Vec<String> {
     let (Ok(serde_json::Value::Object(x)), Ok(serde_json::Value::Object(y))) =
@@ -129,7 +119,7 @@ impl Trainer {
     pub fn new(cfg: TrainConfig, opts: RunOptions) -> Result<Self> {
         cfg.validate()?;
         let model_cfg = cfg.model()?;
-        let (tok, tok_hash) = load_tokenizer(cfg.data.tokenizer.as_deref())?;
+        let (tok, tok_hash) = glm_data::load_tokenizer(cfg.data.tokenizer.as_deref())?;
         if tok.vocab_size() > model_cfg.vocab_size {
             return Err(Error::Config(format!(
                 "the tokenizer has {} ids but model `{}` only {}",
@@ -145,15 +135,9 @@ impl Trainer {
             )));
         }
         let ids = glm_data::objective_ids(&tok)?;
-        let train_shards = match &cfg.data.dir {
-            Some(d) => prepare::open(d, Some(&tok_hash))?,
-            None => vec![corpus::shard(&tok, &tok_hash, corpus::Split::Train)?],
-        };
+        let train_shards = glm_data::train_shards(&tok, &tok_hash, cfg.data.dir.as_deref())?;
         let instructions = if cfg.objective.mip_token_share > 0.0 {
-            let records = match &cfg.data.instructions {
-                Some(p) => glm_data::input::read_instructions(p)?,
-                None => corpus::instructions()?,
-            };
+            let records = glm_data::instruction_records(cfg.data.instructions.as_deref())?;
             Some(Instructions::from_records(&tok, &records, cfg.seed)?)
         } else {
             None
