@@ -1,0 +1,243 @@
+//! GLM-130B's weight-only quantization (spec section 5), exactly as its kernels lay it out:
+//!
+//! - per output row (dim 0), symmetric absmax: `scale = max|W_row| / (2^(b-1) - 1)` (127 or 7),
+//!   stored as f16; `q = round(W / scale)` (round half to even, as `torch.round`), in int8;
+//! - INT4 packs two values per byte, **the even column in the high nibble, the odd column in the low
+//!   nibble**, each sign-extended on extraction, so an INT4 weight is `[rows, cols / 2]` int8;
+//! - dequantization is `W = q * scale[row]`; activations stay in floating point (W8A16 / W4A16).
+//!
+//! `QuantMatrix::matvec` is the decode kernel: one pass over the packed weights per token, the
+//! dequantization folded into the dot product, rows split across threads. Its `_ref` twin
+//! dequantizes the whole matrix and multiplies in f32.
+
+use half::f16;
+use rayon::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Shape(String),
+    #[error("{0}")]
+    Format(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bits {
+    Int8,
+    Int4,
+}
+
+impl Bits {
+    pub fn from_u32(b: u32) -> Result<Self> {
+        match b {
+            8 => Ok(Self::Int8),
+            4 => Ok(Self::Int4),
+            _ => Err(Error::Format(format!("{b}-bit quantization is not supported (GLM-130B uses 8 or 4)"))),
+        }
+    }
+
+    pub fn bits(self) -> u32 {
+        match self {
+            Self::Int8 => 8,
+            Self::Int4 => 4,
+        }
+    }
+
+    /// The largest quantized magnitude: 2^(b-1) - 1.
+    pub fn qmax(self) -> f32 {
+        ((1u32 << (self.bits() - 1)) - 1) as f32
+    }
+
+    /// Stored bytes per row of `cols` weights.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            Self::Int8 => cols,
+            Self::Int4 => cols / 2,
+        }
+    }
+}
+
+/// A quantized `[rows, cols]` weight: `data` holds `rows * bits.row_bytes(cols)` bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantMatrix {
+    pub bits: Bits,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<i8>,
+    pub scales: Vec<f16>,
+}
+
+/// Two int4 values in one byte: `hi` (even column) in the high nibble, `lo` (odd column) in the low.
+#[inline(always)]
+pub fn pack_nibbles(hi: i8, lo: i8) -> i8 {
+    (((hi as u8) << 4) | (lo as u8 & 0x0f)) as i8
+}
+
+/// The (even, odd) column values of a packed byte, sign-extended.
+#[inline(always)]
+pub fn unpack_nibbles(b: i8) -> (i8, i8) {
+    (b >> 4, (b << 4) >> 4)
+}
+
+impl QuantMatrix {
+    /// Quantize a row-major f32 matrix.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, bits: Bits) -> Result<Self> {
+        if w.len() != rows * cols {
+            return Err(Error::Shape(format!("{} values for a [{rows}, {cols}] matrix", w.len())));
+        }
+        if bits == Bits::Int4 && !cols.is_multiple_of(2) {
+            return Err(Error::Shape(format!("INT4 packs column pairs; {cols} columns is odd")));
+        }
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Format(format!("weight [{}, {}] is {}: cannot quantize", i / cols, i % cols, w[i])));
+        }
+        let qmax = bits.qmax();
+        let rb = bits.row_bytes(cols);
+        let mut data = vec![0i8; rows * rb];
+        let mut scales = vec![f16::ZERO; rows];
+        data.par_chunks_mut(rb.max(1)).zip(scales.par_iter_mut()).zip(w.par_chunks(cols.max(1))).for_each(
+            |((out, scale), row)| {
+                let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // The scale is stored in f16 and q is computed against the stored value, as GLM-130B
+                // does with its fp16 weights.
+                *scale = f16::from_f32(absmax / qmax);
+                let s = scale.to_f32();
+                let q = |v: f32| if s > 0.0 { (v / s).round_ties_even().clamp(-qmax, qmax) as i8 } else { 0 };
+                match bits {
+                    Bits::Int8 => out.iter_mut().zip(row).for_each(|(o, &v)| *o = q(v)),
+                    Bits::Int4 => {
+                        out.iter_mut().zip(row.chunks_exact(2)).for_each(|(o, p)| *o = pack_nibbles(q(p[0]), q(p[1])))
+                    }
+                }
+            },
+        );
+        Ok(Self { bits, rows, cols, data, scales })
+    }
+
+    /// Check that stored sizes agree (for matrices read from files).
+    pub fn validate(&self) -> Result<()> {
+        if self.bits == Bits::Int4 && !self.cols.is_multiple_of(2) {
+            return Err(Error::Shape(format!("INT4 matrix with an odd column count {}", self.cols)));
+        }
+        let want = self.rows * self.bits.row_bytes(self.cols);
+        if self.data.len() != want || self.scales.len() != self.rows {
+            return Err(Error::Format(format!(
+                "a [{}, {}] {}-bit matrix needs {want} bytes and {} scales, found {} and {}",
+                self.rows,
+                self.cols,
+                self.bits.bits(),
+                self.rows,
+                self.data.len(),
+                self.scales.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The quantized integers of row `r`, unpacked.
+    pub fn row_q(&self, r: usize) -> Vec<i8> {
+        let rb = self.bits.row_bytes(self.cols);
+        let row = &self.data[r * rb..(r + 1) * rb];
+        match self.bits {
+            Bits::Int8 => row.to_vec(),
+            Bits::Int4 => row
+                .iter()
+                .flat_map(|&b| {
+                    let (hi, lo) = unpack_nibbles(b);
+                    [hi, lo]
+                })
+                .collect(),
+        }
+    }
+
+    /// The f32 matrix the quantized one stands for (the reference).
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.rows)
+            .flat_map(|r| {
+                let s = self.scales[r].to_f32();
+                self.row_q(r).into_iter().map(move |q| q as f32 * s)
+            })
+            .collect()
+    }
+
+    /// y = W x for x [cols], y [rows]: the decode kernel.
+    pub fn matvec(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        self.check_vec(x, y)?;
+        let rb = self.bits.row_bytes(self.cols);
+        let bits = self.bits;
+        y.par_iter_mut().enumerate().with_min_len(64).for_each(|(r, y)| {
+            let row = &self.data[r * rb..(r + 1) * rb];
+            let dot = match bits {
+                Bits::Int8 => dot_i8(row, x),
+                Bits::Int4 => dot_i4(row, x),
+            };
+            *y = dot * self.scales[r].to_f32();
+        });
+        Ok(())
+    }
+
+    /// `matvec` by dequantizing first.
+    pub fn matvec_ref(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        self.check_vec(x, y)?;
+        let w = self.dequantize();
+        for (r, y) in y.iter_mut().enumerate() {
+            *y = w[r * self.cols..(r + 1) * self.cols].iter().zip(x).map(|(w, x)| w * x).sum();
+        }
+        Ok(())
+    }
+
+    fn check_vec(&self, x: &[f32], y: &[f32]) -> Result<()> {
+        if x.len() != self.cols || y.len() != self.rows {
+            return Err(Error::Shape(format!(
+                "[{}, {}] matrix times {} values into {}",
+                self.rows,
+                self.cols,
+                x.len(),
+                y.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Independent lanes so the loops vectorize (int -> float conversion and FMA per lane).
+const LANES: usize = 8;
+
+fn dot_i8(q: &[i8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (qc, xc) = (q.chunks_exact(LANES), x.chunks_exact(LANES));
+    let tail: f32 = qc.remainder().iter().zip(xc.remainder()).map(|(&q, &x)| q as f32 * x).sum();
+    for (q, x) in qc.zip(xc) {
+        for l in 0..LANES {
+            acc[l] += q[l] as f32 * x[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn dot_i4(packed: &[i8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (pc, xc) = (packed.chunks_exact(LANES / 2), x.chunks_exact(LANES));
+    let tail: f32 = pc
+        .remainder()
+        .iter()
+        .zip(xc.remainder().chunks_exact(2))
+        .map(|(&b, x)| {
+            let (hi, lo) = unpack_nibbles(b);
+            hi as f32 * x[0] + lo as f32 * x[1]
+        })
+        .sum();
+    for (p, x) in pc.zip(xc) {
+        for j in 0..LANES / 2 {
+            let (hi, lo) = unpack_nibbles(p[j]);
+            acc[2 * j] += hi as f32 * x[2 * j];
+            acc[2 * j + 1] += lo as f32 * x[2 * j + 1];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests;
