@@ -10,6 +10,10 @@
 //! dequantization folded into the dot product, rows split across threads. Its `_ref` twin
 //! dequantizes the whole matrix and multiplies in f32.
 
+pub mod linear;
+
+pub use linear::{QuantFactory, QuantLinear};
+
 use half::f16;
 use rayon::prelude::*;
 

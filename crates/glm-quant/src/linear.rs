@@ -1,0 +1,124 @@
+//! Quantized linear layers behind the model's linear seam: `QuantFactory` hands the model INT8/INT4
+//! linears in place of dense ones (the block's four projections; embeddings, LayerNorms and biases
+//! stay in floating point, as in GLM-130B). Activations stay in floating point; the weights are
+//! dequantized on the fly inside the product.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use glm_nn::{Linear, LinearFactory, LinearSpec};
+use rayon::prelude::*;
+
+use crate::{Bits, QuantMatrix};
+
+/// Quantizes each dense weight as the model loads it.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantFactory {
+    pub bits: Bits,
+}
+
+impl LinearFactory for QuantFactory {
+    fn make(&self, vb: &VarBuilder, spec: LinearSpec) -> Result<Box<dyn Linear>> {
+        let vb = vb.pp(spec.name);
+        let w = vb.get((spec.out_dim, spec.in_dim), "weight")?.to_dtype(DType::F32)?;
+        let q = QuantMatrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, spec.out_dim, spec.in_dim, self.bits)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", spec.name)))?;
+        let bias = if spec.bias { Some(vb.get(spec.out_dim, "bias")?) } else { None };
+        Ok(Box::new(QuantLinear { w: Arc::new(q), bias }))
+    }
+}
+
+/// `x · Wᵀ + b` with a quantized W [out, in].
+#[derive(Debug, Clone)]
+pub struct QuantLinear {
+    w: Arc<QuantMatrix>,
+    bias: Option<Tensor>,
+}
+
+impl QuantLinear {
+    pub fn new(w: QuantMatrix, bias: Option<Tensor>) -> Self {
+        Self { w: Arc::new(w), bias }
+    }
+}
+
+impl Module for QuantLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if x.device().is_cpu() {
+            x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&QuantMatmul(self.w.clone()))?
+        } else {
+            quant_matmul_ref(&x.to_dtype(DType::F32)?, &self.w)?
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => y,
+        };
+        y.to_dtype(x.dtype())
+    }
+}
+
+/// The reference: dequantize W to f32, then an ordinary product.
+pub fn quant_matmul_ref(x: &Tensor, w: &QuantMatrix) -> Result<Tensor> {
+    let dense = Tensor::from_vec(w.dequantize(), (w.rows, w.cols), x.device())?;
+    x.broadcast_matmul(&dense.t()?)
+}
+
+/// x [.., in] f32 -> [.., out]: each weight row is unpacked once per call and dotted with every
+/// token (one token: the `matvec` decode kernel).
+struct QuantMatmul(Arc<QuantMatrix>);
+
+impl CustomOp1 for QuantMatmul {
+    fn name(&self) -> &'static str {
+        "glm-quant-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = &self.0;
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("quantized linear: expected contiguous f32 activations"),
+        };
+        let k = l.dims().last().copied().unwrap_or(0);
+        if k != w.cols {
+            candle_core::bail!("quantized linear: input has {k} features, the weight {}", w.cols)
+        }
+        let tokens = x.len() / k.max(1);
+        let mut y = vec![0f32; tokens * w.rows];
+        if tokens == 1 {
+            w.matvec(x, &mut y).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        } else {
+            // Output-row blocks in parallel; within a block, rows are unpacked once into f32.
+            let mut yt = vec![0f32; w.rows * tokens]; // [out, tokens], transposed at the end
+            yt.par_chunks_mut(tokens).enumerate().for_each(|(r, out)| {
+                let s = w.scales[r].to_f32();
+                let row: Vec<f32> = w.row_q(r).into_iter().map(|q| q as f32 * s).collect();
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = dot(&row, &x[t * k..(t + 1) * k]);
+                }
+            });
+            for (r, col) in yt.chunks(tokens).enumerate() {
+                for (t, v) in col.iter().enumerate() {
+                    y[t * w.rows + r] = *v;
+                }
+            }
+        }
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = w.rows;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
