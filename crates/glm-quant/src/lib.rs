@@ -10,8 +10,10 @@
 //! dequantization folded into the dot product, rows split across threads. Its `_ref` twin
 //! dequantizes the whole matrix and multiplies in f32.
 
+pub mod checkpoint;
 pub mod linear;
 
+pub use checkpoint::{quantize_checkpoint, QuantCheckpoint, QuantReport};
 pub use linear::{QuantFactory, QuantLinear};
 
 use half::f16;

@@ -3,6 +3,7 @@
 //! stay in floating point, as in GLM-130B). Activations stay in floating point; the weights are
 //! dequantized on the fly inside the product.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
@@ -12,20 +13,62 @@ use rayon::prelude::*;
 
 use crate::{Bits, QuantMatrix};
 
-/// Quantizes each dense weight as the model loads it.
-#[derive(Debug, Clone, Copy)]
+/// Where the quantized weights come from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// Quantize each dense weight as the model loads it.
+    Quantize(Bits),
+    /// Already quantized, by full tensor name (a quantized checkpoint).
+    Stored(HashMap<String, Arc<QuantMatrix>>),
+}
+
+/// Hands the model quantized linears.
+#[derive(Debug, Clone)]
 pub struct QuantFactory {
-    pub bits: Bits,
+    source: Source,
+}
+
+impl QuantFactory {
+    /// Quantize the dense weights the `VarBuilder` holds, at load.
+    pub fn quantize(bits: Bits) -> Self {
+        Self { source: Source::Quantize(bits) }
+    }
+
+    /// Use quantized weights by tensor name (`transformer.layers.0.attention.dense.weight`, ...).
+    pub fn stored(weights: HashMap<String, Arc<QuantMatrix>>) -> Self {
+        Self { source: Source::Stored(weights) }
+    }
 }
 
 impl LinearFactory for QuantFactory {
     fn make(&self, vb: &VarBuilder, spec: LinearSpec) -> Result<Box<dyn Linear>> {
         let vb = vb.pp(spec.name);
-        let w = vb.get((spec.out_dim, spec.in_dim), "weight")?.to_dtype(DType::F32)?;
-        let q = QuantMatrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, spec.out_dim, spec.in_dim, self.bits)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", spec.name)))?;
+        let w = match &self.source {
+            Source::Quantize(bits) => {
+                let w = vb.get((spec.out_dim, spec.in_dim), "weight")?.to_dtype(DType::F32)?;
+                let q = QuantMatrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, spec.out_dim, spec.in_dim, *bits)
+                    .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", spec.name)))?;
+                Arc::new(q)
+            }
+            Source::Stored(map) => {
+                let name = format!("{}.weight", vb.prefix());
+                let m = map
+                    .get(&name)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("the quantized checkpoint has no {name}")))?;
+                if (m.rows, m.cols) != (spec.out_dim, spec.in_dim) {
+                    candle_core::bail!(
+                        "{name} is [{}, {}] in the quantized checkpoint, the model needs [{}, {}]",
+                        m.rows,
+                        m.cols,
+                        spec.out_dim,
+                        spec.in_dim
+                    )
+                }
+                m.clone()
+            }
+        };
         let bias = if spec.bias { Some(vb.get(spec.out_dim, "bias")?) } else { None };
-        Ok(Box::new(QuantLinear { w: Arc::new(q), bias }))
+        Ok(Box::new(QuantLinear { w, bias }))
     }
 }
 
