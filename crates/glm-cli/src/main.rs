@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use glm_model::{param_count, weight_bytes, Config, PRESETS};
 
 mod data_cmd;
+mod infer_cmd;
 mod samples;
 mod train_cmd;
 
@@ -51,20 +52,26 @@ enum Cmd {
     Data(data_cmd::DataCmd),
     /// Pretrain with the GLM-130B recipe (default: `tiny` on the embedded corpus).
     Train(train_cmd::TrainArgs),
+    /// Quantize a checkpoint's block linears to INT8 or INT4 (GLM-130B's format).
+    Quantize(infer_cmd::QuantizeArgs),
+    /// Continue a prompt ([gMASK] ... <sop>) with a checkpoint (dense or quantized).
+    Generate(infer_cmd::GenArgs),
+    /// Fill the [MASK] blanks of a text, left to right.
+    Fill(infer_cmd::GenArgs),
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub struct ModelArgs {
     /// A named preset.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS), conflicts_with = "config")]
-    preset: Option<String>,
+    pub preset: Option<String>,
     /// A config JSON file.
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
 }
 
 impl ModelArgs {
-    fn resolve(&self) -> Result<Config> {
+    pub fn resolve(&self) -> Result<Config> {
         match (&self.preset, &self.config) {
             (_, Some(p)) => Ok(Config::load(p)?),
             (Some(name), None) => Ok(Config::preset(name)?),
@@ -247,6 +254,9 @@ fn main() -> Result<()> {
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
         Cmd::Data(c) => data_cmd::run_data(c)?,
         Cmd::Train(a) => train_cmd::run(a)?,
+        Cmd::Quantize(a) => infer_cmd::quantize(a)?,
+        Cmd::Generate(a) => infer_cmd::generate(a, false)?,
+        Cmd::Fill(a) => infer_cmd::generate(a, true)?,
     }
     Ok(())
 }

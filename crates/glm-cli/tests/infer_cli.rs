@@ -1,0 +1,54 @@
+//! `glm quantize`, `glm generate`, `glm fill`: the interface scripts rely on.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn glm(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_glm")).args(args).output().expect("run glm");
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+const CONFIG: &str = "max_steps = 2\n[objective]\nseq_len = 64\n[batch]\nmicro_batch = 2\nglobal = 2\nramp_start = 2\n[eval]\nevery = 0\nrows = 2\n";
+
+#[test]
+fn quantize_then_generate_and_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_string_lossy().to_string();
+    std::fs::write(d("t.toml"), CONFIG).unwrap();
+    let (ok, _, err) = glm(&["train", "--config", &d("t.toml"), "--out", &d("run"), "--quiet", "--no-samples"]);
+    assert!(ok, "{err}");
+    let ckpt = d("run/checkpoints/step-00000002");
+    for bits in ["8", "4"] {
+        let out = d(&format!("int{bits}.safetensors"));
+        let (ok, _, err) = glm(&["quantize", "--bits", bits, &ckpt, &out]);
+        assert!(ok, "{err}");
+        assert!(err.contains(&format!("INT{bits}")), "{err}");
+        let (ok, json, err) = glm(&["generate", "--model", &out, "--greedy", "--max-tokens", "5", "--json", "Hello"]);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(json.trim()).unwrap();
+        assert!(v["text"].as_str().unwrap().starts_with("Hello"));
+        assert!(v["tokens"].as_array().unwrap().len() <= 5);
+        let (ok, text, err) =
+            glm(&["fill", "--model", &out, "--min-tokens", "1", "--max-tokens", "4", "The [MASK] sat."]);
+        assert!(ok, "{err}");
+        assert!(text.starts_with("The ") && text.trim_end().ends_with(" sat."), "{text}");
+    }
+    // The dense training checkpoint works too, with the same interface.
+    let (ok, _, err) = glm(&["generate", "--model", &ckpt, "--max-tokens", "3", "--seed", "5", "Hi"]);
+    assert!(ok, "{err}");
+    // Errors: another architecture, a prompt longer than the context, no blank, not a checkpoint.
+    let int4 = d("int4.safetensors");
+    let (ok, _, err) = glm(&["generate", "--model", &int4, "--preset", "small", "x"]);
+    assert!(!ok && err.contains("not the `small`"), "{err}");
+    let long = "word ".repeat(600);
+    let (ok, _, err) = glm(&["generate", "--model", &int4, &long]);
+    assert!(!ok && err.contains("max_seq_len"), "{err}");
+    let (ok, _, err) = glm(&["fill", "--model", &int4, "no blanks here"]);
+    assert!(!ok && err.contains("[MASK]"), "{err}");
+    std::fs::write(d("junk.safetensors"), b"junk").unwrap();
+    let (ok, _, err) = glm(&["generate", "--model", &d("junk.safetensors"), "x"]);
+    assert!(!ok && err.contains("junk.safetensors"), "{err}");
+    let (ok, _, err) = glm(&["quantize", "--bits", "3", &ckpt, &d("x.safetensors")]);
+    assert!(!ok && err.contains("8 or 4"), "{err}");
+}
