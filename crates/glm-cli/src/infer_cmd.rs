@@ -165,3 +165,212 @@ pub fn generate(a: GenArgs, fill: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `glm bench decode`: batch-1 prefill and decode tokens/s for f32, INT8 and INT4, each in its own
+/// process (so each peak RSS is its own), beside the memory-bandwidth floor measured in the run.
+#[derive(Args)]
+pub struct DecodeBenchArgs {
+    /// A checkpoint (as for `glm generate`); without it, a seeded random `--preset` model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    arch: ModelArgs,
+    /// Prompt tokens (one prefill).
+    #[arg(long, default_value_t = 64)]
+    prompt: usize,
+    /// Timed decode steps.
+    #[arg(long, default_value_t = 32)]
+    new: usize,
+    /// Comma-separated: f32, int8, int4.
+    #[arg(long, default_value = "f32,int8,int4", value_delimiter = ',')]
+    precisions: Vec<String>,
+    /// JSON lines instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Internal: measure one precision in this process.
+    #[arg(long, hide = true)]
+    only: Option<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DecodeResult {
+    model: String,
+    precision: String,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    bytes_per_token: u64,
+    bandwidth_gb_per_s: f64,
+    floor_tokens_per_s: f64,
+    peak_rss_bytes: u64,
+    kernel: String,
+}
+
+/// Read bandwidth: GB/s of summing a 512 MiB buffer on all threads, best of 3.
+fn bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1f32; 128 << 20];
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        // Eight independent accumulators per chunk, so the sum is bound by memory, not by a chain of adds.
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 8];
+                for v in c.chunks_exact(8) {
+                    for l in 0..8 {
+                        acc[l] += v[l];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((buf.len() * 4) as f64 / secs / 1e9);
+    }
+    best
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Weight bytes one decode step reads: every block linear at its precision, the tied head in f32.
+fn bytes_per_token(cfg: &Config, bits: Option<Bits>) -> u64 {
+    glm_model::param_table(cfg)
+        .iter()
+        .map(|p| {
+            let n = p.numel();
+            match (p.kind, bits) {
+                (glm_model::ParamKind::QkvWeight | glm_model::ParamKind::LinearWeight, Some(b)) => {
+                    p.shape[0] as u64 * (b.row_bytes(p.shape[1]) as u64 + 2)
+                }
+                (glm_model::ParamKind::Embedding, _) if cfg.tie_word_embeddings => n * 4, // the head reads it all
+                (glm_model::ParamKind::Embedding, _) => 4 * cfg.hidden_size as u64,       // one row
+                _ => n * 4,
+            }
+        })
+        .sum()
+}
+
+fn measure_one(a: &DecodeBenchArgs, precision: &str) -> Result<DecodeResult> {
+    use candle_core::{DType, Device, Tensor};
+    let bits = match precision {
+        "f32" => None,
+        "int8" => Some(Bits::Int8),
+        "int4" => Some(Bits::Int4),
+        p => bail!("unknown precision {p} (f32, int8, int4)"),
+    };
+    let dev = Device::Cpu;
+    let (cfg, weights) = match &a.model {
+        Some(p) => {
+            let (file, cfg) = dense_source(p, &a.arch)?;
+            let ckpt = glm_checkpoint::Checkpoint::open(&[&file])?;
+            (cfg.clone(), ckpt.load_all(&glm_model::tensor_specs(&cfg), DType::F32, &dev)?)
+        }
+        None => {
+            let cfg = a.arch.resolve()?;
+            let w = glm_model::init_weights(&cfg, 1, &dev)?;
+            (cfg, w)
+        }
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &dev);
+    let model = match bits {
+        None => Glm::new(&cfg, vb, &glm_nn::DenseFactory)?,
+        Some(b) => Glm::new(&cfg, vb, &glm_quant::QuantFactory::quantize(b))?,
+    };
+    if a.prompt == 0 || a.prompt + a.new + 1 > cfg.max_seq_len {
+        bail!("--prompt {} + --new {} must fit in max_seq_len {}", a.prompt, a.new, cfg.max_seq_len);
+    }
+    let ids: Vec<u32> = (0..a.prompt as u32).map(|i| 100 + i * 7 % 1000).collect();
+    let layout = glm_nn::AttnLayout::prefix_lm(&[a.prompt]);
+    let run = |cache: &mut glm_model::KvCache, toks: &[u32], from: usize| -> Result<Tensor> {
+        let n = toks.len();
+        let pos: Vec<u32> = (from as u32..(from + n) as u32).collect();
+        let ids = Tensor::from_vec(toks.to_vec(), (1, n), &dev)?;
+        let pos = Tensor::from_vec(pos, (1, n), &dev)?;
+        Ok(model.forward(&ids, &pos, &layout, Some(cache))?)
+    };
+    // Warm-up, then the timed prefill and decode.
+    run(&mut glm_model::KvCache::new(&cfg), &ids, 0)?;
+    let mut cache = glm_model::KvCache::new(&cfg);
+    let t = std::time::Instant::now();
+    let logits = run(&mut cache, &ids, 0)?;
+    let prefill = a.prompt as f64 / t.elapsed().as_secs_f64();
+    let mut next = logits.squeeze(0)?.get(a.prompt - 1)?.argmax(0)?.to_scalar::<u32>()?;
+    let t = std::time::Instant::now();
+    for i in 0..a.new {
+        let l = run(&mut cache, &[next], a.prompt + i)?;
+        next = l.squeeze(0)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+    }
+    let decode = a.new as f64 / t.elapsed().as_secs_f64();
+    let bytes = bytes_per_token(&cfg, bits);
+    Ok(DecodeResult {
+        model: cfg.name.clone(),
+        precision: precision.to_string(),
+        prefill_tokens_per_s: prefill,
+        decode_tokens_per_s: decode,
+        bytes_per_token: bytes,
+        bandwidth_gb_per_s: 0.0, // the parent measures it, outside this process's peak RSS
+        floor_tokens_per_s: 0.0,
+        peak_rss_bytes: peak_rss(),
+        kernel: glm_quant::kernel_name().to_string(),
+    })
+}
+
+pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
+    if let Some(p) = &a.only {
+        println!("{}", serde_json::to_string(&measure_one(&a, p)?)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating the glm binary")?;
+    let bw = bandwidth();
+    let mut rows = Vec::new();
+    for p in &a.precisions {
+        let mut args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--json").collect();
+        args.extend(["--only".to_string(), p.clone()]);
+        let o = std::process::Command::new(&exe).args(&args).output().context("running the measurement")?;
+        if !o.status.success() {
+            bail!("{p}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let mut r: DecodeResult = serde_json::from_slice(o.stdout.trim_ascii())
+            .with_context(|| format!("{p}: unreadable result {}", String::from_utf8_lossy(&o.stdout)))?;
+        r.bandwidth_gb_per_s = bw;
+        r.floor_tokens_per_s = bw * 1e9 / r.bytes_per_token as f64;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        rows.push(r);
+    }
+    if !a.json {
+        println!(
+            "batch-1, {} prompt tokens then {} decode steps, CPU, {} kernels",
+            a.prompt,
+            a.new,
+            rows.first().map(|r| r.kernel.as_str()).unwrap_or("?")
+        );
+        println!("| model | precision | prefill tok/s | decode tok/s | weight bytes/token | floor tok/s (bandwidth) | decode / floor | peak RSS |");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|");
+        for r in &rows {
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:.1} MB | {:.1} ({:.1} GB/s) | {:.0}% | {:.0} MiB |",
+                r.model,
+                r.precision,
+                r.prefill_tokens_per_s,
+                r.decode_tokens_per_s,
+                r.bytes_per_token as f64 / 1e6,
+                r.floor_tokens_per_s,
+                r.bandwidth_gb_per_s,
+                100.0 * r.decode_tokens_per_s / r.floor_tokens_per_s,
+                r.peak_rss_bytes as f64 / (1u64 << 20) as f64
+            );
+        }
+    }
+    Ok(())
+}

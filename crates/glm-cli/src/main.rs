@@ -91,6 +91,9 @@ enum BenchCmd {
     /// Training tokens/s and model TFLOP/s of full optimizer steps on CPU, beside PyTorch eager and
     /// the sgemm peak.
     Train(glm_bench::train::TrainBenchArgs),
+    /// Batch-1 prefill and decode tokens/s for f32, INT8 and INT4 beside the memory-bandwidth floor,
+    /// with each one's peak RSS.
+    Decode(infer_cmd::DecodeBenchArgs),
 }
 
 #[derive(Args)]
@@ -251,6 +254,7 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Bench(BenchCmd::Train(a)) => a.run()?,
+        Cmd::Bench(BenchCmd::Decode(a)) => infer_cmd::bench_decode(a)?,
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
         Cmd::Data(c) => data_cmd::run_data(c)?,
         Cmd::Train(a) => train_cmd::run(a)?,

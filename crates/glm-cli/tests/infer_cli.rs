@@ -52,3 +52,17 @@ fn quantize_then_generate_and_fill() {
     let (ok, _, err) = glm(&["quantize", "--bits", "3", &ckpt, &d("x.safetensors")]);
     assert!(!ok && err.contains("8 or 4"), "{err}");
 }
+
+#[test]
+fn bench_decode_prints_json_lines_per_precision() {
+    let (ok, out, err) = glm(&["bench", "decode", "--preset", "tiny", "--prompt", "8", "--new", "4", "--json"]);
+    assert!(ok, "{err}");
+    let rows: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 3);
+    for (r, p) in rows.iter().zip(["f32", "int8", "int4"]) {
+        assert_eq!(r["precision"], p);
+        for k in ["decode_tokens_per_s", "prefill_tokens_per_s", "floor_tokens_per_s", "peak_rss_bytes"] {
+            assert!(r[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {r}");
+        }
+    }
+}

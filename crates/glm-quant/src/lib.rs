@@ -173,14 +173,17 @@ impl QuantMatrix {
         self.check_vec(x, y)?;
         let rb = self.bits.row_bytes(self.cols);
         let bits = self.bits;
-        y.par_iter_mut().enumerate().with_min_len(64).for_each(|(r, y)| {
-            let row = &self.data[r * rb..(r + 1) * rb];
-            let dot = match bits {
-                Bits::Int8 => dot_i8(row, x),
-                Bits::Int4 => dot_i4(row, x),
-            };
-            *y = dot * self.scales[r].to_f32();
-        });
+        let dot = match bits {
+            Bits::Int8 => kernels().i8,
+            Bits::Int4 => kernels().i4,
+        };
+        let one = |(r, y): (usize, &mut f32)| *y = dot(&self.data[r * rb..(r + 1) * rb], x) * self.scales[r].to_f32();
+        // Below ~1 MB of weights a thread hand-off costs more than the rows.
+        if self.data.len() < PAR_MIN_BYTES {
+            y.iter_mut().enumerate().for_each(one);
+        } else {
+            y.par_iter_mut().enumerate().with_min_len(64).for_each(one);
+        }
         Ok(())
     }
 
@@ -208,10 +211,69 @@ impl QuantMatrix {
     }
 }
 
+/// Smallest matrix (bytes) whose matvec is split across threads.
+const PAR_MIN_BYTES: usize = 1 << 20;
+
 /// Independent lanes so the loops vectorize (int -> float conversion and FMA per lane).
 const LANES: usize = 8;
 
-fn dot_i8(q: &[i8], x: &[f32]) -> f32 {
+/// The dot products, chosen once at run time: the same loops compiled for AVX2 + FMA when the CPU
+/// has them (the build itself targets baseline x86-64), else the portable build.
+struct Kernels {
+    name: &'static str,
+    i8: fn(&[i8], &[f32]) -> f32,
+    i4: fn(&[i8], &[f32]) -> f32,
+}
+
+fn kernels() -> &'static Kernels {
+    static K: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return Kernels { name: "avx2+fma", i8: avx2::dot_i8, i4: avx2::dot_i4 };
+        }
+        Kernels { name: "portable", i8: dot_i8_portable, i4: dot_i4_portable }
+    })
+}
+
+/// Which dot-product build `matvec` uses ("avx2+fma" or "portable").
+pub fn kernel_name() -> &'static str {
+    kernels().name
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_i8_impl(q: &[i8], x: &[f32]) -> f32 {
+        super::dot_i8_body(q, x)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_i4_impl(p: &[i8], x: &[f32]) -> f32 {
+        super::dot_i4_body(p, x)
+    }
+
+    pub fn dot_i8(q: &[i8], x: &[f32]) -> f32 {
+        // SAFETY: chosen only after is_x86_feature_detected!("avx2") and ("fma").
+        unsafe { dot_i8_impl(q, x) }
+    }
+
+    pub fn dot_i4(p: &[i8], x: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { dot_i4_impl(p, x) }
+    }
+}
+
+fn dot_i8_portable(q: &[i8], x: &[f32]) -> f32 {
+    dot_i8_body(q, x)
+}
+
+fn dot_i4_portable(p: &[i8], x: &[f32]) -> f32 {
+    dot_i4_body(p, x)
+}
+
+#[inline(always)]
+fn dot_i8_body(q: &[i8], x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (qc, xc) = (q.chunks_exact(LANES), x.chunks_exact(LANES));
     let tail: f32 = qc.remainder().iter().zip(xc.remainder()).map(|(&q, &x)| q as f32 * x).sum();
@@ -223,7 +285,8 @@ fn dot_i8(q: &[i8], x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-fn dot_i4(packed: &[i8], x: &[f32]) -> f32 {
+#[inline(always)]
+fn dot_i4_body(packed: &[i8], x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (pc, xc) = (packed.chunks_exact(LANES / 2), x.chunks_exact(LANES));
     let tail: f32 = pc

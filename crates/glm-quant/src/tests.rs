@@ -92,3 +92,13 @@ fn bad_inputs_are_errors() {
     let m = QuantMatrix::quantize(&[1.0; 8], 2, 4, Bits::Int8).expect("quantize");
     assert!(m.matvec(&[1.0; 3], &mut [0.0; 2]).is_err());
 }
+
+#[test]
+fn the_portable_and_the_dispatched_dot_products_agree() {
+    let x = randoms(1030, 3);
+    let q: Vec<i8> = randoms(1030, 4).iter().map(|v| (v * 30.0) as i8).collect();
+    let (a, b) = (dot_i8_portable(&q, &x), (kernels().i8)(&q, &x));
+    assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b} ({})", kernel_name());
+    let (a, b) = (dot_i4_portable(&q[..515], &x), (kernels().i4)(&q[..515], &x));
+    assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+}
