@@ -260,14 +260,22 @@ fn bytes_per_token(cfg: &Config, bits: Option<Bits>) -> u64 {
 }
 
 fn measure_one(a: &DecodeBenchArgs, precision: &str) -> Result<DecodeResult> {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device};
     let bits = match precision {
         "f32" => None,
         "int8" => Some(Bits::Int8),
         "int4" => Some(Bits::Int4),
+        "file" => None, // a quantized --model: its own precision
         p => bail!("unknown precision {p} (f32, int8, int4)"),
     };
     let dev = Device::Cpu;
+    if let Some(p) = a.model.as_deref().filter(|p| !p.is_dir() && QuantCheckpoint::is_quantized(p)) {
+        // A quantized checkpoint: its own precision, loaded without dense block weights.
+        let q = QuantCheckpoint::open(p)?;
+        check_arch(&q.config, &a.arch, p)?;
+        let model = q.model(DType::F32, &dev)?;
+        return time_decode(a, &q.config, &model, Some(q.bits), &format!("int{} (file)", q.bits.bits()));
+    }
     let (cfg, weights) = match &a.model {
         Some(p) => {
             let (file, cfg) = dense_source(p, &a.arch)?;
@@ -285,6 +293,19 @@ fn measure_one(a: &DecodeBenchArgs, precision: &str) -> Result<DecodeResult> {
         None => Glm::new(&cfg, vb, &glm_nn::DenseFactory)?,
         Some(b) => Glm::new(&cfg, vb, &glm_quant::QuantFactory::quantize(b))?,
     };
+    time_decode(a, &cfg, &model, bits, precision)
+}
+
+fn time_decode(
+    a: &DecodeBenchArgs,
+    cfg: &Config,
+    model: &Glm,
+    bits: Option<Bits>,
+    precision: &str,
+) -> Result<DecodeResult> {
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let cfg = cfg.clone();
     if a.prompt == 0 || a.prompt + a.new + 1 > cfg.max_seq_len {
         bail!("--prompt {} + --new {} must fit in max_seq_len {}", a.prompt, a.new, cfg.max_seq_len);
     }
@@ -332,7 +353,9 @@ pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the glm binary")?;
     let bw = bandwidth();
     let mut rows = Vec::new();
-    for p in &a.precisions {
+    let quantized_file = a.model.as_deref().is_some_and(|p| !p.is_dir() && QuantCheckpoint::is_quantized(p));
+    let precisions = if quantized_file { vec!["file".to_string()] } else { a.precisions.clone() };
+    for p in &precisions {
         let mut args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--json").collect();
         args.extend(["--only".to_string(), p.clone()]);
         let o = std::process::Command::new(&exe).args(&args).output().context("running the measurement")?;
