@@ -130,6 +130,15 @@ pub struct GenArgs {
     top_p: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Beam search with this many beams (GLM's BeamSearchStrategy, deterministic; `generate` only).
+    #[arg(long)]
+    beams: Option<usize>,
+    /// Beam search: score / ((5 + length) / 6)^length_penalty.
+    #[arg(long, default_value_t = 1.0)]
+    length_penalty: f64,
+    /// Beam search: ban tokens that would repeat an n-gram (0: off).
+    #[arg(long, default_value_t = 3)]
+    no_repeat_ngram: usize,
     /// One JSON object (text, tokens, stop reason) instead of the text.
     #[arg(long)]
     json: bool,
@@ -155,7 +164,23 @@ pub fn generate(a: GenArgs, fill: bool) -> Result<()> {
     let (model, tok) = a.source.load()?;
     let g = Generator::new(&model, &tok)?;
     let cfg = a.sampling();
-    let out = if fill { g.fill(&a.text, &cfg)? } else { g.complete(&a.text, &cfg)? };
+    let out = match (fill, a.beams) {
+        (true, Some(_)) => bail!("--beams applies to `glm generate` only"),
+        (true, None) => g.fill(&a.text, &cfg)?,
+        (false, Some(n)) => {
+            let beam = glm_infer::BeamConfig {
+                num_beams: n,
+                length_penalty: a.length_penalty,
+                no_repeat_ngram: a.no_repeat_ngram,
+                min_new_tokens: a.min_tokens,
+                max_new_tokens: a.max_tokens,
+                deterministic: true,
+                seed: a.seed.unwrap_or(1234),
+            };
+            g.complete_beam(&a.text, &beam)?
+        }
+        (false, None) => g.complete(&a.text, &cfg)?,
+    };
     if a.json {
         let spans: Vec<&str> = out.spans.iter().map(|s| s.text.as_str()).collect();
         let v = serde_json::json!({"text": out.text, "tokens": out.tokens, "spans": spans, "stop": format!("{:?}", out.stop)});

@@ -34,6 +34,9 @@ fn quantize_then_generate_and_fill() {
         assert!(ok, "{err}");
         assert!(text.starts_with("The ") && text.trim_end().ends_with(" sat."), "{text}");
     }
+    let (ok, text, err) =
+        glm(&["generate", "--model", &d("int4.safetensors"), "--beams", "3", "--max-tokens", "4", "Hello"]);
+    assert!(ok && text.starts_with("Hello"), "{err}");
     // The dense training checkpoint works too, with the same interface.
     let (ok, _, err) = glm(&["generate", "--model", &ckpt, "--max-tokens", "3", "--seed", "5", "Hi"]);
     assert!(ok, "{err}");

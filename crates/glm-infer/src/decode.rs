@@ -34,6 +34,18 @@ pub struct Decoder<'m> {
 }
 
 impl<'m> Decoder<'m> {
+    /// An independent copy (its own cache), for beams.
+    pub fn fork(&self) -> Result<Self> {
+        Ok(Self {
+            model: self.model,
+            blank: self.blank,
+            context_len: self.context_len,
+            tokens: self.tokens.clone(),
+            cache: self.cache.fork()?,
+            layout: self.layout.clone(),
+        })
+    }
+
     /// A row holding `context`; nothing runs until the first `feed` (normally of `<sop>`).
     pub fn new(model: &'m Glm, context: &[u32], blank: Blank) -> Result<Self> {
         let max = model.config().max_seq_len;
@@ -123,5 +135,13 @@ impl<'m> Decoder<'m> {
             (PositionEncoding::Rope2d, Blank::Gmask) => ((c - 1) as u32, k),
             (_, Blank::Mask { at }) => (at as u32, k),
         }
+    }
+}
+
+impl crate::beam::Extend for Decoder<'_> {
+    fn extend(&self, token: u32) -> Result<(Self, Vec<f32>)> {
+        let mut d = self.fork()?;
+        let logits = d.feed(&[token])?;
+        Ok((d, logits))
     }
 }

@@ -99,6 +99,29 @@ impl<'a> Generator<'a> {
         Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop }]))
     }
 
+    /// Left-to-right continuation by beam search (GLM's BeamSearchStrategy, see `beam`): the best
+    /// hypothesis.
+    pub fn complete_beam(&self, prompt: &str, cfg: &crate::BeamConfig) -> Result<Generation> {
+        let gmask = self.gmask.ok_or(Error::MissingToken { token: "[gMASK]", needed_by: "complete" })?;
+        let ids = self.tok.encode(prompt);
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let context: Vec<u32> = ids.iter().copied().chain([gmask]).collect();
+        let mut dec = Decoder::new(self.model, &context, Blank::Gmask)?;
+        let logits = dec.feed(&[self.sop])?;
+        let vocab = self.model.config().vocab_size as u32;
+        let banned: Vec<u32> = self.invalid.iter().copied().chain(self.sampleable as u32..vocab).collect();
+        let ends: Vec<u32> = std::iter::once(self.eop).chain(self.eod).collect();
+        let room = self.model.config().max_seq_len - context.len() - 1;
+        let cfg = crate::BeamConfig { max_new_tokens: cfg.max_new_tokens.min(room), ..*cfg };
+        let hyps = crate::beam::beam_search(dec, logits, context.len() + 1, &ends, &banned, &cfg)?;
+        let best = hyps.into_iter().next().ok_or_else(|| Error::Sampling("beam search found nothing".into()))?;
+        let stop = if best.finished { StopReason::Eop } else { StopReason::MaxNewTokens };
+        let text = self.continuation(&ids, &best.tokens)?;
+        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens: best.tokens, text, stop }]))
+    }
+
     /// Blank filling: every [MASK] / [sMASK] of `text`, left to right, each generated with the
     /// blanks before it already filled (the earlier spans spliced into the context), up to
     /// `max_new_tokens` tokens per blank.

@@ -23,10 +23,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod beam;
 mod decode;
 mod generate;
 pub mod sampling;
 
+pub use beam::{BeamConfig, Hypothesis};
 pub use decode::{Blank, Decoder};
 pub use generate::{Generation, Generator, Span, StopReason};
 pub use sampling::{Sampler, SamplingConfig};

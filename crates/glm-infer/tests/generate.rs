@@ -264,3 +264,25 @@ fn min_new_tokens_bans_the_end_tokens_until_reached() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn one_beam_is_greedy_and_beam_search_is_deterministic() -> Result<()> {
+    let tok = tok()?;
+    let m = model(&Config::tiny(), 6)?;
+    let gen = Generator::new(&m, &tok)?;
+    let one = glm_infer::BeamConfig {
+        num_beams: 1,
+        length_penalty: 0.0,
+        no_repeat_ngram: 0,
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let beam = gen.complete_beam("Hello world", &one)?;
+    let greedy = gen.complete("Hello world", &SamplingConfig::greedy(8))?;
+    ensure!(beam.tokens == greedy.tokens, "{:?} vs {:?}", beam.tokens, greedy.tokens);
+    let four = glm_infer::BeamConfig { num_beams: 4, max_new_tokens: 8, ..Default::default() };
+    let a = gen.complete_beam("Hello world", &four)?;
+    ensure!(a == gen.complete_beam("Hello world", &four)?);
+    ensure!(a.text.starts_with("Hello world"));
+    Ok(())
+}
