@@ -139,6 +139,12 @@ pub struct GenArgs {
     /// Beam search: ban tokens that would repeat an n-gram (0: off).
     #[arg(long, default_value_t = 3)]
     no_repeat_ngram: usize,
+    /// Stop before this string (repeatable; `generate` only).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print the continuation as it is generated (`generate` only).
+    #[arg(long)]
+    stream: bool,
     /// One JSON object (text, tokens, stop reason) instead of the text.
     #[arg(long)]
     json: bool,
@@ -179,6 +185,17 @@ pub fn generate(a: GenArgs, fill: bool) -> Result<()> {
             };
             g.complete_beam(&a.text, &beam)?
         }
+        (false, None) if a.stream => {
+            use std::io::Write;
+            print!("{}", a.text);
+            g.complete_stream(&a.text, &cfg, &a.stop, &mut |t| {
+                print!("{t}");
+                let _ = std::io::stdout().flush();
+            })?;
+            println!();
+            return Ok(());
+        }
+        (false, None) if !a.stop.is_empty() => g.complete_stream(&a.text, &cfg, &a.stop, &mut |_| {})?,
         (false, None) => g.complete(&a.text, &cfg)?,
     };
     if a.json {
@@ -418,6 +435,62 @@ pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
                 100.0 * r.decode_tokens_per_s / r.floor_tokens_per_s,
                 r.peak_rss_bytes as f64 / (1u64 << 20) as f64
             );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    source: ModelSource,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+}
+
+/// `glm chat`: read a question per line, stream the answer, keep the conversation as context
+/// (`问：... 答：...` turns, ChatGLM's format; older turns drop out when the context is full).
+pub fn chat(a: ChatArgs) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let (model, tok) = a.source.load()?;
+    let g = Generator::new(&model, &tok)?;
+    let budget = model.config().max_seq_len.saturating_sub(a.max_tokens + 8);
+    let mut turns: Vec<String> = Vec::new();
+    let stdin = std::io::stdin();
+    eprintln!("glm chat: one question per line; end with Ctrl-D.");
+    for (i, line) in stdin.lock().lines().enumerate() {
+        let q = line.context("reading stdin")?;
+        if q.trim().is_empty() {
+            continue;
+        }
+        turns.push(format!("问：{}\n答：", q.trim()));
+        // Drop the oldest turns until the prompt fits.
+        while turns.len() > 1 && tok.encode(&turns.concat()).len() > budget {
+            turns.remove(0);
+        }
+        let prompt = turns.concat();
+        let cfg = SamplingConfig { max_new_tokens: a.max_tokens, seed: a.seed + i as u64, ..SamplingConfig::default() };
+        let stops = ["\n问：".to_string()];
+        let out = g.complete_stream(&prompt, &cfg, &stops, &mut |t| {
+            print!("{t}");
+            let _ = std::io::stdout().flush();
+        });
+        match out {
+            Ok(out) => {
+                println!();
+                if let Some(last) = turns.last_mut() {
+                    last.push_str(out.spans.first().map(|s| s.text.trim()).unwrap_or(""));
+                    last.push('\n');
+                }
+            }
+            Err(e) => {
+                println!();
+                eprintln!("error: {e}");
+                turns.pop();
+            }
         }
     }
     Ok(())

@@ -58,6 +58,8 @@ enum Cmd {
     Generate(infer_cmd::GenArgs),
     /// Fill the [MASK] blanks of a text, left to right.
     Fill(infer_cmd::GenArgs),
+    /// Chat: a question per line on stdin, answers streamed.
+    Chat(infer_cmd::ChatArgs),
 }
 
 #[derive(Args)]
@@ -261,6 +263,7 @@ fn main() -> Result<()> {
         Cmd::Quantize(a) => infer_cmd::quantize(a)?,
         Cmd::Generate(a) => infer_cmd::generate(a, false)?,
         Cmd::Fill(a) => infer_cmd::generate(a, true)?,
+        Cmd::Chat(a) => infer_cmd::chat(a)?,
     }
     Ok(())
 }

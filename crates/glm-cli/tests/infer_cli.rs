@@ -37,6 +37,20 @@ fn quantize_then_generate_and_fill() {
     let (ok, text, err) =
         glm(&["generate", "--model", &d("int4.safetensors"), "--beams", "3", "--max-tokens", "4", "Hello"]);
     assert!(ok && text.starts_with("Hello"), "{err}");
+    let (ok, text, err) =
+        glm(&["generate", "--model", &d("int4.safetensors"), "--stream", "--max-tokens", "4", "Hello"]);
+    assert!(ok && text.starts_with("Hello"), "{err}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_glm"))
+        .args(["chat", "--model", &d("int4.safetensors"), "--max-tokens", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), "你好\nHello there\n".as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).matches('\n').count() >= 2, "an answer line per question");
     // The dense training checkpoint works too, with the same interface.
     let (ok, _, err) = glm(&["generate", "--model", &ckpt, "--max-tokens", "3", "--seed", "5", "Hi"]);
     assert!(ok, "{err}");

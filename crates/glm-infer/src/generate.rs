@@ -18,6 +18,8 @@ pub enum StopReason {
     MaxNewTokens,
     /// The row reached the model's max_seq_len.
     MaxSeqLen,
+    /// A stop string appeared (the text is cut before it).
+    StopString,
 }
 
 /// One generated block (end token not included).
@@ -99,6 +101,49 @@ impl<'a> Generator<'a> {
         Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop }]))
     }
 
+    /// `complete`, handing each new piece of text to `on_text` as it is generated (never a split
+    /// UTF-8 character), and stopping at the first of `stops` (the text ends before it).
+    pub fn complete_stream(
+        &self,
+        prompt: &str,
+        cfg: &SamplingConfig,
+        stops: &[String],
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let gmask = self.gmask.ok_or(Error::MissingToken { token: "[gMASK]", needed_by: "complete" })?;
+        let mut sampler = Sampler::new(cfg)?;
+        let ids = self.tok.encode(prompt);
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let context: Vec<u32> = ids.iter().copied().chain([gmask]).collect();
+        let mut stream = TextStream::new(self.tok, &ids);
+        let mut failure = None;
+        let mut go = |gen: &[u32]| match stream.push(gen, stops, false) {
+            Ok((delta, stop)) => {
+                if !delta.is_empty() {
+                    on_text(&delta);
+                }
+                !stop
+            }
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        };
+        let (tokens, stop) = self.generate_with(&context, Blank::Gmask, &mut sampler, &mut go)?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        // Release what was held back (a trailing incomplete character stays as U+FFFD).
+        let (rest, _) = stream.push(&tokens, stops, true)?;
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        let text = stream.text;
+        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop }]))
+    }
+
     /// Left-to-right continuation by beam search (GLM's BeamSearchStrategy, see `beam`): the best
     /// hypothesis.
     pub fn complete_beam(&self, prompt: &str, cfg: &crate::BeamConfig) -> Result<Generation> {
@@ -159,6 +204,18 @@ impl<'a> Generator<'a> {
     /// The block after `context <sop>`, one cached step per token, end token not included. Ids the
     /// tokenizer lacks and the layout tokens are never sampled (the spec's invalid slices).
     pub fn generate(&self, context: &[u32], blank: Blank, sampler: &mut Sampler) -> Result<(Vec<u32>, StopReason)> {
+        self.generate_with(context, blank, sampler, &mut |_| true)
+    }
+
+    /// `generate`, calling `go` with the tokens so far after each one; `false` stops
+    /// (`StopReason::StopString`).
+    pub fn generate_with(
+        &self,
+        context: &[u32],
+        blank: Blank,
+        sampler: &mut Sampler,
+        go: &mut dyn FnMut(&[u32]) -> bool,
+    ) -> Result<(Vec<u32>, StopReason)> {
         let max_new = sampler.config().max_new_tokens;
         let mut dec = Decoder::new(self.model, context, blank)?;
         let mut out = Vec::new();
@@ -188,6 +245,9 @@ impl<'a> Generator<'a> {
                 return Ok((out, StopReason::Eod));
             }
             out.push(tok);
+            if !go(&out) {
+                return Ok((out, StopReason::StopString));
+            }
             if out.len() >= max_new {
                 return Ok((out, StopReason::MaxNewTokens));
             }
@@ -207,5 +267,42 @@ impl<'a> Generator<'a> {
             Some(rest) => Ok(rest.to_string()),
             None => Ok(self.tok.decode(generated)?),
         }
+    }
+}
+
+/// Incremental detokenization: the text of the tokens so far (after a left context, so a leading
+/// space shows), released only up to the last complete character, and cut at a stop string.
+pub struct TextStream<'t> {
+    tok: &'t Tokenizer,
+    left: Vec<u32>,
+    /// The text released so far.
+    pub text: String,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tok: &'t Tokenizer, left: &[u32]) -> Self {
+        Self { tok, left: left.to_vec(), text: String::new() }
+    }
+
+    /// With `generated` the whole block so far: (new text to show, whether a stop string ended it).
+    /// `last` releases a trailing incomplete character too.
+    pub fn push(&mut self, generated: &[u32], stops: &[String], last: bool) -> Result<(String, bool)> {
+        let before = self.tok.decode(&self.left)?;
+        let joined: Vec<u32> = self.left.iter().chain(generated).copied().collect();
+        let all = self.tok.decode(&joined)?;
+        let mut full = all.strip_prefix(before.as_str()).map(str::to_string).unwrap_or(self.tok.decode(generated)?);
+        // A byte-fallback character still missing bytes decodes to U+FFFD at the end: hold it back.
+        let mut hold = full.len();
+        while !last && full[..hold].ends_with('\u{FFFD}') {
+            hold -= '\u{FFFD}'.len_utf8();
+        }
+        let stop_at = stops.iter().filter(|s| !s.is_empty()).filter_map(|s| full.find(s.as_str())).min();
+        if let Some(p) = stop_at {
+            full.truncate(p);
+            hold = hold.min(p);
+        }
+        let delta = full.get(self.text.len()..hold).unwrap_or("").to_string();
+        self.text.push_str(&delta);
+        Ok((delta, stop_at.is_some()))
     }
 }

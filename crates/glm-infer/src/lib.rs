@@ -30,7 +30,7 @@ pub mod sampling;
 
 pub use beam::{BeamConfig, Hypothesis};
 pub use decode::{Blank, Decoder};
-pub use generate::{Generation, Generator, Span, StopReason};
+pub use generate::{Generation, Generator, Span, StopReason, TextStream};
 pub use sampling::{Sampler, SamplingConfig};
 
 #[derive(Debug, thiserror::Error)]

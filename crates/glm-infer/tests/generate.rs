@@ -149,7 +149,7 @@ fn greedy_is_deterministic_and_the_argmax_of_recomputed_logits() -> Result<()> {
             StopReason::Eop => ensure!(last == s.eop),
             StopReason::Eod => ensure!(last == s.eod),
             StopReason::MaxNewTokens => ensure!(a.tokens.len() == 12),
-            StopReason::MaxSeqLen => anyhow::bail!("the row cannot be full"),
+            StopReason::MaxSeqLen | StopReason::StopString => anyhow::bail!("{:?} cannot happen here", a.stop),
         }
     }
     Ok(())
@@ -284,5 +284,44 @@ fn one_beam_is_greedy_and_beam_search_is_deterministic() -> Result<()> {
     let a = gen.complete_beam("Hello world", &four)?;
     ensure!(a == gen.complete_beam("Hello world", &four)?);
     ensure!(a.text.starts_with("Hello world"));
+    Ok(())
+}
+
+#[test]
+fn streaming_releases_whole_characters_and_stops_at_stop_strings() -> Result<()> {
+    let tok = tok()?;
+    // Byte-fallback pieces of one emoji: nothing is released until the character is complete.
+    let ids = tok.encode("😀");
+    let mut s = glm_infer::TextStream::new(&tok, &tok.encode("Hi"));
+    let mut shown = String::new();
+    for i in 1..=ids.len() {
+        let (delta, stop) = s.push(&ids[..i], &[], false)?;
+        ensure!(!stop && !delta.contains('\u{FFFD}'), "{delta:?}");
+        shown += &delta;
+    }
+    ensure!(shown.trim_start() == "😀", "{shown:?}");
+
+    let m = model(&Config::tiny(), 2)?;
+    let gen = Generator::new(&m, &tok)?;
+    let cfg = SamplingConfig::greedy(16);
+    let full = gen.complete("Hello world", &cfg)?;
+    let mut pieces = Vec::new();
+    let streamed = gen.complete_stream("Hello world", &cfg, &[], &mut |t| pieces.push(t.to_string()))?;
+    ensure!(
+        streamed.text == full.text && pieces.concat() == full.spans[0].text,
+        "{pieces:?} vs {:?}",
+        full.spans[0].text
+    );
+    // A stop string taken from the middle of that output cuts the text right before it.
+    let body = full.spans[0].text.clone();
+    let chars: Vec<char> = body.chars().collect();
+    if chars.len() >= 4 {
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+        let mut seen = String::new();
+        let cut = gen.complete_stream("Hello world", &cfg, std::slice::from_ref(&stop), &mut |t| seen.push_str(t))?;
+        let want = &body[..body.find(&stop).unwrap_or(body.len())];
+        ensure!(cut.spans[0].text == want && seen == want, "{:?} vs {want:?}", cut.spans[0].text);
+        ensure!(cut.stop == StopReason::StopString);
+    }
     Ok(())
 }
