@@ -158,6 +158,25 @@ impl QuantMatrix {
         }
     }
 
+    /// Rows r0..r1 dequantized to f32, in parallel (the prefill path's weight tiles).
+    pub fn dequantize_rows(&self, r0: usize, r1: usize) -> Vec<f32> {
+        let mut out = vec![0f32; (r1 - r0) * self.cols];
+        let rb = self.bits.row_bytes(self.cols);
+        out.par_chunks_mut(self.cols.max(1)).enumerate().for_each(|(i, o)| {
+            let r = r0 + i;
+            let s = self.scales[r].to_f32();
+            let row = &self.data[r * rb..(r + 1) * rb];
+            match self.bits {
+                Bits::Int8 => o.iter_mut().zip(row).for_each(|(o, &q)| *o = q as f32 * s),
+                Bits::Int4 => o.chunks_exact_mut(2).zip(row).for_each(|(o, &b)| {
+                    let (hi, lo) = unpack_nibbles(b);
+                    (o[0], o[1]) = (hi as f32 * s, lo as f32 * s);
+                }),
+            }
+        });
+        out
+    }
+
     /// The f32 matrix the quantized one stands for (the reference).
     pub fn dequantize(&self) -> Vec<f32> {
         (0..self.rows)

@@ -85,9 +85,33 @@ impl QuantLinear {
     }
 }
 
+/// From this many tokens on, a product dequantizes weight tiles and runs sgemm (through
+/// `glm_nn::linear`) instead of the row-by-row kernel.
+const PREFILL_MIN_TOKENS: usize = 8;
+/// Weights dequantized at a time on that path (f32 values): bounds the transient memory.
+const TILE_VALUES: usize = 1 << 22;
+
+impl QuantLinear {
+    /// Prefill: y[:, tile] = x · dequant(W[tile])ᵀ, tile by tile of output rows.
+    fn forward_tiled(&self, x: &Tensor) -> Result<Tensor> {
+        let w = &self.w;
+        let rows_per_tile = (TILE_VALUES / w.cols.max(1)).clamp(1, w.rows.max(1));
+        let mut parts = Vec::with_capacity(w.rows.div_ceil(rows_per_tile));
+        for r0 in (0..w.rows).step_by(rows_per_tile) {
+            let r1 = (r0 + rows_per_tile).min(w.rows);
+            let tile = Tensor::from_vec(w.dequantize_rows(r0, r1), (r1 - r0, w.cols), x.device())?;
+            parts.push(glm_nn::linear::linear_nd(x, &tile, None)?);
+        }
+        Tensor::cat(&parts, candle_core::D::Minus1)
+    }
+}
+
 impl Module for QuantLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.device().is_cpu() {
+        let tokens = x.elem_count() / self.w.cols.max(1);
+        let y = if x.device().is_cpu() && tokens >= PREFILL_MIN_TOKENS {
+            self.forward_tiled(&x.to_dtype(DType::F32)?)?
+        } else if x.device().is_cpu() {
             x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(&QuantMatmul(self.w.clone()))?
         } else {
             quant_matmul_ref(&x.to_dtype(DType::F32)?, &self.w)?

@@ -113,3 +113,19 @@ fn scales_that_do_not_match_their_weights_are_refused() -> anyhow::Result<()> {
     assert!(glm_quant::QuantCheckpoint::open(&path).is_err());
     Ok(())
 }
+
+#[test]
+fn the_tiled_prefill_matches_the_reference_across_tiles() -> Result<()> {
+    let dev = Device::Cpu;
+    // 2100 x 2048 weights span two 4M-value tiles.
+    let w = Tensor::randn(0f32, 1., (2100, 2048), &dev)?;
+    let x = Tensor::randn(0f32, 1., (2, 8, 2048), &dev)?;
+    for bits in [Bits::Int8, Bits::Int4] {
+        let q =
+            QuantMatrix::quantize(&w.flatten_all()?.to_vec1()?, 2100, 2048, bits).map_err(candle_core::Error::wrap)?;
+        let lin = QuantLinear::new(q.clone(), None);
+        let e = rel(&lin.forward(&x)?, &quant_matmul_ref(&x, &q)?)?;
+        assert!(e < 1e-5, "{bits:?}: {e}");
+    }
+    Ok(())
+}
