@@ -196,6 +196,21 @@ fn run_torch(python: &str, cfg: &Config, opts: &ForwardBench) -> Result<TorchRun
     })
 }
 
+/// PyTorch eager batch-1 decode tokens/s on `cfg` (the decode of `py/torch_forward.py`: prefill
+/// `prompt` tokens, then `new` greedy steps with its cache), f32 on the CPU, our thread count.
+pub fn torch_decode_tokens_per_s(python: &str, cfg: &Config, prompt: usize, new: usize) -> Result<f64> {
+    let opts = ForwardBench {
+        presets: Vec::new(),
+        batch: 1,
+        seq: prompt.max(8),
+        iters: 1,
+        decode_prompt: prompt,
+        decode_new: new,
+        torch_python: Some(python.to_string()),
+    };
+    Ok(run_torch(python, cfg, &opts)?.decode_tokens_per_s)
+}
+
 fn tempfile_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{}-{name}", std::process::id()))
 }

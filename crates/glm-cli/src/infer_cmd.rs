@@ -229,6 +229,12 @@ pub struct DecodeBenchArgs {
     /// JSON lines instead of the table.
     #[arg(long)]
     json: bool,
+    /// Python with torch for the PyTorch eager f32 decode baseline (env GLM_TORCH_PYTHON).
+    #[arg(long, env = "GLM_TORCH_PYTHON", default_value = "python3")]
+    torch_python: String,
+    /// Skip the PyTorch baseline.
+    #[arg(long)]
+    no_torch: bool,
     /// Internal: measure one precision in this process.
     #[arg(long, hide = true)]
     only: Option<String>,
@@ -245,6 +251,9 @@ struct DecodeResult {
     floor_tokens_per_s: f64,
     peak_rss_bytes: u64,
     kernel: String,
+    /// PyTorch eager f32 on the same config, same run (None when skipped).
+    #[serde(default)]
+    torch_decode_tokens_per_s: Option<f64>,
 }
 
 /// Read bandwidth: GB/s of summing a 512 MiB buffer on all threads, best of 3.
@@ -384,6 +393,7 @@ fn time_decode(
         floor_tokens_per_s: 0.0,
         peak_rss_bytes: peak_rss(),
         kernel: glm_quant::kernel_name().to_string(),
+        torch_decode_tokens_per_s: None,
     })
 }
 
@@ -399,6 +409,7 @@ pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
     let precisions = if quantized_file { vec!["file".to_string()] } else { a.precisions.clone() };
     for p in &precisions {
         let mut args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--json").collect();
+        args.push("--no-torch".to_string());
         args.extend(["--only".to_string(), p.clone()]);
         let o = std::process::Command::new(&exe).args(&args).output().context("running the measurement")?;
         if !o.status.success() {
@@ -408,10 +419,33 @@ pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
             .with_context(|| format!("{p}: unreadable result {}", String::from_utf8_lossy(&o.stdout)))?;
         r.bandwidth_gb_per_s = bw;
         r.floor_tokens_per_s = bw * 1e9 / r.bytes_per_token as f64;
-        if a.json {
-            println!("{}", serde_json::to_string(&r)?);
-        }
         rows.push(r);
+    }
+    // The PyTorch baseline: same config, f32 eager (only for presets and dense checkpoints' configs).
+    let cfg = match &a.model {
+        Some(p) if quantized_file => QuantCheckpoint::open(p).map(|q| q.config).ok(),
+        Some(p) => dense_source(p, &a.arch).ok().map(|(_, c)| c),
+        None => a.arch.resolve().ok(),
+    };
+    let torch = match cfg {
+        Some(c) if !a.no_torch && glm_bench::torch_available(&a.torch_python) => {
+            match glm_bench::torch_decode_tokens_per_s(&a.torch_python, &c, a.prompt, a.new) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("PyTorch baseline failed: {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    for r in rows.iter_mut() {
+        r.torch_decode_tokens_per_s = torch;
+    }
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
     }
     if !a.json {
         println!(
@@ -420,11 +454,15 @@ pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
             a.new,
             rows.first().map(|r| r.kernel.as_str()).unwrap_or("?")
         );
-        println!("| model | precision | prefill tok/s | decode tok/s | weight bytes/token | floor tok/s (bandwidth) | decode / floor | peak RSS |");
-        println!("|---|---|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "| model | precision | prefill tok/s | decode tok/s | weight bytes/token | floor tok/s (bandwidth) | decode / floor | peak RSS | decode / PyTorch f32 |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
+            let vs =
+                r.torch_decode_tokens_per_s.map_or("-".to_string(), |t| format!("{:.2}x", r.decode_tokens_per_s / t));
             println!(
-                "| {} | {} | {:.1} | {:.1} | {:.1} MB | {:.1} ({:.1} GB/s) | {:.0}% | {:.0} MiB |",
+                "| {} | {} | {:.1} | {:.1} | {:.1} MB | {:.1} ({:.1} GB/s) | {:.0}% | {:.0} MiB | {vs} |",
                 r.model,
                 r.precision,
                 r.prefill_tokens_per_s,
@@ -435,6 +473,12 @@ pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
                 100.0 * r.decode_tokens_per_s / r.floor_tokens_per_s,
                 r.peak_rss_bytes as f64 / (1u64 << 20) as f64
             );
+        }
+        match torch {
+            Some(t) => {
+                println!("PyTorch eager (py/torch_forward.py), f32, same config and threads: {t:.1} decode tokens/s")
+            }
+            None => println!("PyTorch baseline skipped (--no-torch, or no torch in {})", a.torch_python),
         }
     }
     Ok(())

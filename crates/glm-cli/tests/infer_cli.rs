@@ -72,7 +72,8 @@ fn quantize_then_generate_and_fill() {
 
 #[test]
 fn bench_decode_prints_json_lines_per_precision() {
-    let (ok, out, err) = glm(&["bench", "decode", "--preset", "tiny", "--prompt", "8", "--new", "4", "--json"]);
+    let (ok, out, err) =
+        glm(&["bench", "decode", "--preset", "tiny", "--prompt", "8", "--new", "4", "--json", "--no-torch"]);
     assert!(ok, "{err}");
     let rows: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 3);
