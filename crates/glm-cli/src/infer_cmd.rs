@@ -408,7 +408,7 @@ pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
     let quantized_file = a.model.as_deref().is_some_and(|p| !p.is_dir() && QuantCheckpoint::is_quantized(p));
     let precisions = if quantized_file { vec!["file".to_string()] } else { a.precisions.clone() };
     for p in &precisions {
-        let mut args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--json").collect();
+        let mut args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--json" && x != "--no-torch").collect();
         args.push("--no-torch".to_string());
         args.extend(["--only".to_string(), p.clone()]);
         let o = std::process::Command::new(&exe).args(&args).output().context("running the measurement")?;
