@@ -86,16 +86,22 @@ impl<'a> Generator<'a> {
         Ok(Self { model, tok, sop, eop, eod: s.eod, gmask: s.gmask, masks, sampleable, invalid })
     }
 
-    /// Left-to-right continuation: `prompt [gMASK] <sop>` then tokens until `<eop>`, the
-    /// end-of-document token, `max_new_tokens` or the model's max_seq_len.
-    pub fn complete(&self, prompt: &str, cfg: &SamplingConfig) -> Result<Generation> {
+    /// The prompt's ids and the row context `prompt [gMASK]` of a left-to-right continuation.
+    fn gmask_context(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>)> {
         let gmask = self.gmask.ok_or(Error::MissingToken { token: "[gMASK]", needed_by: "complete" })?;
-        let mut sampler = Sampler::new(cfg)?;
         let ids = self.tok.encode(prompt);
         if ids.is_empty() {
             return Err(Error::EmptyPrompt);
         }
-        let context: Vec<u32> = ids.iter().copied().chain([gmask]).collect();
+        let context = ids.iter().copied().chain([gmask]).collect();
+        Ok((ids, context))
+    }
+
+    /// Left-to-right continuation: `prompt [gMASK] <sop>` then tokens until `<eop>`, the
+    /// end-of-document token, `max_new_tokens` or the model's max_seq_len.
+    pub fn complete(&self, prompt: &str, cfg: &SamplingConfig) -> Result<Generation> {
+        let mut sampler = Sampler::new(cfg)?;
+        let (ids, context) = self.gmask_context(prompt)?;
         let (tokens, stop) = self.generate(&context, Blank::Gmask, &mut sampler)?;
         let text = self.continuation(&ids, &tokens)?;
         Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop }]))
@@ -110,13 +116,8 @@ impl<'a> Generator<'a> {
         stops: &[String],
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
-        let gmask = self.gmask.ok_or(Error::MissingToken { token: "[gMASK]", needed_by: "complete" })?;
         let mut sampler = Sampler::new(cfg)?;
-        let ids = self.tok.encode(prompt);
-        if ids.is_empty() {
-            return Err(Error::EmptyPrompt);
-        }
-        let context: Vec<u32> = ids.iter().copied().chain([gmask]).collect();
+        let (ids, context) = self.gmask_context(prompt)?;
         let mut stream = TextStream::new(self.tok, &ids);
         let mut failure = None;
         let mut go = |gen: &[u32]| match stream.push(gen, stops, false) {
@@ -147,12 +148,7 @@ impl<'a> Generator<'a> {
     /// Left-to-right continuation by beam search (GLM's BeamSearchStrategy, see `beam`): the best
     /// hypothesis.
     pub fn complete_beam(&self, prompt: &str, cfg: &crate::BeamConfig) -> Result<Generation> {
-        let gmask = self.gmask.ok_or(Error::MissingToken { token: "[gMASK]", needed_by: "complete" })?;
-        let ids = self.tok.encode(prompt);
-        if ids.is_empty() {
-            return Err(Error::EmptyPrompt);
-        }
-        let context: Vec<u32> = ids.iter().copied().chain([gmask]).collect();
+        let (ids, context) = self.gmask_context(prompt)?;
         let mut dec = Decoder::new(self.model, &context, Blank::Gmask)?;
         let logits = dec.feed(&[self.sop])?;
         let vocab = self.model.config().vocab_size as u32;

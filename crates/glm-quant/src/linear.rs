@@ -9,7 +9,6 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use glm_nn::{Linear, LinearFactory, LinearSpec};
-use rayon::prelude::*;
 
 use crate::{Bits, QuantMatrix};
 
@@ -130,8 +129,8 @@ pub fn quant_matmul_ref(x: &Tensor, w: &QuantMatrix) -> Result<Tensor> {
     x.broadcast_matmul(&dense.t()?)
 }
 
-/// x [.., in] f32 -> [.., out]: each weight row is unpacked once per call and dotted with every
-/// token (one token: the `matvec` decode kernel).
+/// x [.., in] f32 -> [.., out] for fewer than `PREFILL_MIN_TOKENS` tokens: the `matvec` decode
+/// kernel per token.
 struct QuantMatmul(Arc<QuantMatrix>);
 
 impl CustomOp1 for QuantMatmul {
@@ -151,23 +150,9 @@ impl CustomOp1 for QuantMatmul {
         }
         let tokens = x.len() / k.max(1);
         let mut y = vec![0f32; tokens * w.rows];
-        if tokens == 1 {
-            w.matvec(x, &mut y).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        } else {
-            // Output-row blocks in parallel; within a block, rows are unpacked once into f32.
-            let mut yt = vec![0f32; w.rows * tokens]; // [out, tokens], transposed at the end
-            yt.par_chunks_mut(tokens).enumerate().for_each(|(r, out)| {
-                let s = w.scales[r].to_f32();
-                let row: Vec<f32> = w.row_q(r).into_iter().map(|q| q as f32 * s).collect();
-                for (t, o) in out.iter_mut().enumerate() {
-                    *o = dot(&row, &x[t * k..(t + 1) * k]);
-                }
-            });
-            for (r, col) in yt.chunks(tokens).enumerate() {
-                for (t, v) in col.iter().enumerate() {
-                    y[t * w.rows + r] = *v;
-                }
-            }
+        // A few tokens (decode, short prompts): the decode kernel once per token.
+        for (x, y) in x.chunks_exact(k.max(1)).zip(y.chunks_exact_mut(w.rows.max(1))) {
+            w.matvec(x, y).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         }
         let mut dims = l.dims().to_vec();
         if let Some(last) = dims.last_mut() {
@@ -175,17 +160,4 @@ impl CustomOp1 for QuantMatmul {
         }
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(a, b)| a * b).sum();
-    for (a, b) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += a[l] * b[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

@@ -20,7 +20,7 @@ fn quantized_linear_matches_its_reference_for_decode_and_prefill() -> Result<()>
     for bits in [Bits::Int8, Bits::Int4] {
         let q = QuantMatrix::quantize(&w.flatten_all()?.to_vec1()?, 96, 64, bits).map_err(candle_core::Error::wrap)?;
         let lin = QuantLinear::new(q.clone(), Some(b.clone()));
-        for shape in [(1, 1, 64), (2, 7, 64)] {
+        for shape in [(1, 1, 64), (1, 3, 64), (2, 7, 64)] {
             let x = Tensor::randn(0f32, 1., shape, &dev)?;
             let want = quant_matmul_ref(&x, &q)?.broadcast_add(&b)?;
             let e = rel(&lin.forward(&x)?, &want)?;
