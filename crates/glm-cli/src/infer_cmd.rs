@@ -423,7 +423,7 @@ pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
     }
     // The PyTorch baseline: same config, f32 eager (only for presets and dense checkpoints' configs).
     let cfg = match &a.model {
-        Some(p) if quantized_file => QuantCheckpoint::open(p).map(|q| q.config).ok(),
+        Some(p) if quantized_file => QuantCheckpoint::config_of(p).ok(),
         Some(p) => dense_source(p, &a.arch).ok().map(|(_, c)| c),
         None => a.arch.resolve().ok(),
     };

@@ -86,6 +86,21 @@ pub fn quantize_checkpoint(
     Ok(QuantReport { quantized, kept, bytes: bytes.len() as u64 })
 }
 
+/// The JSON header of a safetensors file (at most 100 MiB), read without its tensors.
+fn header(path: &Path) -> Option<serde_json::Value> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).ok()?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 {
+        return None;
+    }
+    let mut buf = vec![0u8; n as usize];
+    f.read_exact(&mut buf).ok()?;
+    serde_json::from_slice(&buf).ok()
+}
+
 /// A loaded quantized checkpoint.
 pub struct QuantCheckpoint {
     pub bits: Bits,
@@ -97,20 +112,15 @@ pub struct QuantCheckpoint {
 impl QuantCheckpoint {
     /// Whether `path` is a quantized checkpoint, from its header alone.
     pub fn is_quantized(path: &Path) -> bool {
-        use std::io::Read;
-        let header = || -> Option<serde_json::Value> {
-            let mut f = std::fs::File::open(path).ok()?;
-            let mut n = [0u8; 8];
-            f.read_exact(&mut n).ok()?;
-            let n = u64::from_le_bytes(n);
-            if n > 100 << 20 {
-                return None;
-            }
-            let mut buf = vec![0u8; n as usize];
-            f.read_exact(&mut buf).ok()?;
-            serde_json::from_slice(&buf).ok()
-        };
-        header().is_some_and(|h| h["__metadata__"]["format"] == FORMAT)
+        header(path).is_some_and(|h| h["__metadata__"]["format"] == FORMAT)
+    }
+
+    /// The model config in a quantized checkpoint's header, without reading its tensors.
+    pub fn config_of(path: &Path) -> Result<Config> {
+        let h = header(path).filter(|h| h["__metadata__"]["format"] == FORMAT);
+        let text = h.as_ref().and_then(|h| h["__metadata__"]["config"].as_str());
+        let text = text.ok_or_else(|| io(path, "not a quantized GLM checkpoint (no config in its header)"))?;
+        Config::from_json(text).map_err(|e| io(path, format!("config in the header: {e}")))
     }
 
     pub fn open(path: &Path) -> Result<Self> {
