@@ -238,9 +238,13 @@ pub struct DecodeBenchArgs {
     /// Internal: measure one precision in this process.
     #[arg(long, hide = true)]
     only: Option<String>,
+    /// Internal: with --only int8|int4, write the seeded random preset quantized to this file
+    /// (so the measurement loads it as a user would, without the dense weights) and exit.
+    #[arg(long, hide = true)]
+    write_quantized: Option<PathBuf>,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 struct DecodeResult {
     model: String,
     precision: String,
@@ -320,6 +324,13 @@ fn measure_one(a: &DecodeBenchArgs, precision: &str) -> Result<DecodeResult> {
         p => bail!("unknown precision {p} (f32, int8, int4)"),
     };
     let dev = Device::Cpu;
+    if let (Some(out), Some(b)) = (&a.write_quantized, bits) {
+        let cfg = a.arch.resolve()?;
+        let w = glm_model::init_weights(&cfg, 1, &dev)?;
+        let load = |name: &str| w.get(name).cloned().ok_or_else(|| format!("no tensor {name}"));
+        glm_quant::quantize_tensors(&cfg, load, b, out)?;
+        return Ok(DecodeResult::default());
+    }
     if let Some(p) = a.model.as_deref().filter(|p| !p.is_dir() && QuantCheckpoint::is_quantized(p)) {
         // A quantized checkpoint: its own precision, loaded without dense block weights.
         let q = QuantCheckpoint::open(p)?;
@@ -403,20 +414,49 @@ pub fn bench_decode(a: DecodeBenchArgs) -> Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the glm binary")?;
-    let bw = bandwidth();
     let mut rows = Vec::new();
     let quantized_file = a.model.as_deref().is_some_and(|p| !p.is_dir() && QuantCheckpoint::is_quantized(p));
     let precisions = if quantized_file { vec!["file".to_string()] } else { a.precisions.clone() };
-    for p in &precisions {
-        let mut args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--json" && x != "--no-torch").collect();
-        args.push("--no-torch".to_string());
-        args.extend(["--only".to_string(), p.clone()]);
-        let o = std::process::Command::new(&exe).args(&args).output().context("running the measurement")?;
+    let base_args: Vec<String> = std::env::args().skip(1).filter(|x| x != "--json" && x != "--no-torch").collect();
+    let child = |extra: &[String]| -> Result<Vec<u8>> {
+        let o = std::process::Command::new(&exe)
+            .args(&base_args)
+            .arg("--no-torch")
+            .args(extra)
+            .output()
+            .context("running the measurement")?;
         if !o.status.success() {
-            bail!("{p}: {}", String::from_utf8_lossy(&o.stderr));
+            bail!("{}", String::from_utf8_lossy(&o.stderr));
         }
-        let mut r: DecodeResult = serde_json::from_slice(o.stdout.trim_ascii())
-            .with_context(|| format!("{p}: unreadable result {}", String::from_utf8_lossy(&o.stdout)))?;
+        Ok(o.stdout)
+    };
+    let tmp = std::env::temp_dir();
+    for p in &precisions {
+        // A random preset at INT8/INT4 is first written as a quantized file by another process, so
+        // the measured one loads it as `glm generate --model` would (its peak RSS without the
+        // dense weights).
+        let mut extra = vec!["--only".to_string(), p.clone()];
+        let mut written = None;
+        if a.model.is_none() && (p == "int8" || p == "int4") {
+            let file = tmp.join(format!("glm-bench-decode-{}-{p}.safetensors", std::process::id()));
+            let path = file.to_string_lossy().to_string();
+            child(&["--only".to_string(), p.clone(), "--write-quantized".to_string(), path.clone()])
+                .with_context(|| format!("{p}: writing the quantized model"))?;
+            extra = vec!["--only".to_string(), p.clone(), "--model".to_string(), path];
+            written = Some(file);
+        }
+        // The bandwidth right before each measurement: it drifts on a shared machine.
+        let bw = bandwidth();
+        let out = child(&extra).with_context(|| format!("measuring {p}"));
+        if let Some(f) = written {
+            let _ = std::fs::remove_file(f);
+        }
+        let out = out?;
+        let mut r: DecodeResult = serde_json::from_slice(out.trim_ascii())
+            .with_context(|| format!("{p}: unreadable result {}", String::from_utf8_lossy(&out)))?;
+        if p != "file" {
+            r.precision = p.clone(); // not "int4 (file)": the preset's file is an implementation detail
+        }
         r.bandwidth_gb_per_s = bw;
         r.floor_tokens_per_s = bw * 1e9 / r.bytes_per_token as f64;
         rows.push(r);

@@ -13,15 +13,12 @@ use crate::kernels::on_cpu_f32;
 type Sgemm =
     unsafe extern "C" fn(i32, i32, i32, i32, i32, i32, f32, *const f32, i32, *const f32, i32, f32, *mut f32, i32);
 
-type Sgemv = unsafe extern "C" fn(i32, i32, i32, i32, f32, *const f32, i32, *const f32, i32, f32, *mut f32, i32);
-
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
 const TRANS: i32 = 112;
 
 struct Blas {
     sgemm: Sgemm,
-    sgemv: Sgemv,
     name: &'static str,
     _lib: libloading::Library,
 }
@@ -37,12 +34,11 @@ fn blas() -> Option<&'static Blas> {
                 let Ok(lib) = libloading::Library::new(name) else {
                     continue;
                 };
-                let (Ok(sgemm), Ok(sgemv)) = (lib.get::<Sgemm>(b"cblas_sgemm\0"), lib.get::<Sgemv>(b"cblas_sgemv\0"))
-                else {
+                let Ok(sgemm) = lib.get::<Sgemm>(b"cblas_sgemm\0") else {
                     continue;
                 };
-                let (sgemm, sgemv) = (*sgemm, *sgemv);
-                return Some(Blas { sgemm, sgemv, name, _lib: lib });
+                let sgemm = *sgemm;
+                return Some(Blas { sgemm, name, _lib: lib });
             }
         }
         None
@@ -143,7 +139,8 @@ fn f32_storage<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
 
 /// C[i] = op(A[i]) · op(B[i]) + beta · C[i] for every item of the batch, C contiguous
 /// [batch, m, n]. Returns (m, n). One row times a transposed matrix (decoding's x · Wᵀ) is a
-/// matrix-vector product: sgemv, since sgemm would repack all of W on every call.
+/// matrix-vector product: `matvec::matvec`, since sgemm would repack all of W on every call (and
+/// OpenBLAS's sgemv wakes its own threads beside rayon's).
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     a: &[f32],
@@ -164,14 +161,18 @@ fn gemm(
     let t = |f: bool| if f { TRANS } else { NO_TRANS };
     for i in 0..va.batch {
         let (pa, pb) = (va.offset + i * va.batch_stride, vb.offset + i * vb.batch_stride);
+        if m == 1 && !ta && tb && n > 0 {
+            // One row times Wᵀ (decode): our matvec on rayon's threads (see `matvec`).
+            let w = &b[pb..pb + (n - 1) * vb.ld + k];
+            crate::matvec::matvec(w, vb.ld, &a[pa..pa + k], beta, &mut c[i * n..(i + 1) * n]);
+            continue;
+        }
         // SAFETY: item i of A and B lies inside their storage (checked with `end` above), and the
         // i-th m x n block of c is in bounds (c.len() checked).
         unsafe {
             let (a, b, c) = (a.as_ptr().add(pa), b.as_ptr().add(pb), c.as_mut_ptr().add(i * m * n));
             let (lda, ldb) = (va.ld as i32, vb.ld as i32);
-            if m == 1 && !ta && tb {
-                (blas.sgemv)(ROW_MAJOR, NO_TRANS, n as i32, k as i32, 1.0, b, ldb, a, 1, beta, c, 1);
-            } else {
+            {
                 (blas.sgemm)(
                     ROW_MAJOR,
                     t(ta),
@@ -213,9 +214,9 @@ impl CustomOp2 for Gemm {
         };
         let m = if self.ta { va.cols } else { va.rows };
         let n = if self.tb { vb.rows } else { vb.cols };
-        // sgemm with beta = 0 sets every element (OpenBLAS zeroes C itself, never reading it); the
-        // sgemv path (m = 1) scales y by beta, so it starts from zeros.
-        let mut c = if m == 1 { vec![0f32; va.batch * n] } else { crate::kernels::out_buf(va.batch * m * n) };
+        // With beta = 0 both sgemm (OpenBLAS zeroes C itself, never reading it) and the matvec
+        // path (m = 1) set every element.
+        let mut c = crate::kernels::out_buf(va.batch * m * n);
         let (a, b) = (f32_storage(s1, self.name())?, f32_storage(s2, self.name())?);
         gemm(a, va, b, vb, self.ta, self.tb, 0.0, &mut c)?;
         let mut dims = l1.dims().to_vec();
@@ -391,7 +392,7 @@ mod tests {
         check_twins(&linear(&x, &w, None)?, &linear_ref(&x, &w, None)?, &[&x, &w], 1e-5, 1e-5)?;
         // With the bias folded into the GEMM.
         check_twins(&linear(&x, &w, Some(&b))?, &linear_ref(&x, &w, Some(&b))?, &[&x, &w, &b], 1e-5, 1e-5)?;
-        // One row (decoding) goes through sgemv, bias included.
+        // One row (decoding) goes through `matvec`, bias included.
         let (x1, w1, b1) = (var(&[1, 512])?, var(&[1024, 512])?, var(&[1024])?);
         assert!(max_rel(&linear(&x1, &w1, Some(&b1))?, &linear_ref(&x1, &w1, Some(&b1))?)? < 1e-5);
         assert!(max_rel(&linear(&x1, &w1, None)?, &linear_ref(&x1, &w1, None)?)? < 1e-5);

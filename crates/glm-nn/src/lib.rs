@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod layout;
 pub mod linear;
 pub mod loss;
+pub mod matvec;
 pub mod norm;
 pub mod rope;
 

@@ -48,11 +48,29 @@ pub fn quantize_checkpoint(
 ) -> Result<QuantReport> {
     let specs = glm_model::tensor_specs(cfg);
     input.verify(&specs).map_err(|e| Error::Format(e.to_string()))?;
+    quantize_tensors(cfg, |name| input.load(name, DType::F32, &Device::Cpu).map_err(|e| e.to_string()), bits, out)
+}
+
+/// Quantize the tensors `load` gives by name (each of `cfg`'s parameter table, as f32) into `out`,
+/// written atomically: a dense checkpoint file, or weights already in memory.
+pub fn quantize_tensors(
+    cfg: &Config,
+    load: impl Fn(&str) -> std::result::Result<Tensor, String>,
+    bits: Bits,
+    out: &Path,
+) -> Result<QuantReport> {
     let mut blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let (mut quantized, mut kept) = (0, 0);
     for p in param_table(cfg) {
-        let t = input.load(&p.name, DType::F32, &Device::Cpu).map_err(|e| Error::Format(e.to_string()))?;
-        let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| Error::Format(e.to_string()))?;
+        let t = load(&p.name).map_err(|e| Error::Format(format!("{}: {e}", p.name)))?;
+        let v: Vec<f32> = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| Error::Format(format!("{}: {e}", p.name)))?;
+        if v.len() != p.numel() as usize {
+            return Err(Error::Shape(format!("{}: {} values, the model's table says {:?}", p.name, v.len(), p.shape)));
+        }
         if matches!(p.kind, ParamKind::QkvWeight | ParamKind::LinearWeight) {
             let (rows, cols) = (p.shape[0], p.shape[1]);
             let q =

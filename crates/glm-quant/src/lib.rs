@@ -6,14 +6,16 @@
 //!   nibble**, each sign-extended on extraction, so an INT4 weight is `[rows, cols / 2]` int8;
 //! - dequantization is `W = q * scale[row]`; activations stay in floating point (W8A16 / W4A16).
 //!
-//! `QuantMatrix::matvec` is the decode kernel: one pass over the packed weights per token, the
-//! dequantization folded into the dot product, rows split across threads. Its `_ref` twin
-//! dequantizes the whole matrix and multiplies in f32.
+//! `QuantMatrix::matvec` is the decode kernel: one pass over the packed weights per token, rows
+//! split across threads, the weights multiplied as stored in the integer unit against activations
+//! rounded once to 16-bit fixed point (`kernels`). Its `_ref` twin dequantizes the whole matrix and
+//! multiplies in f32.
 
 pub mod checkpoint;
+pub mod kernels;
 pub mod linear;
 
-pub use checkpoint::{quantize_checkpoint, QuantCheckpoint, QuantReport};
+pub use checkpoint::{quantize_checkpoint, quantize_tensors, QuantCheckpoint, QuantReport};
 pub use linear::{QuantFactory, QuantLinear};
 
 use half::f16;
@@ -110,7 +112,10 @@ impl QuantMatrix {
                 // does with its fp16 weights.
                 *scale = f16::from_f32(absmax / qmax);
                 let s = scale.to_f32();
-                let q = |v: f32| if s > 0.0 { (v / s).round_ties_even().clamp(-qmax, qmax) as i8 } else { 0 };
+                // (v / s) rounded half to even by adding and removing 1.5 * 2^23 (|v / s| <= 127.5
+                // here): `round_ties_even` is a libm call on baseline x86-64.
+                const MAGIC: f32 = 12_582_912.0;
+                let q = |v: f32| if s > 0.0 { ((v / s + MAGIC) - MAGIC).clamp(-qmax, qmax) as i8 } else { 0 };
                 match bits {
                     Bits::Int8 => out.iter_mut().zip(row).for_each(|(o, &v)| *o = q(v)),
                     Bits::Int4 => {
@@ -187,21 +192,86 @@ impl QuantMatrix {
             .collect()
     }
 
-    /// y = W x for x [cols], y [rows]: the decode kernel.
+    /// y = W x for x [cols], y [rows]: the decode kernel (see `kernels`: x is rounded once to
+    /// 16-bit fixed point per 128 columns, the weights are used as stored).
     pub fn matvec(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         self.check_vec(x, y)?;
-        let rb = self.bits.row_bytes(self.cols);
-        let bits = self.bits;
+        self.matmul(x, y)
+    }
+
+    /// Y = X Wᵀ for X [tokens, cols] and Y [tokens, rows], row-major. Each group of output rows
+    /// is read from memory once and multiplied with every token while it sits in cache, so a short
+    /// prompt costs one pass over the weights, not one per token.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let tokens = x.len() / self.cols.max(1);
+        if x.len() != tokens * self.cols || y.len() != tokens * self.rows {
+            return Err(Error::Shape(format!(
+                "[{}, {}] matrix times {} values into {}",
+                self.rows,
+                self.cols,
+                x.len(),
+                y.len()
+            )));
+        }
+        if tokens == 0 || self.rows == 0 {
+            return Ok(());
+        }
+        let (rb, bits, cols) = (self.bits.row_bytes(self.cols), self.bits, self.cols);
+        let k = kernels::kernels();
+        let acts: Vec<kernels::Activations> =
+            x.chunks_exact(cols.max(1)).map(|x| kernels::Activations::new(x, bits, k.layout)).collect();
         let dot = match bits {
-            Bits::Int8 => kernels().i8,
-            Bits::Int4 => kernels().i4,
+            Bits::Int8 => k.i8,
+            Bits::Int4 => k.i4,
         };
-        let one = |(r, y): (usize, &mut f32)| *y = dot(&self.data[r * rb..(r + 1) * rb], x) * self.scales[r].to_f32();
-        // Below ~1 MB of weights a thread hand-off costs more than the rows.
-        if self.data.len() < PAR_MIN_BYTES {
-            y.iter_mut().enumerate().for_each(one);
+        let fast = acts[0].fast;
+        let fast_bytes = bits.row_bytes(fast);
+        // One group of output rows for every token: out[t * n + i] for its n rows.
+        let group = |(g, out): (usize, &mut [f32])| {
+            let r0 = g * ROW_GROUP;
+            let n = out.len() / tokens;
+            for (t, (a, out)) in acts.iter().zip(out.chunks_exact_mut(n)).enumerate() {
+                dot(&self.data[r0 * rb..], rb, a, out);
+                for (i, y) in out.iter_mut().enumerate() {
+                    let r = r0 + i;
+                    if fast < cols {
+                        let row = &self.data[r * rb..(r + 1) * rb];
+                        *y += kernels::dot_tail_f32(bits, &row[fast_bytes..], &x[t * cols + fast..(t + 1) * cols]);
+                    }
+                    *y *= self.scales[r].to_f32();
+                }
+            }
+        };
+        if tokens == 1 {
+            // Decode: the group layout is already y's.
+            if self.data.len() < PAR_MIN_BYTES {
+                y.chunks_mut(ROW_GROUP).enumerate().for_each(group);
+            } else {
+                y.par_chunks_mut(ROW_GROUP).enumerate().for_each(group);
+            }
+            return Ok(());
+        }
+        let mut grouped = vec![0f32; tokens * self.rows];
+        let sizes = |g: usize| ROW_GROUP.min(self.rows - g * ROW_GROUP);
+        // Group g's block starts at tokens * g * ROW_GROUP (every group but the last is full).
+        let mut blocks: Vec<&mut [f32]> = Vec::with_capacity(self.rows.div_ceil(ROW_GROUP));
+        let mut rest = grouped.as_mut_slice();
+        for g in 0..self.rows.div_ceil(ROW_GROUP) {
+            let (head, tail) = rest.split_at_mut(tokens * sizes(g));
+            blocks.push(head);
+            rest = tail;
+        }
+        if self.data.len() * tokens < PAR_MIN_BYTES {
+            blocks.into_iter().enumerate().for_each(group);
         } else {
-            y.par_iter_mut().enumerate().with_min_len(64).for_each(one);
+            blocks.into_par_iter().enumerate().for_each(group);
+        }
+        for g in 0..self.rows.div_ceil(ROW_GROUP) {
+            let (r0, n) = (g * ROW_GROUP, sizes(g));
+            let block = &grouped[tokens * r0..tokens * (r0 + n)];
+            for (t, src) in block.chunks_exact(n).enumerate() {
+                y[t * self.rows + r0..t * self.rows + r0 + n].copy_from_slice(src);
+            }
         }
         Ok(())
     }
@@ -231,127 +301,13 @@ impl QuantMatrix {
 }
 
 /// Smallest matrix (bytes) whose matvec is split across threads.
-const PAR_MIN_BYTES: usize = 1 << 20;
-
-/// Independent lanes so the loops vectorize (int -> float conversion and FMA per lane).
-const LANES: usize = 8;
-
-/// The dot products, chosen once at run time: the same loops compiled for AVX2 + FMA when the CPU
-/// has them (the build itself targets baseline x86-64), else the portable build.
-struct Kernels {
-    name: &'static str,
-    i8: fn(&[i8], &[f32]) -> f32,
-    i4: fn(&[i8], &[f32]) -> f32,
-}
-
-fn kernels() -> &'static Kernels {
-    static K: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
-    K.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return Kernels { name: "avx2+fma", i8: avx2::dot_i8, i4: avx2::dot_i4 };
-        }
-        Kernels { name: "portable", i8: dot_i8_portable, i4: dot_i4_portable }
-    })
-}
+const PAR_MIN_BYTES: usize = 1 << 18;
+/// Rows per unit of work in `matvec` (a multiple of the kernel's 4).
+const ROW_GROUP: usize = 64;
 
 /// Which dot-product build `matvec` uses ("avx2+fma" or "portable").
 pub fn kernel_name() -> &'static str {
-    kernels().name
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_i8_impl(q: &[i8], x: &[f32]) -> f32 {
-        super::dot_i8_body(q, x)
-    }
-
-    /// 16 bytes (32 weights) per iteration: sign-extend to i16, split the nibbles with 16-bit
-    /// arithmetic shifts, interleave them back into column order, widen to f32 and FMA with x. (The
-    /// compiler does not vectorize the portable loop: AVX2 has no 8-bit shifts.)
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_i4_impl(p: &[i8], x: &[f32]) -> f32 {
-        use std::arch::x86_64::*;
-        let blocks = p.len() / 16;
-        let (mut a0, mut a1, mut a2, mut a3) =
-            (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-        for i in 0..blocks {
-            // SAFETY: bytes 16i..16i+16 of p and floats 32i..32i+32 of x are in bounds
-            // (x.len() == 2 p.len(), checked by the caller).
-            let bytes = _mm_loadu_si128(p.as_ptr().add(16 * i) as *const __m128i);
-            let v = _mm256_cvtepi8_epi16(bytes); // lane j = byte j
-            let hi = _mm256_srai_epi16::<4>(v); // column 2j
-            let lo = _mm256_srai_epi16::<12>(_mm256_slli_epi16::<12>(v)); // column 2j + 1
-            let a = _mm256_unpacklo_epi16(hi, lo); // columns 0-7 | 16-23
-            let b = _mm256_unpackhi_epi16(hi, lo); // columns 8-15 | 24-31
-            let f = |h: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h));
-            let xp = x.as_ptr().add(32 * i);
-            a0 = _mm256_fmadd_ps(f(_mm256_castsi256_si128(a)), _mm256_loadu_ps(xp), a0);
-            a1 = _mm256_fmadd_ps(f(_mm256_castsi256_si128(b)), _mm256_loadu_ps(xp.add(8)), a1);
-            a2 = _mm256_fmadd_ps(f(_mm256_extracti128_si256::<1>(a)), _mm256_loadu_ps(xp.add(16)), a2);
-            a3 = _mm256_fmadd_ps(f(_mm256_extracti128_si256::<1>(b)), _mm256_loadu_ps(xp.add(24)), a3);
-        }
-        let sum = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        lanes.iter().sum::<f32>() + super::dot_i4_body(&p[16 * blocks..], &x[32 * blocks..])
-    }
-
-    pub fn dot_i8(q: &[i8], x: &[f32]) -> f32 {
-        // SAFETY: chosen only after is_x86_feature_detected!("avx2") and ("fma").
-        unsafe { dot_i8_impl(q, x) }
-    }
-
-    pub fn dot_i4(p: &[i8], x: &[f32]) -> f32 {
-        assert!(x.len() >= 2 * p.len(), "dot_i4: {} packed bytes, {} activations", p.len(), x.len());
-        // SAFETY: CPU features as above; lengths checked.
-        unsafe { dot_i4_impl(p, x) }
-    }
-}
-
-fn dot_i8_portable(q: &[i8], x: &[f32]) -> f32 {
-    dot_i8_body(q, x)
-}
-
-fn dot_i4_portable(p: &[i8], x: &[f32]) -> f32 {
-    dot_i4_body(p, x)
-}
-
-#[inline(always)]
-fn dot_i8_body(q: &[i8], x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (qc, xc) = (q.chunks_exact(LANES), x.chunks_exact(LANES));
-    let tail: f32 = qc.remainder().iter().zip(xc.remainder()).map(|(&q, &x)| q as f32 * x).sum();
-    for (q, x) in qc.zip(xc) {
-        for l in 0..LANES {
-            acc[l] += q[l] as f32 * x[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn dot_i4_body(packed: &[i8], x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (pc, xc) = (packed.chunks_exact(LANES / 2), x.chunks_exact(LANES));
-    let tail: f32 = pc
-        .remainder()
-        .iter()
-        .zip(xc.remainder().chunks_exact(2))
-        .map(|(&b, x)| {
-            let (hi, lo) = unpack_nibbles(b);
-            hi as f32 * x[0] + lo as f32 * x[1]
-        })
-        .sum();
-    for (p, x) in pc.zip(xc) {
-        for j in 0..LANES / 2 {
-            let (hi, lo) = unpack_nibbles(p[j]);
-            acc[2 * j] += hi as f32 * x[2 * j];
-            acc[2 * j + 1] += lo as f32 * x[2 * j + 1];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    kernels::kernels().name
 }
 
 #[cfg(test)]

@@ -20,11 +20,14 @@ fn quantized_linear_matches_its_reference_for_decode_and_prefill() -> Result<()>
     for bits in [Bits::Int8, Bits::Int4] {
         let q = QuantMatrix::quantize(&w.flatten_all()?.to_vec1()?, 96, 64, bits).map_err(candle_core::Error::wrap)?;
         let lin = QuantLinear::new(q.clone(), Some(b.clone()));
-        for shape in [(1, 1, 64), (1, 3, 64), (2, 7, 64)] {
+        // Up to 31 tokens run the integer kernel, whose activations are rounded to 16-bit fixed point
+        // (half a step is 1/65534 of the block's largest; measured 2e-5 here); from 32 on, the
+        // dequantized tiles and sgemm, exact to f32 rounding.
+        for (shape, bound) in [((1, 1, 64), 1e-4), ((1, 3, 64), 1e-4), ((2, 7, 64), 1e-4), ((1, 33, 64), 1e-5)] {
             let x = Tensor::randn(0f32, 1., shape, &dev)?;
             let want = quant_matmul_ref(&x, &q)?.broadcast_add(&b)?;
             let e = rel(&lin.forward(&x)?, &want)?;
-            assert!(e < 1e-5, "{bits:?} {shape:?}: {e}");
+            assert!(e < bound, "{bits:?} {shape:?}: {e}");
         }
     }
     Ok(())
@@ -119,7 +122,7 @@ fn the_tiled_prefill_matches_the_reference_across_tiles() -> Result<()> {
     let dev = Device::Cpu;
     // 2100 x 2048 weights span two 4M-value tiles.
     let w = Tensor::randn(0f32, 1., (2100, 2048), &dev)?;
-    let x = Tensor::randn(0f32, 1., (2, 8, 2048), &dev)?;
+    let x = Tensor::randn(0f32, 1., (2, 16, 2048), &dev)?; // 32 tokens: the sgemm path
     for bits in [Bits::Int8, Bits::Int4] {
         let q =
             QuantMatrix::quantize(&w.flatten_all()?.to_vec1()?, 2100, 2048, bits).map_err(candle_core::Error::wrap)?;

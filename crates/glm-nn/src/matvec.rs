@@ -1,0 +1,135 @@
+//! y = W x + beta y for one f32 activation row: every decode step's dense products and the tied
+//! output head (at `base`, 100 MB of the 144 MB an INT4 model reads per token). Memory-bound: one
+//! pass over W, rows split over rayon's threads (the same pool as the quantized kernels, so no
+//! second set of threads wakes per call, as OpenBLAS's sgemv does), four rows at a time sharing
+//! each load of x, and the rows four below prefetched while these are summed. The AVX2 build is
+//! chosen at run time; `matvec_ref` is its plain twin.
+
+use rayon::prelude::*;
+
+/// Rows per unit of parallel work.
+const GROUP: usize = 64;
+/// Below this many weights one thread does it all (a hand-off costs more).
+const PAR_MIN: usize = 1 << 16;
+
+/// `y[r] = Σ_k w[r * ldw + k] x[k] + beta y[r]` for r < y.len(), k < x.len().
+pub fn matvec(w: &[f32], ldw: usize, x: &[f32], beta: f32, y: &mut [f32]) {
+    let (n, k) = (y.len(), x.len());
+    assert!(ldw >= k && (n == 0 || w.len() >= (n - 1) * ldw + k), "matvec: {n} rows of {k} (ld {ldw}) in {}", w.len());
+    let dot = dot_rows();
+    let group = |(g, y): (usize, &mut [f32])| dot(&w[g * GROUP * ldw..], ldw, x, beta, y);
+    if n * k < PAR_MIN {
+        y.chunks_mut(GROUP).enumerate().for_each(group);
+    } else {
+        y.par_chunks_mut(GROUP).enumerate().for_each(group);
+    }
+}
+
+/// The reference: one plain dot product per row.
+pub fn matvec_ref(w: &[f32], ldw: usize, x: &[f32], beta: f32, y: &mut [f32]) {
+    for (r, y) in y.iter_mut().enumerate() {
+        let row = &w[r * ldw..r * ldw + x.len()];
+        let d: f32 = row.iter().zip(x).map(|(w, x)| w * x).sum();
+        *y = d + if beta == 0.0 { 0.0 } else { beta * *y };
+    }
+}
+
+type DotRows = fn(&[f32], usize, &[f32], f32, &mut [f32]);
+
+fn dot_rows() -> DotRows {
+    static K: std::sync::OnceLock<DotRows> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return avx2::dot_rows;
+        }
+        matvec_ref
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// R rows from `w` (stride ld) dotted with x: 8 columns per step, the tail in scalar.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn rows<const R: usize>(w: *const f32, ld: usize, x: &[f32]) -> [f32; R] {
+        let k = x.len();
+        let xp = x.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut c = 0;
+        while c + 8 <= k {
+            // SAFETY: c + 8 <= k, and every row has k values from its start (checked by `matvec`).
+            let xv = _mm256_loadu_ps(xp.add(c));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let row = w.add(r * ld);
+                if c % 16 == 0 {
+                    // A hint for the group's next rows; it never faults.
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(R * ld + c) as *const i8);
+                }
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(c)), xv, *acc);
+            }
+            c += 8;
+        }
+        let mut out = acc.map(|a| hsum(a));
+        for (r, o) in out.iter_mut().enumerate() {
+            for (j, x) in x.iter().enumerate().skip(c) {
+                *o += *w.add(r * ld + j) * x;
+            }
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_rows_impl(w: &[f32], ld: usize, x: &[f32], beta: f32, y: &mut [f32]) {
+        let p = w.as_ptr();
+        let store = |y: &mut f32, d: f32| *y = d + if beta == 0.0 { 0.0 } else { beta * *y };
+        let full = y.len() / 4 * 4;
+        for (g, ys) in y[..full].chunks_exact_mut(4).enumerate() {
+            let d = rows::<4>(p.add(4 * g * ld), ld, x);
+            ys.iter_mut().zip(d).for_each(|(y, d)| store(y, d));
+        }
+        for (i, y) in y.iter_mut().enumerate().skip(full) {
+            store(y, rows::<1>(p.add(i * ld), ld, x)[0]);
+        }
+    }
+
+    pub fn dot_rows(w: &[f32], ld: usize, x: &[f32], beta: f32, y: &mut [f32]) {
+        let n = y.len();
+        assert!(ld >= x.len() && (n == 0 || w.len() >= (n - 1) * ld + x.len()), "matvec rows out of bounds");
+        // SAFETY: chosen only after is_x86_feature_detected!("avx2") and ("fma"); bounds checked.
+        unsafe { dot_rows_impl(w, ld, x, beta, y) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matvec_matches_its_reference() {
+        let val = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 300.0;
+        for (n, k, ld) in [(1, 1, 1), (7, 13, 13), (130, 100, 104), (2000, 768, 768), (5, 3, 8)] {
+            let w: Vec<f32> = (0..n * ld).map(val).collect();
+            let x: Vec<f32> = (0..k).map(|i| val(i + 17)).collect();
+            for beta in [0.0, 1.0] {
+                let init: Vec<f32> = (0..n).map(|i| val(i + 3)).collect();
+                let (mut a, mut b) = (init.clone(), init);
+                matvec(&w, ld, &x, beta, &mut a);
+                matvec_ref(&w, ld, &x, beta, &mut b);
+                for (r, (a, b)) in a.iter().zip(&b).enumerate() {
+                    let mag: f32 = (0..k).map(|j| (w[r * ld + j] * x[j]).abs()).sum::<f32>() + b.abs();
+                    assert!((a - b).abs() <= 1e-5 * mag.max(1.0), "{n}x{k} beta {beta} row {r}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
