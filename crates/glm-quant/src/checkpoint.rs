@@ -155,6 +155,14 @@ impl QuantCheckpoint {
         let config = Config::from_json(meta.get("config").map(String::as_str).unwrap_or(""))
             .map_err(|e| io(path, format!("config in the header: {e}")))?;
         let st = SafeTensors::deserialize(&map).map_err(|e| io(path, e))?;
+        // Once a tensor is copied out, its pages of the mapping are dropped, so the peak memory is
+        // the copies plus one tensor, not the copies plus the whole file.
+        let release = |data: &[u8]| {
+            let off = data.as_ptr() as usize - map.as_ptr() as usize;
+            // SAFETY: a read-only, file-backed mapping: dropped pages are read again from the file
+            // if touched (a hint; failure is harmless).
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, data.len()) };
+        };
         let (mut dense, mut quant) = (HashMap::new(), HashMap::new());
         for (name, view) in st.tensors() {
             if name.ends_with(SCALE_SUFFIX) {
@@ -162,6 +170,7 @@ impl QuantCheckpoint {
             }
             if view.dtype() != Dtype::U8 {
                 let t = view.load(&Device::Cpu).map_err(|e| io(path, format!("{name}: {e}")))?;
+                release(view.data());
                 dense.insert(name, t);
                 continue;
             }
@@ -188,6 +197,7 @@ impl QuantCheckpoint {
             let scales: Vec<f16> = sv.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
             let m = QuantMatrix { bits, rows, cols, data: view.data().iter().map(|&b| b as i8).collect(), scales };
             m.validate().map_err(|e| io(path, format!("{name}: {e}")))?;
+            release(view.data());
             quant.insert(name, Arc::new(m));
         }
         Ok(Self { bits, config, dense, quant })
