@@ -4,12 +4,12 @@
 //!   stored as f16; `q = round(W / scale)` (round half to even, as `torch.round`), in int8;
 //! - INT4 packs two values per byte, **the even column in the high nibble, the odd column in the low
 //!   nibble**, each sign-extended on extraction, so an INT4 weight is `[rows, cols / 2]` int8;
-//! - dequantization is `W = q * scale[row]`; activations stay in floating point (W8A16 / W4A16).
+//! - dequantization is `W = q * scale[row]`; activations keep 16 bits (W8A16 / W4A16).
 //!
-//! `QuantMatrix::matvec` is the decode kernel: one pass over the packed weights per token, rows
-//! split across threads, the weights multiplied as stored in the integer unit against activations
-//! rounded once to 16-bit fixed point (`kernels`). Its `_ref` twin dequantizes the whole matrix and
-//! multiplies in f32.
+//! `QuantMatrix::matmul` (and `matvec`, its one-token case) is the decode kernel: one pass over the
+//! packed weights for all tokens, rows split across threads, the weights multiplied as stored in
+//! the integer unit against activations rounded once to 16-bit fixed point (`kernels`). Its `_ref`
+//! twin dequantizes the whole matrix and multiplies in f32.
 
 pub mod checkpoint;
 pub mod kernels;

@@ -1,7 +1,7 @@
 //! Quantized linear layers behind the model's linear seam: `QuantFactory` hands the model INT8/INT4
 //! linears in place of dense ones (the block's four projections; embeddings, LayerNorms and biases
-//! stay in floating point, as in GLM-130B). Activations stay in floating point; the weights are
-//! dequantized on the fly inside the product.
+//! stay in floating point, as in GLM-130B). Short inputs (decode, short prompts) run the integer
+//! kernels of `QuantMatrix::matmul`; long prompts dequantize weight tiles for sgemm.
 
 use std::collections::HashMap;
 use std::sync::Arc;
