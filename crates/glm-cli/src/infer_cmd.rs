@@ -130,7 +130,7 @@ pub struct GenArgs {
     top_p: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Beam search with this many beams (GLM's BeamSearchStrategy, deterministic; `generate` only).
+    /// Beam search with this many beams (GLM's BeamSearchStrategy, deterministic; for `fill`, per blank).
     #[arg(long)]
     beams: Option<usize>,
     /// Beam search: score / ((5 + length) / 6)^length_penalty.
@@ -170,21 +170,19 @@ pub fn generate(a: GenArgs, fill: bool) -> Result<()> {
     let (model, tok) = a.source.load()?;
     let g = Generator::new(&model, &tok)?;
     let cfg = a.sampling();
-    let out = match (fill, a.beams) {
-        (true, Some(_)) => bail!("--beams applies to `glm generate` only"),
+    let beam = a.beams.map(|n| glm_infer::BeamConfig {
+        num_beams: n,
+        length_penalty: a.length_penalty,
+        no_repeat_ngram: a.no_repeat_ngram,
+        min_new_tokens: a.min_tokens,
+        max_new_tokens: a.max_tokens,
+        deterministic: true,
+        seed: a.seed.unwrap_or(1234),
+    });
+    let out = match (fill, beam) {
+        (true, Some(beam)) => g.fill_beam(&a.text, &beam)?,
         (true, None) => g.fill(&a.text, &cfg)?,
-        (false, Some(n)) => {
-            let beam = glm_infer::BeamConfig {
-                num_beams: n,
-                length_penalty: a.length_penalty,
-                no_repeat_ngram: a.no_repeat_ngram,
-                min_new_tokens: a.min_tokens,
-                max_new_tokens: a.max_tokens,
-                deterministic: true,
-                seed: a.seed.unwrap_or(1234),
-            };
-            g.complete_beam(&a.text, &beam)?
-        }
+        (false, Some(beam)) => g.complete_beam(&a.text, &beam)?,
         (false, None) if a.stream => {
             use std::io::Write;
             print!("{}", a.text);

@@ -37,6 +37,19 @@ fn quantize_then_generate_and_fill() {
     let (ok, text, err) =
         glm(&["generate", "--model", &d("int4.safetensors"), "--beams", "3", "--max-tokens", "4", "Hello"]);
     assert!(ok && text.starts_with("Hello"), "{err}");
+    let (ok, text, err) = glm(&[
+        "fill",
+        "--model",
+        &d("int4.safetensors"),
+        "--beams",
+        "3",
+        "--min-tokens",
+        "1",
+        "--max-tokens",
+        "4",
+        "A [MASK] and a [MASK].",
+    ]);
+    assert!(ok && text.starts_with("A ") && text.trim_end().ends_with('.'), "{err}");
     let (ok, text, err) =
         glm(&["generate", "--model", &d("int4.safetensors"), "--stream", "--max-tokens", "4", "Hello"]);
     assert!(ok && text.starts_with("Hello"), "{err}");

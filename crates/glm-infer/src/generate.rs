@@ -149,28 +149,47 @@ impl<'a> Generator<'a> {
     /// hypothesis.
     pub fn complete_beam(&self, prompt: &str, cfg: &crate::BeamConfig) -> Result<Generation> {
         let (ids, context) = self.gmask_context(prompt)?;
-        let mut dec = Decoder::new(self.model, &context, Blank::Gmask)?;
+        let (tokens, stop) = self.beam_block(&context, Blank::Gmask, cfg)?;
+        let text = self.continuation(&ids, &tokens)?;
+        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop }]))
+    }
+
+    /// The best block after `context <sop>` by beam search, end token not included.
+    fn beam_block(&self, context: &[u32], blank: Blank, cfg: &crate::BeamConfig) -> Result<(Vec<u32>, StopReason)> {
+        let mut dec = Decoder::new(self.model, context, blank)?;
         let logits = dec.feed(&[self.sop])?;
         let vocab = self.model.config().vocab_size as u32;
         let banned: Vec<u32> = self.invalid.iter().copied().chain(self.sampleable as u32..vocab).collect();
         let ends: Vec<u32> = std::iter::once(self.eop).chain(self.eod).collect();
-        let room = self.model.config().max_seq_len - context.len() - 1;
+        let room = self.model.config().max_seq_len.saturating_sub(context.len() + 1);
         let cfg = crate::BeamConfig { max_new_tokens: cfg.max_new_tokens.min(room), ..*cfg };
         let hyps = crate::beam::beam_search(dec, logits, context.len() + 1, &ends, &banned, &cfg)?;
         let best = hyps.into_iter().next().ok_or_else(|| Error::Sampling("beam search found nothing".into()))?;
         let stop = if best.finished { StopReason::Eop } else { StopReason::MaxNewTokens };
-        let text = self.continuation(&ids, &best.tokens)?;
-        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens: best.tokens, text, stop }]))
+        Ok((best.tokens, stop))
     }
 
     /// Blank filling: every [MASK] / [sMASK] of `text`, left to right, each generated with the
     /// blanks before it already filled (the earlier spans spliced into the context), up to
     /// `max_new_tokens` tokens per blank.
     pub fn fill(&self, text: &str, cfg: &SamplingConfig) -> Result<Generation> {
+        let mut sampler = Sampler::new(cfg)?;
+        self.fill_with(text, |ids, blank| self.generate(ids, blank, &mut sampler))
+    }
+
+    /// `fill` with each blank's span chosen by beam search.
+    pub fn fill_beam(&self, text: &str, cfg: &crate::BeamConfig) -> Result<Generation> {
+        self.fill_with(text, |ids, blank| self.beam_block(ids, blank, cfg))
+    }
+
+    /// The blanks of `text` filled left to right by `block(context, blank)`.
+    fn fill_with<F>(&self, text: &str, mut block: F) -> Result<Generation>
+    where
+        F: FnMut(&[u32], Blank) -> Result<(Vec<u32>, StopReason)>,
+    {
         if self.masks.is_empty() {
             return Err(Error::MissingToken { token: "[MASK]", needed_by: "fill" });
         }
-        let mut sampler = Sampler::new(cfg)?;
         let orig = self.tok.encode(text);
         if orig.is_empty() {
             return Err(Error::EmptyPrompt);
@@ -185,7 +204,7 @@ impl<'a> Generator<'a> {
         for (n, &m) in blanks.iter().enumerate() {
             out += &self.tok.decode(&orig[prev..m])?;
             let at = m + added - n; // where blank n sits now that the blanks before it are spans
-            let (tokens, stop) = self.generate(&ids, Blank::Mask { at }, &mut sampler)?;
+            let (tokens, stop) = block(&ids, Blank::Mask { at })?;
             let span_text = self.continuation(&ids[..at], &tokens)?;
             out += &span_text;
             ids.splice(at..at + 1, tokens.iter().copied());

@@ -284,6 +284,17 @@ fn one_beam_is_greedy_and_beam_search_is_deterministic() -> Result<()> {
     let a = gen.complete_beam("Hello world", &four)?;
     ensure!(a == gen.complete_beam("Hello world", &four)?);
     ensure!(a.text.starts_with("Hello world"));
+    // Blank filling by beam search: one beam is greedy filling, blank by blank; four beams keep
+    // the text around each blank and are deterministic.
+    let text = "The [MASK] sat on the [MASK].";
+    let one = glm_infer::BeamConfig { min_new_tokens: 1, ..one };
+    let beam = gen.fill_beam(text, &one)?;
+    let greedy = gen.fill(text, &SamplingConfig { min_new_tokens: 1, ..SamplingConfig::greedy(8) })?;
+    ensure!(beam.spans.len() == 2 && beam.tokens == greedy.tokens, "{:?} vs {:?}", beam.tokens, greedy.tokens);
+    let four = glm_infer::BeamConfig { min_new_tokens: 1, ..four };
+    let b = gen.fill_beam(text, &four)?;
+    ensure!(b == gen.fill_beam(text, &four)?);
+    ensure!(b.text.starts_with("The ") && b.text.ends_with('.') && b.spans.iter().all(|s| !s.tokens.is_empty()));
     Ok(())
 }
 
