@@ -17,16 +17,16 @@ use crate::ModelArgs;
 pub struct ModelSource {
     /// Checkpoint: a training checkpoint directory, a quantized .safetensors, or a dense .safetensors.
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     #[command(flatten)]
-    arch: ModelArgs,
+    pub(crate) arch: ModelArgs,
     /// tokenizer.json or SentencePiece .model (default: the embedded tokenizer).
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub(crate) tokenizer: Option<PathBuf>,
 }
 
 /// The dense weights file and the config of a checkpoint path that is not quantized.
-fn dense_source(path: &Path, arch: &ModelArgs) -> Result<(PathBuf, Config)> {
+pub(crate) fn dense_source(path: &Path, arch: &ModelArgs) -> Result<(PathBuf, Config)> {
     if path.is_dir() {
         let state = path.join("state.json");
         let text = std::fs::read_to_string(&state).with_context(|| {

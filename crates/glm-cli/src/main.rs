@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use glm_model::{param_count, weight_bytes, Config, PRESETS};
 
 mod data_cmd;
+mod eval_cmd;
 mod infer_cmd;
 mod samples;
 mod train_cmd;
@@ -60,6 +61,9 @@ enum Cmd {
     Fill(infer_cmd::GenArgs),
     /// Chat: a question per line on stdin, answers streamed.
     Chat(infer_cmd::ChatArgs),
+    /// Evaluate on GLM-130B-style YAML tasks (multiple choice, generation, language modelling),
+    /// or compare two reports.
+    Eval(eval_cmd::EvalArgs),
 }
 
 #[derive(Args)]
@@ -264,6 +268,7 @@ fn main() -> Result<()> {
         Cmd::Generate(a) => infer_cmd::generate(a, false)?,
         Cmd::Fill(a) => infer_cmd::generate(a, true)?,
         Cmd::Chat(a) => infer_cmd::chat(a)?,
+        Cmd::Eval(a) => eval_cmd::eval(a)?,
     }
     Ok(())
 }

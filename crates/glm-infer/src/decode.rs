@@ -125,16 +125,22 @@ impl<'m> Decoder<'m> {
 
     /// (1-D position, 2-D block position) of row token i; the 1-D model uses the first.
     fn position(&self, i: usize) -> (u32, u32) {
-        let c = self.context_len;
-        if i < c {
-            return (i as u32, 0);
-        }
-        let k = (i - c + 1) as u32; // <sop> is 1
-        match (self.model.config().position_encoding, self.blank) {
-            (PositionEncoding::Rope1d, Blank::Gmask) => (i as u32, k),
-            (PositionEncoding::Rope2d, Blank::Gmask) => ((c - 1) as u32, k),
-            (_, Blank::Mask { at }) => (at as u32, k),
-        }
+        block_position(self.model.config().position_encoding, self.blank, self.context_len, i)
+    }
+}
+
+/// (1-D position, 2-D block position) of token i of a row `context <sop> block...` whose context
+/// has `context_len` tokens (the table at the top of this module); the 1-D model uses the first.
+pub fn block_position(pe: PositionEncoding, blank: Blank, context_len: usize, i: usize) -> (u32, u32) {
+    let c = context_len;
+    if i < c {
+        return (i as u32, 0);
+    }
+    let k = (i - c + 1) as u32; // <sop> is 1
+    match (pe, blank) {
+        (PositionEncoding::Rope1d, Blank::Gmask) => (i as u32, k),
+        (PositionEncoding::Rope2d, Blank::Gmask) => ((c - 1) as u32, k),
+        (_, Blank::Mask { at }) => (at as u32, k),
     }
 }
 

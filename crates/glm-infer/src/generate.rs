@@ -155,7 +155,7 @@ impl<'a> Generator<'a> {
     }
 
     /// The best block after `context <sop>` by beam search, end token not included.
-    fn beam_block(&self, context: &[u32], blank: Blank, cfg: &crate::BeamConfig) -> Result<(Vec<u32>, StopReason)> {
+    pub fn beam_block(&self, context: &[u32], blank: Blank, cfg: &crate::BeamConfig) -> Result<(Vec<u32>, StopReason)> {
         let mut dec = Decoder::new(self.model, context, blank)?;
         let logits = dec.feed(&[self.sop])?;
         let vocab = self.model.config().vocab_size as u32;

@@ -29,7 +29,7 @@ mod generate;
 pub mod sampling;
 
 pub use beam::{BeamConfig, Hypothesis};
-pub use decode::{Blank, Decoder};
+pub use decode::{block_position, Blank, Decoder};
 pub use generate::{Generation, Generator, Span, StopReason, TextStream};
 pub use sampling::{Sampler, SamplingConfig};
 

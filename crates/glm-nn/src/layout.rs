@@ -4,7 +4,9 @@
 //! to every token of that sample's prefix (bidirectional context: everything before `<sop>`), and
 //! causally to the tokens after it. Samples packed into one row never see each other
 //! (block-diagonal), which [MASK] training needs. Tokens outside every segment (padding) see only
-//! themselves. The layout turns into an additive mask [B, 1, Tq, Tk] for any window of queries, so
+//! themselves. A row may also have a shared context (its first `shared` tokens) that the tokens of
+//! every segment see besides their own sample: multiple-choice scoring lays each choice out as its
+//! own causal block after one context, all blocks scored in a single pass. The layout turns into an additive mask [B, 1, Tq, Tk] for any window of queries, so
 //! the same description serves the full forward and KV-cache decoding.
 
 use candle_core::{Device, Result, Tensor};
@@ -20,14 +22,43 @@ pub struct Segment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttnLayout {
     rows: Vec<Vec<Segment>>,
+    /// Per row: tokens [0, shared) are visible to every token inside a segment.
+    shared: Vec<usize>,
 }
 
 impl AttnLayout {
     /// One sample per row, starting at token 0; `prefix_lens[b]` tokens of row b are context.
     /// The sample extends without end, so decoding may append tokens to it.
     pub fn prefix_lm(prefix_lens: &[usize]) -> Self {
-        let rows = prefix_lens.iter().map(|&p| vec![Segment { start: 0, len: usize::MAX, prefix: p }]).collect();
-        Self { rows }
+        let rows: Vec<_> =
+            prefix_lens.iter().map(|&p| vec![Segment { start: 0, len: usize::MAX, prefix: p }]).collect();
+        let shared = vec![0; rows.len()];
+        Self { rows, shared }
+    }
+
+    /// Blocks after a shared context, per row: `context` tokens attended bidirectionally, then one
+    /// causal block per entry of `blocks` (lengths), each seeing the context and its own earlier
+    /// tokens but no other block. Tokens past the last block are padding.
+    pub fn shared_context(rows: &[(usize, Vec<usize>)]) -> Result<Self> {
+        let mut segs = Vec::with_capacity(rows.len());
+        for (b, (context, blocks)) in rows.iter().enumerate() {
+            if *context == 0 {
+                candle_core::bail!("row {b}: a shared context needs at least one token")
+            }
+            let mut row = vec![Segment { start: 0, len: *context, prefix: *context }];
+            let mut start = *context;
+            for &len in blocks {
+                if len == 0 {
+                    candle_core::bail!("row {b}: an empty block")
+                }
+                row.push(Segment { start, len, prefix: 0 });
+                start += len;
+            }
+            segs.push(row);
+        }
+        let mut l = Self::packed(segs)?;
+        l.shared = rows.iter().map(|(c, _)| *c).collect();
+        Ok(l)
     }
 
     /// Several samples per row. Segments of a row must be sorted, disjoint and have
@@ -44,7 +75,8 @@ impl AttnLayout {
                 end = s.start.saturating_add(s.len);
             }
         }
-        Ok(Self { rows })
+        let shared = vec![0; rows.len()];
+        Ok(Self { rows, shared })
     }
 
     pub fn batch(&self) -> usize {
@@ -63,7 +95,7 @@ impl AttnLayout {
     pub fn allowed(&self, b: usize, i: usize, j: usize) -> bool {
         match self.segment_of(b, i) {
             None => i == j,
-            Some(s) => j >= s.start && (j < s.start + s.prefix || j <= i),
+            Some(s) => j < self.shared[b] || (j >= s.start && (j < s.start + s.prefix || j <= i)),
         }
     }
 
@@ -83,9 +115,13 @@ impl AttnLayout {
         let mut m = vec![f32::NEG_INFINITY; b * q_len * k_len];
         for (r, rows) in m.chunks_mut(q_len * k_len.max(1)).enumerate() {
             for (qi, row) in rows.chunks_mut(k_len.max(1)).enumerate() {
-                let vis = self.visible(r, q_start + qi);
+                let i = q_start + qi;
+                let vis = self.visible(r, i);
                 let (lo, hi) = (vis.start.min(k_len), vis.end.min(k_len));
                 row[lo..hi].fill(0.0);
+                if self.segment_of(r, i).is_some() {
+                    row[..self.shared[r].min(k_len)].fill(0.0);
+                }
             }
         }
         Tensor::from_vec(m, (b, 1, q_len, k_len), device)
@@ -121,6 +157,25 @@ mod tests {
             Segment { start: 3, len: 3, prefix: 1 }
         ]])
         .is_err());
+    }
+
+    #[test]
+    fn blocks_see_the_shared_context_and_themselves_only() -> Result<()> {
+        // Context 0..3, blocks 3..5 and 5..8, then padding at 8.
+        let l = AttnLayout::shared_context(&[(3, vec![2, 3])])?;
+        assert!(l.allowed(0, 0, 2) && !l.allowed(0, 0, 3)); // context: bidirectional, not the blocks
+        assert!(l.allowed(0, 4, 0) && l.allowed(0, 4, 3) && l.allowed(0, 4, 4) && !l.allowed(0, 3, 4));
+        assert!(l.allowed(0, 6, 2) && l.allowed(0, 6, 5) && !l.allowed(0, 6, 4) && !l.allowed(0, 6, 7));
+        assert!(l.allowed(0, 8, 8) && !l.allowed(0, 8, 0));
+        let v: Vec<f32> = l.mask(0, 9, 9, &Device::Cpu)?.flatten_all()?.to_vec1()?;
+        for i in 0..9 {
+            for j in 0..9 {
+                assert_eq!(v[i * 9 + j].is_infinite(), !l.allowed(0, i, j), "i={i} j={j}");
+            }
+        }
+        assert!(AttnLayout::shared_context(&[(0, vec![1])]).is_err());
+        assert!(AttnLayout::shared_context(&[(2, vec![1, 0])]).is_err());
+        Ok(())
     }
 
     #[test]
