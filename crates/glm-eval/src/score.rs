@@ -224,10 +224,9 @@ impl<'a> Scorer<'a> {
                 Tensor::from_vec(both, (b, 2, t), dev)?
             }
         };
-        let logits = self.model.forward(&ids, &positions, layout, None)?;
-        let v = logits.dim(2)?;
         let idx: Vec<u32> = wanted.iter().map(|&(r, i, _)| (r * t + i) as u32).collect();
-        let rows = logits.reshape((b * t, v))?.index_select(&Tensor::new(idx, dev)?, 0)?.to_dtype(DType::F32)?;
+        let rows = self.model.forward_at(&ids, &positions, layout, &Tensor::new(idx, dev)?)?.to_dtype(DType::F32)?;
+        let v = rows.dim(1)?;
         let rows: Vec<f32> = rows.flatten_all()?.to_vec1()?;
         Ok(rows.chunks_exact(v.max(1)).zip(wanted).map(|(row, &(_, _, tok))| logprob(row, tok)).collect())
     }

@@ -118,7 +118,8 @@ fn tasks_run_from_yaml_and_score_what_the_model_prefers() -> Result<()> {
         let (ctx, blank) = s.context(q, false, 4)?;
         let (toks, _) = g.generate(&ctx, blank, &mut glm_infer::Sampler::new(&cfg)?)?;
         let own = tok.decode(&toks)?;
-        lines += &(serde_json::json!({"inputs_pretokenized": q, "targets_pretokenized": [own, "zzz"]}).to_string() + "\n");
+        lines +=
+            &(serde_json::json!({"inputs_pretokenized": q, "targets_pretokenized": [own, "zzz"]}).to_string() + "\n");
         lines += &(serde_json::json!({"inputs_pretokenized": q, "targets_pretokenized": "zzz qqq"}).to_string() + "\n");
     }
     std::fs::write(root.join("gen/g.jsonl"), lines)?;

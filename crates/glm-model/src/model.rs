@@ -228,6 +228,13 @@ impl Glm {
         self.run(ids, positions, layout, cache, None, None)
     }
 
+    /// `forward` with logits only at `rows` (indices into the flattened [B*T] positions): [N, V].
+    /// Scoring reads a few positions of long rows, and the head is the largest product of a small
+    /// model.
+    pub fn forward_at(&self, ids: &Tensor, positions: &Tensor, layout: &AttnLayout, rows: &Tensor) -> Result<Tensor> {
+        self.run(ids, positions, layout, None, None, Some(rows))
+    }
+
     /// The training forward: `forward` plus dropout and embedding gradient shrink, no cache. With
     /// `rows` (indices into the flattened [B*T] positions) only those rows get logits, [N, V]: the
     /// objective scores a fraction of the positions, and the head is the largest product of a small
