@@ -109,4 +109,31 @@ fn eval_reports_compares_and_names_bad_files() {
     assert!(!ok && err.contains("z.jsonl") && err.contains("line 2"), "{err}");
     let (ok, _, err) = glm(&["eval", "--model", &ckpt, "--tasks", &d("tasks/lm.yaml"), "--data-root", &d("nowhere")]);
     assert!(!ok && err.contains("--data-root"), "{err}");
+    // The committed task files on the committed subset of the real data (MMLU, BIG-bench Lite,
+    // iNews, the LAMBADA-style cloze, bits per byte), two examples per file.
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let (ok, md, err) = glm(&[
+        "eval",
+        "--model",
+        &d("int4.safetensors"),
+        "--tasks",
+        &format!("{root}/assets/eval/tasks"),
+        "--data-root",
+        &format!("{root}/assets/eval/data"),
+        "--limit",
+        "2",
+        "--out",
+        &d("subset.json"),
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(d("subset.json")).expect("report")).expect("json");
+    let names: Vec<&str> =
+        v["task_files"].as_array().expect("files").iter().filter_map(|t| t["name"].as_str()).collect();
+    for want in
+        ["MMLU", "BIG-bench-lite-mul", "BIG-bench-lite-gen", "iNews-sentiment", "LAMBADA-style", "BPB-en", "BPB-zh"]
+    {
+        assert!(names.contains(&want), "{want} missing from {names:?}\n{md}");
+    }
+    assert!(md.contains("| MMLU | stem | Accuracy |"), "{md}");
 }

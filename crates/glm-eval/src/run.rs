@@ -48,11 +48,18 @@ pub fn metrics_of(kind: TaskType, examples: usize, sums: &BTreeMap<String, f64>)
             }
             m
         }
-        TaskType::Lm => vec![
-            ("BPB".into(), metrics::bits_per_byte(get("loss"), get("bytes") as usize)),
-            ("PPL".into(), metrics::perplexity(get("loss"), get("words") as usize)),
-            ("token PPL".into(), (get("loss") / get("tokens").max(1.0)).exp()),
-        ],
+        TaskType::Lm => {
+            let mut m = vec![
+                ("BPB".into(), metrics::bits_per_byte(get("loss"), get("bytes") as usize)),
+                ("token PPL".into(), (get("loss") / get("tokens").max(1.0)).exp()),
+            ];
+            // Perplexity per whitespace word (GLM-130B's, for English corpora) only where words are
+            // whitespace-separated: not for Chinese, where a "word" would be a whole sentence.
+            if get("words") > 0.0 && get("bytes") / get("words") <= 20.0 {
+                m.insert(1, ("PPL".into(), metrics::perplexity(get("loss"), get("words") as usize)));
+            }
+            m
+        }
     }
 }
 

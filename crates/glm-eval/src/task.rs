@@ -140,6 +140,11 @@ impl TaskConfig {
                 "micro-batch-size, num_beams and generation_length must be >= 1, max_seq_length >= 8".into()
             ));
         }
+        if cfg.unidirectional {
+            return Err(bad(
+                "unidirectional: true (a causal context) is not supported; the context is attended both ways".into(),
+            ));
+        }
         if let Some(s) = &cfg.sampling_strategy {
             if !matches!(s.as_str(), "BaseStrategy" | "BeamSearchStrategy") {
                 return Err(bad(format!("sampling_strategy {s:?}: BaseStrategy (greedy) or BeamSearchStrategy")));
