@@ -43,6 +43,10 @@ pub struct EvalArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Score multiple choice through the reference path (one row and one forward per choice;
+    /// slower, the same numbers): for checking and benchmarking the batched path.
+    #[arg(long)]
+    one_choice_per_row: bool,
     /// Compare two reports (A B): per-task deltas, flagged beyond --threshold.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     compare: Vec<PathBuf>,
@@ -65,8 +69,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let (model, tok) = source.load()?;
     let weights = if model_path.is_dir() { model_path.join("model.safetensors") } else { model_path.clone() };
     let sha = report::sha256_file(&weights)?;
-    let opts =
-        glm_eval::EvalOptions { data_root: a.data_root.clone(), limit: a.limit, batch: a.batch, progress: !a.quiet };
+    let opts = glm_eval::EvalOptions {
+        data_root: a.data_root.clone(),
+        limit: a.limit,
+        batch: a.batch,
+        progress: !a.quiet,
+        one_choice_per_row: a.one_choice_per_row,
+    };
     let t0 = std::time::Instant::now();
     let (mut rows, mut groups, mut files, mut task_files) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for task in &tasks {

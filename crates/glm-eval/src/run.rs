@@ -24,6 +24,8 @@ pub struct EvalOptions {
     /// Overrides each task's micro-batch-size.
     pub batch: Option<usize>,
     pub progress: bool,
+    /// Multiple choice through the reference path: one row and one forward per choice.
+    pub one_choice_per_row: bool,
 }
 
 /// One data file's results: its example count and the sums its metrics come from.
@@ -99,7 +101,9 @@ pub fn evaluate(model: &Glm, tok: &Tokenizer, task: &TaskConfig, opts: &EvalOpti
     for (group, file, examples) in &loaded {
         let ctx = |e: &Error| Error::Input(format!("{}: {e}", file.display()));
         let sums = match task.kind {
-            TaskType::Mul => score_mul(&scorer, task, examples, batch, &bar).map_err(|e| ctx(&e))?,
+            TaskType::Mul => {
+                score_mul(&scorer, task, examples, batch, opts.one_choice_per_row, &bar).map_err(|e| ctx(&e))?
+            }
             TaskType::Gen => score_gen(&scorer, task, examples, &bar).map_err(|e| ctx(&e))?,
             TaskType::Lm => score_lm(&scorer, task, examples, batch, &bar).map_err(|e| ctx(&e))?,
         };
@@ -136,6 +140,7 @@ fn score_mul(
     task: &TaskConfig,
     examples: &[Example],
     batch: usize,
+    one_per_row: bool,
     bar: &indicatif::ProgressBar,
 ) -> Result<BTreeMap<String, f64>> {
     let mut correct = 0usize;
@@ -153,7 +158,11 @@ fn score_mul(
             let (context, blank) = scorer.context(&text, task.use_task_mask, Scorer::choice_tokens(&choices))?;
             items.push((context, blank, choices));
         }
-        let scores = scorer.choice_logprobs(&items)?;
+        let scores = if one_per_row {
+            items.iter().map(|(c, b, ch)| scorer.choice_logprobs_single(c, *b, ch)).collect::<Result<Vec<_>>>()?
+        } else {
+            scorer.choice_logprobs(&items)?
+        };
         for (e, s) in chunk.iter().zip(&scores) {
             let best =
                 s.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;

@@ -90,11 +90,19 @@ fn tasks_run_from_yaml_and_score_what_the_model_prefers() -> Result<()> {
     std::fs::write(root.join("mc/g1/wrong.jsonl"), wrong)?;
     std::fs::write(root.join("lm/en.jsonl"), "{\"text\": \"The river runs to the sea. The sea is wide.\"}\n")?;
     let yaml = |s: &str| -> Result<TaskConfig> { Ok(TaskConfig::parse(s, &root.join("t.yaml"))?) };
-    let opts = EvalOptions { data_root: root.to_path_buf(), limit: None, batch: Some(3), progress: false };
+    let opts = EvalOptions {
+        data_root: root.to_path_buf(),
+        limit: None,
+        batch: Some(3),
+        progress: false,
+        one_choice_per_row: false,
+    };
     let mc = yaml("name: mc\ntype: mul\npath: mc\nfile-pattern:\n  right: \"g1/right.jsonl\"\n  wrong: \"g1/wrong.jsonl\"\nmicro-batch-size: 2\n")?;
     let scores = evaluate(&m, &tok, &mc, &opts)?;
     let acc: Vec<f64> = scores.iter().map(|f| f.sums["correct"] / f.examples as f64).collect();
     ensure!(acc == vec![1.0, 0.0], "{scores:?}");
+    let reference = evaluate(&m, &tok, &mc, &EvalOptions { one_choice_per_row: true, ..opts.clone() })?;
+    ensure!(reference == scores, "{reference:?}");
     let (tasks, groups, _) = glm_eval::report::task_rows(&mc, &scores);
     ensure!(tasks[0].value == 0.5 && groups.len() == 2);
     let lm = yaml("name: lm\ntype: lm\npath: lm\nfile-pattern: \"*.jsonl\"\ngeneration-length: 4\n")?;
