@@ -36,7 +36,8 @@ pub fn parse_line(line: &str, lm: bool) -> std::result::Result<Example, String> 
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let obj = v.as_object().ok_or("not a JSON object")?;
     let field = |names: &[&str]| names.iter().find_map(|n| obj.get(*n));
-    let inputs = field(&["inputs_pretokenized", "text", "inputs"])
+    // GLM-130B's tokenized Pile keeps ids under `text` and the string under `text_pretokenized`.
+    let inputs = field(&["inputs_pretokenized", "text_pretokenized", "text", "inputs"])
         .map(|x| text_of(x).ok_or("`inputs_pretokenized` must be a string (token-id inputs are not supported)"))
         .transpose()?
         .ok_or("no `inputs_pretokenized` (or `text`)")?;
