@@ -47,16 +47,23 @@ fn dot_rows() -> DotRows {
     })
 }
 
+/// Horizontal sum of the 8 floats of an AVX register (for the kernels here and in glm-quant).
+///
+/// # Safety
+/// The CPU must have AVX (every caller runs under `target_feature(enable = "avx2")`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::hsum256 as hsum;
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
-    }
 
     /// R rows from `w` (stride ld) dotted with x: 8 columns per step, the tail in scalar.
     #[target_feature(enable = "avx2,fma")]

@@ -238,18 +238,11 @@ pub fn dot_tail_f32(bits: Bits, row: &[i8], x: &[f32]) -> f32 {
 mod x86 {
     use super::{check, Activations, Kernels, Layout, XBLOCK};
     use crate::Bits;
+    use glm_nn::matvec::hsum256 as hsum;
     use std::arch::x86_64::*;
 
     pub const AVX2: Kernels = Kernels { name: "avx2", layout: Layout::Words, i8: avx2_i8, i4: avx2_i4 };
     pub const VNNI: Kernels = Kernels { name: "avx-vnni", layout: Layout::Bytes, i8: vnni_i8, i4: vnni_i4 };
-
-    /// Horizontal sum of 8 floats.
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
-    }
 
     /// `R` rows at once, so each activation load serves R rows, with `vpmaddwd`: 32 columns of a
     /// row become 8 i32 lanes of pairwise products with the i16 activations.

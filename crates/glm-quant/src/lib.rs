@@ -205,13 +205,7 @@ impl QuantMatrix {
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         let tokens = x.len() / self.cols.max(1);
         if x.len() != tokens * self.cols || y.len() != tokens * self.rows {
-            return Err(Error::Shape(format!(
-                "[{}, {}] matrix times {} values into {}",
-                self.rows,
-                self.cols,
-                x.len(),
-                y.len()
-            )));
+            return Err(self.shape_error(x, y));
         }
         if tokens == 0 || self.rows == 0 {
             return Ok(());
@@ -286,15 +280,13 @@ impl QuantMatrix {
         Ok(())
     }
 
+    fn shape_error(&self, x: &[f32], y: &[f32]) -> Error {
+        Error::Shape(format!("[{}, {}] matrix times {} values into {}", self.rows, self.cols, x.len(), y.len()))
+    }
+
     fn check_vec(&self, x: &[f32], y: &[f32]) -> Result<()> {
         if x.len() != self.cols || y.len() != self.rows {
-            return Err(Error::Shape(format!(
-                "[{}, {}] matrix times {} values into {}",
-                self.rows,
-                self.cols,
-                x.len(),
-                y.len()
-            )));
+            return Err(self.shape_error(x, y));
         }
         Ok(())
     }
