@@ -171,31 +171,30 @@ impl<'a> Scorer<'a> {
     pub fn lm_loss(&self, text: &str, window: usize, batch: usize) -> Result<(f64, usize)> {
         let ids = self.tok.encode(text);
         let window = window.min(self.max_len.saturating_sub(2)).max(1);
-        let mut plans = Vec::new();
+        let (mut plans, mut scored) = (Vec::new(), Vec::new());
         for w in (0..ids.len()).step_by(window) {
-            let scored = &ids[w..(w + window).min(ids.len())];
-            let budget = self.max_len - scored.len() - 1; // context + [gMASK] + <sop> + scored[:-1]
+            let window = &ids[w..(w + window).min(ids.len())];
+            let budget = self.max_len - window.len() - 1; // context + [gMASK] + <sop> + window[:-1]
             let prev = &ids[w - w.min(budget - 1)..w];
             let context: Vec<u32> = prev.iter().copied().chain([self.gmask]).collect();
             let c = context.len();
             let row: Vec<u32> =
-                context.iter().copied().chain([self.sop]).chain(scored[..scored.len() - 1].iter().copied()).collect();
+                context.iter().copied().chain([self.sop]).chain(window[..window.len() - 1].iter().copied()).collect();
             let pos = (0..row.len()).map(|i| self.position(Blank::Gmask, c, i)).collect();
-            plans.push((RowPlan { ids: row, pos, context: c, blocks: vec![] }, scored.to_vec()));
+            plans.push(RowPlan { ids: row, pos, context: c, blocks: vec![] });
+            scored.push(window);
         }
         let (mut loss, mut count) = (0f64, 0usize);
-        for chunk in plans.chunks(batch.max(1)) {
-            let rows: Vec<RowPlan> = chunk
-                .iter()
-                .map(|(p, _)| RowPlan { ids: p.ids.clone(), pos: p.pos.clone(), context: p.context, blocks: vec![] })
-                .collect();
+        let batch = batch.max(1);
+        for (rows, scored) in plans.chunks(batch).zip(scored.chunks(batch)) {
             let layout = AttnLayout::prefix_lm(&rows.iter().map(|p| p.context).collect::<Vec<_>>());
-            let wanted: Vec<(usize, usize, u32)> = chunk
+            let wanted: Vec<(usize, usize, u32)> = rows
                 .iter()
+                .zip(scored)
                 .enumerate()
-                .flat_map(|(b, (p, scored))| scored.iter().enumerate().map(move |(k, &t)| (b, p.context + k, t)))
+                .flat_map(|(b, (p, s))| s.iter().enumerate().map(move |(k, &t)| (b, p.context + k, t)))
                 .collect();
-            let lp = self.logprobs(&rows, &layout, &wanted)?;
+            let lp = self.logprobs(rows, &layout, &wanted)?;
             loss -= lp.iter().sum::<f64>();
             count += lp.len();
         }

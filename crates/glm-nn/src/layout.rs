@@ -119,7 +119,7 @@ impl AttnLayout {
                 let vis = self.visible(r, i);
                 let (lo, hi) = (vis.start.min(k_len), vis.end.min(k_len));
                 row[lo..hi].fill(0.0);
-                if self.segment_of(r, i).is_some() {
+                if self.shared[r] > 0 && self.segment_of(r, i).is_some() {
                     row[..self.shared[r].min(k_len)].fill(0.0);
                 }
             }

@@ -241,8 +241,8 @@ mod x86 {
     use glm_nn::matvec::hsum256 as hsum;
     use std::arch::x86_64::*;
 
-    pub const AVX2: Kernels = Kernels { name: "avx2", layout: Layout::Words, i8: avx2_i8, i4: avx2_i4 };
-    pub const VNNI: Kernels = Kernels { name: "avx-vnni", layout: Layout::Bytes, i8: vnni_i8, i4: vnni_i4 };
+    pub const AVX2: Kernels = Kernels { name: "avx2", layout: Layout::Words, i8: avx2::<false>, i4: avx2::<true> };
+    pub const VNNI: Kernels = Kernels { name: "avx-vnni", layout: Layout::Bytes, i8: vnni::<false>, i4: vnni::<true> };
 
     /// `R` rows at once, so each activation load serves R rows, with `vpmaddwd`: 32 columns of a
     /// row become 8 i32 lanes of pairwise products with the i16 activations.
@@ -343,74 +343,46 @@ mod x86 {
     }
 
     /// Groups of four rows, then the rest one at a time.
-    macro_rules! by_fours {
-        ($rows:ident, $w:expr, $stride:expr, $a:expr, $out:expr) => {{
-            let (p, out) = ($w.as_ptr(), $out);
-            let full = out.len() / 4 * 4;
-            for (g, o) in out[..full].chunks_exact_mut(4).enumerate() {
-                o.copy_from_slice(&$rows::<4>(p.add(4 * g * $stride), $stride, $a));
-            }
-            for (i, o) in out.iter_mut().enumerate().skip(full) {
-                *o = $rows::<1>(p.add(i * $stride), $stride, $a)[0];
-            }
-        }};
-    }
-
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn words_i8(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn f<const R: usize>(p: *const i8, s: usize, a: &Activations) -> [f32; R] {
-            rows_words::<R, false>(p, s, a)
+    unsafe fn words<const INT4: bool>(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
+        let (p, full) = (w.as_ptr(), out.len() / 4 * 4);
+        for (g, o) in out[..full].chunks_exact_mut(4).enumerate() {
+            o.copy_from_slice(&rows_words::<4, INT4>(p.add(4 * g * stride), stride, a));
         }
-        by_fours!(f, w, stride, a, out)
+        for (i, o) in out.iter_mut().enumerate().skip(full) {
+            *o = rows_words::<1, INT4>(p.add(i * stride), stride, a)[0];
+        }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn words_i4(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn f<const R: usize>(p: *const i8, s: usize, a: &Activations) -> [f32; R] {
-            rows_words::<R, true>(p, s, a)
-        }
-        by_fours!(f, w, stride, a, out)
-    }
-
+    /// As `words`, for the `vpdpbusd` rows.
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    unsafe fn bytes_i8(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
-        #[target_feature(enable = "avx2,fma,avxvnni")]
-        unsafe fn f<const R: usize>(p: *const i8, s: usize, a: &Activations) -> [f32; R] {
-            rows_bytes::<R, false>(p, s, a)
+    unsafe fn bytes<const INT4: bool>(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
+        let (p, full) = (w.as_ptr(), out.len() / 4 * 4);
+        for (g, o) in out[..full].chunks_exact_mut(4).enumerate() {
+            o.copy_from_slice(&rows_bytes::<4, INT4>(p.add(4 * g * stride), stride, a));
         }
-        by_fours!(f, w, stride, a, out)
-    }
-
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    unsafe fn bytes_i4(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
-        #[target_feature(enable = "avx2,fma,avxvnni")]
-        unsafe fn f<const R: usize>(p: *const i8, s: usize, a: &Activations) -> [f32; R] {
-            rows_bytes::<R, true>(p, s, a)
+        for (i, o) in out.iter_mut().enumerate().skip(full) {
+            *o = rows_bytes::<1, INT4>(p.add(i * stride), stride, a)[0];
         }
-        by_fours!(f, w, stride, a, out)
     }
 
-    // SAFETY (all four): listed by `available` only after is_x86_feature_detected! found the
-    // features they are compiled for; `check` bounds every load.
-    fn avx2_i8(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
-        check(Bits::Int8, Layout::Words, w, stride, a, out.len());
-        unsafe { words_i8(w, stride, a, out) }
+    fn bits<const INT4: bool>() -> Bits {
+        if INT4 {
+            Bits::Int4
+        } else {
+            Bits::Int8
+        }
     }
 
-    fn avx2_i4(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
-        check(Bits::Int4, Layout::Words, w, stride, a, out.len());
-        unsafe { words_i4(w, stride, a, out) }
+    // SAFETY (both): listed by `available` only after is_x86_feature_detected! found the features
+    // they are compiled for; `check` bounds every load.
+    fn avx2<const INT4: bool>(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
+        check(bits::<INT4>(), Layout::Words, w, stride, a, out.len());
+        unsafe { words::<INT4>(w, stride, a, out) }
     }
 
-    fn vnni_i8(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
-        check(Bits::Int8, Layout::Bytes, w, stride, a, out.len());
-        unsafe { bytes_i8(w, stride, a, out) }
-    }
-
-    fn vnni_i4(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
-        check(Bits::Int4, Layout::Bytes, w, stride, a, out.len());
-        unsafe { bytes_i4(w, stride, a, out) }
+    fn vnni<const INT4: bool>(w: &[i8], stride: usize, a: &Activations, out: &mut [f32]) {
+        check(bits::<INT4>(), Layout::Bytes, w, stride, a, out.len());
+        unsafe { bytes::<INT4>(w, stride, a, out) }
     }
 }

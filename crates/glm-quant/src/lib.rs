@@ -236,35 +236,21 @@ impl QuantMatrix {
                 }
             }
         };
-        if tokens == 1 {
-            // Decode: the group layout is already y's.
-            if self.data.len() < PAR_MIN_BYTES {
-                y.chunks_mut(ROW_GROUP).enumerate().for_each(group);
-            } else {
-                y.par_chunks_mut(ROW_GROUP).enumerate().for_each(group);
-            }
-            return Ok(());
-        }
-        let mut grouped = vec![0f32; tokens * self.rows];
-        let sizes = |g: usize| ROW_GROUP.min(self.rows - g * ROW_GROUP);
-        // Group g's block starts at tokens * g * ROW_GROUP (every group but the last is full).
-        let mut blocks: Vec<&mut [f32]> = Vec::with_capacity(self.rows.div_ceil(ROW_GROUP));
-        let mut rest = grouped.as_mut_slice();
-        for g in 0..self.rows.div_ceil(ROW_GROUP) {
-            let (head, tail) = rest.split_at_mut(tokens * sizes(g));
-            blocks.push(head);
-            rest = tail;
-        }
+        // Group g's block holds its rows for every token, so the blocks are consecutive chunks of
+        // `tokens * ROW_GROUP` values (the last one shorter). For one token that is y itself.
+        let mut grouped = vec![0f32; if tokens == 1 { 0 } else { tokens * self.rows }];
+        let buf: &mut [f32] = if tokens == 1 { &mut *y } else { &mut grouped };
         if self.data.len() * tokens < PAR_MIN_BYTES {
-            blocks.into_iter().enumerate().for_each(group);
+            buf.chunks_mut(tokens * ROW_GROUP).enumerate().for_each(group);
         } else {
-            blocks.into_par_iter().enumerate().for_each(group);
+            buf.par_chunks_mut(tokens * ROW_GROUP).enumerate().for_each(group);
         }
-        for g in 0..self.rows.div_ceil(ROW_GROUP) {
-            let (r0, n) = (g * ROW_GROUP, sizes(g));
-            let block = &grouped[tokens * r0..tokens * (r0 + n)];
-            for (t, src) in block.chunks_exact(n).enumerate() {
-                y[t * self.rows + r0..t * self.rows + r0 + n].copy_from_slice(src);
+        if tokens > 1 {
+            for (g, block) in grouped.chunks(tokens * ROW_GROUP).enumerate() {
+                let (r0, n) = (g * ROW_GROUP, block.len() / tokens);
+                for (t, src) in block.chunks_exact(n).enumerate() {
+                    y[t * self.rows + r0..t * self.rows + r0 + n].copy_from_slice(src);
+                }
             }
         }
         Ok(())
@@ -294,10 +280,10 @@ impl QuantMatrix {
 
 /// Smallest matrix (bytes) whose matvec is split across threads.
 const PAR_MIN_BYTES: usize = 1 << 18;
-/// Rows per unit of work in `matvec` (a multiple of the kernel's 4).
+/// Rows per unit of work in `matmul` (a multiple of the kernel's 4).
 const ROW_GROUP: usize = 64;
 
-/// Which dot-product build `matvec` uses ("avx2+fma" or "portable").
+/// Which dot-product build `matmul` uses ("avx-vnni", "avx2" or "portable"; see `kernels`).
 pub fn kernel_name() -> &'static str {
     kernels::kernels().name
 }
