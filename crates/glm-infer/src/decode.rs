@@ -8,7 +8,7 @@
 //! | 2-D      | (i, 0)           | (g, k + 1), g = the [gMASK] index c - 1 or the [MASK]'s m |
 
 use candle_core::{DType, Tensor};
-use glm_model::{Glm, KvCache, PositionEncoding};
+use glm_model::{Glm, KvCache, PositionEncoding, Sequence};
 use glm_nn::AttnLayout;
 
 use crate::{Error, Result};
@@ -101,6 +101,51 @@ impl<'m> Decoder<'m> {
             self.tokens.truncate(old_len);
         }
         out.map_err(|e| e.context(format!("decoding row tokens {start}..{end}")))
+    }
+
+    /// `feed` of one token to each row, the rows run as one ragged batch (`Glm::forward_sequences`:
+    /// one pass over the weights for all of them). Each row's logits are those `feed` gives it alone.
+    /// On an error every row drops its cache and the token (the next `feed` recomputes the row).
+    pub fn feed_batch(rows: &mut [&mut Decoder<'m>], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let Some(model) = rows.first().map(|d| d.model) else { return Ok(Vec::new()) };
+        if tokens.len() != rows.len() {
+            return Err(Error::Input(format!("{} tokens for {} rows", tokens.len(), rows.len())));
+        }
+        if let Some(d) = rows.iter().find(|d| d.room() == 0 || d.cache.len() != d.tokens.len() || d.cache.is_empty()) {
+            return Err(Error::Input(format!(
+                "feed_batch needs rows with room whose tokens are all cached ({} of {} cached)",
+                d.cache.len(),
+                d.tokens.len()
+            )));
+        }
+        let positions: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|d| {
+                let (p1, p2) = d.position(d.tokens.len());
+                match model.config().position_encoding {
+                    PositionEncoding::Rope1d => vec![p1],
+                    PositionEncoding::Rope2d => vec![p1, p2],
+                }
+            })
+            .collect();
+        let mut seqs: Vec<Sequence> = rows
+            .iter_mut()
+            .zip(tokens.chunks(1))
+            .zip(&positions)
+            .map(|((d, ids), positions)| Sequence { ids, positions, layout: &d.layout, cache: &mut d.cache })
+            .collect();
+        let out = model.forward_sequences(&mut seqs).and_then(|l| Ok(l.to_dtype(DType::F32)?.to_vec2()?));
+        drop(seqs);
+        match out {
+            Ok(logits) => {
+                rows.iter_mut().zip(tokens).for_each(|(d, &t)| d.tokens.push(t));
+                Ok(logits)
+            }
+            Err(e) => {
+                rows.iter_mut().for_each(|d| d.cache.clear());
+                Err(Error::from(e).context(format!("decoding a batch of {} rows", rows.len())))
+            }
+        }
     }
 
     /// The next-token logits after the last token, recomputed over the whole row without the

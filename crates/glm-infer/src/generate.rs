@@ -45,7 +45,7 @@ pub struct Generation {
 }
 
 impl Generation {
-    fn new(text: String, spans: Vec<Span>) -> Self {
+    pub(crate) fn new(text: String, spans: Vec<Span>) -> Self {
         let tokens = spans.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let stop = spans.last().map_or(StopReason::MaxNewTokens, |s| s.stop);
         Self { text, tokens, stop, spans }
@@ -87,7 +87,7 @@ impl<'a> Generator<'a> {
     }
 
     /// The prompt's ids and the row context `prompt [gMASK]` of a left-to-right continuation.
-    fn gmask_context(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    pub fn gmask_context(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>)> {
         let gmask = self.gmask.ok_or(Error::MissingToken { token: "[gMASK]", needed_by: "complete" })?;
         let ids = self.tok.encode(prompt);
         if ids.is_empty() {
@@ -187,33 +187,64 @@ impl<'a> Generator<'a> {
     where
         F: FnMut(&[u32], Blank) -> Result<(Vec<u32>, StopReason)>,
     {
-        if self.masks.is_empty() {
-            return Err(Error::MissingToken { token: "[MASK]", needed_by: "fill" });
+        let mut plan = FillPlan::new(self, text)?;
+        while let Some((context, blank)) = plan.next_blank() {
+            let (tokens, stop) = block(context, blank)?;
+            plan.filled(self, tokens, stop)?;
         }
-        let orig = self.tok.encode(text);
-        if orig.is_empty() {
-            return Err(Error::EmptyPrompt);
+        plan.finish(self)
+    }
+
+    /// The token after `logits` (the next-token logits of a block with `generated` tokens so far):
+    /// ids the tokenizer lacks and the layout tokens are never sampled (the spec's invalid
+    /// slices), end tokens not before `min_new_tokens`. `Next::End` for `<eop>` and the
+    /// end-of-document token.
+    pub fn choose(&self, mut logits: Vec<f32>, sampler: &mut Sampler, generated: usize) -> Result<Next> {
+        logits.truncate(self.sampleable);
+        for &id in &self.invalid {
+            if let Some(x) = logits.get_mut(id as usize) {
+                *x = f32::NEG_INFINITY;
+            }
         }
-        let blanks: Vec<usize> = (0..orig.len()).filter(|&i| self.masks.contains(&orig[i])).collect();
-        if blanks.is_empty() {
-            let shown: String = text.chars().take(80).collect();
-            return Err(Error::NoMask(shown));
+        if generated < sampler.config().min_new_tokens {
+            for id in std::iter::once(self.eop).chain(self.eod) {
+                if let Some(x) = logits.get_mut(id as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
         }
-        let (mut ids, mut out, mut spans) = (orig.clone(), String::new(), Vec::with_capacity(blanks.len()));
-        let (mut prev, mut added) = (0, 0); // original index after the last blank; span tokens spliced in
-        for (n, &m) in blanks.iter().enumerate() {
-            out += &self.tok.decode(&orig[prev..m])?;
-            let at = m + added - n; // where blank n sits now that the blanks before it are spans
-            let (tokens, stop) = block(&ids, Blank::Mask { at })?;
-            let span_text = self.continuation(&ids[..at], &tokens)?;
-            out += &span_text;
-            ids.splice(at..at + 1, tokens.iter().copied());
-            added += tokens.len();
-            prev = m + 1;
-            spans.push(Span { tokens, text: span_text, stop });
+        let tok = sampler.sample(&logits)?;
+        Ok(if tok == self.eop {
+            Next::End(StopReason::Eop)
+        } else if Some(tok) == self.eod {
+            Next::End(StopReason::Eod)
+        } else {
+            Next::Token(tok)
+        })
+    }
+
+    /// Why a block of `generated` tokens with `room` left in its row must stop, if it must.
+    pub fn limit(generated: usize, max_new_tokens: usize, room: usize) -> Option<StopReason> {
+        if generated >= max_new_tokens {
+            Some(StopReason::MaxNewTokens)
+        } else if room == 0 {
+            Some(StopReason::MaxSeqLen)
+        } else {
+            None
         }
-        out += &self.tok.decode(&orig[prev..])?;
-        Ok(Generation::new(out, spans))
+    }
+
+    /// The `<sop>` id every block starts with.
+    pub fn sop(&self) -> u32 {
+        self.sop
+    }
+
+    pub fn model(&self) -> &'a Glm {
+        self.model
+    }
+
+    pub fn tokenizer(&self) -> &'a Tokenizer {
+        self.tok
     }
 
     /// The block after `context <sop>`, one cached step per token, end token not included. Ids the
@@ -239,42 +270,23 @@ impl<'a> Generator<'a> {
         }
         let mut logits = dec.feed(&[self.sop])?;
         loop {
-            logits.truncate(self.sampleable);
-            for &id in &self.invalid {
-                if let Some(x) = logits.get_mut(id as usize) {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-            if out.len() < sampler.config().min_new_tokens {
-                for id in std::iter::once(self.eop).chain(self.eod) {
-                    if let Some(x) = logits.get_mut(id as usize) {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
-            }
-            let tok = sampler.sample(&logits)?;
-            if tok == self.eop {
-                return Ok((out, StopReason::Eop));
-            }
-            if Some(tok) == self.eod {
-                return Ok((out, StopReason::Eod));
-            }
+            let tok = match self.choose(logits, sampler, out.len())? {
+                Next::End(stop) => return Ok((out, stop)),
+                Next::Token(tok) => tok,
+            };
             out.push(tok);
             if !go(&out) {
                 return Ok((out, StopReason::StopString));
             }
-            if out.len() >= max_new {
-                return Ok((out, StopReason::MaxNewTokens));
-            }
-            if dec.room() == 0 {
-                return Ok((out, StopReason::MaxSeqLen));
+            if let Some(stop) = Self::limit(out.len(), max_new, dec.room()) {
+                return Ok((out, stop));
             }
             logits = dec.feed(&[tok])?;
         }
     }
 
     /// `generated` as the tokenizer writes it after `left` (a leading space of its first token shows).
-    fn continuation(&self, left: &[u32], generated: &[u32]) -> Result<String> {
+    pub fn continuation(&self, left: &[u32], generated: &[u32]) -> Result<String> {
         let before = self.tok.decode(left)?;
         let joined: Vec<u32> = left.iter().chain(generated).copied().collect();
         let all = self.tok.decode(&joined)?;
@@ -321,3 +333,145 @@ impl<'t> TextStream<'t> {
         Ok((delta, stop_at.is_some()))
     }
 }
+
+/// What `Generator::choose` picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Token(u32),
+    /// An end token: the block is over (the token is not part of it).
+    End(StopReason),
+}
+
+/// Blank filling, one blank at a time: every [MASK] / [sMASK] of a text left to right, then a final
+/// [gMASK] if the text ends with one (a continuation after the filled text, GLM's long blank).
+/// Each blank's context is the text with the blanks before it already replaced by their spans.
+pub struct FillPlan {
+    orig: Vec<u32>,
+    /// Indices of the blanks in `orig`; the last may be the final [gMASK].
+    blanks: Vec<usize>,
+    final_gmask: bool,
+    /// The row context now: `orig` with the filled blanks spliced in.
+    ids: Vec<u32>,
+    out: String,
+    /// Original index after the last filled blank; span tokens spliced in so far.
+    prev: usize,
+    added: usize,
+    spans: Vec<Span>,
+}
+
+impl FillPlan {
+    pub fn new(gen: &Generator, text: &str) -> Result<Self> {
+        let orig = gen.tok.encode(text);
+        if orig.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let mut blanks: Vec<usize> = (0..orig.len()).filter(|&i| gen.masks.contains(&orig[i])).collect();
+        let gmasks: Vec<usize> = (0..orig.len()).filter(|&i| Some(orig[i]) == gen.gmask).collect();
+        let final_gmask = match gmasks.as_slice() {
+            [] => false,
+            [g] if *g == orig.len() - 1 => true,
+            _ => return Err(Error::Input("[gMASK] may appear once, at the very end of the text".into())),
+        };
+        if final_gmask {
+            blanks.push(orig.len() - 1);
+        }
+        if blanks.is_empty() {
+            if gen.masks.is_empty() {
+                return Err(Error::MissingToken { token: "[MASK]", needed_by: "fill" });
+            }
+            return Err(Error::NoMask(text.chars().take(80).collect()));
+        }
+        let ids = orig.clone();
+        Ok(Self { orig, blanks, final_gmask, ids, out: String::new(), prev: 0, added: 0, spans: Vec::new() })
+    }
+
+    /// Blanks in all (the final [gMASK] included).
+    pub fn len(&self) -> usize {
+        self.blanks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blanks.is_empty()
+    }
+
+    /// The next blank to fill: the row context and where the blank is; None when all are filled.
+    pub fn next_blank(&self) -> Option<(&[u32], Blank)> {
+        let n = self.spans.len();
+        let m = *self.blanks.get(n)?;
+        let at = m + self.added - n; // where blank n sits now that the blanks before it are spans
+        let blank = if self.final_gmask && n + 1 == self.blanks.len() { Blank::Gmask } else { Blank::Mask { at } };
+        Some((&self.ids, blank))
+    }
+
+    /// The context left of the next blank (what its span's text follows).
+    pub fn left_of_next(&self) -> &[u32] {
+        let n = self.spans.len();
+        let at = self.blanks.get(n).map_or(self.ids.len(), |&m| m + self.added - n);
+        &self.ids[..at]
+    }
+
+    /// The mask token of blank `n` as written in the text.
+    pub fn mask_token(&self, n: usize) -> Option<u32> {
+        self.blanks.get(n).map(|&m| self.orig[m])
+    }
+
+    /// Records the next blank's span and splices it into the context.
+    pub fn filled(&mut self, gen: &Generator, tokens: Vec<u32>, stop: StopReason) -> Result<()> {
+        let n = self.spans.len();
+        let Some(&m) = self.blanks.get(n) else {
+            return Err(Error::Input("every blank is already filled".into()));
+        };
+        self.out += &gen.tok.decode(&self.orig[self.prev..m])?;
+        let at = m + self.added - n;
+        let text = gen.continuation(&self.ids[..at], &tokens)?;
+        self.out += &text;
+        self.ids.splice(at..at + 1, tokens.iter().copied());
+        self.added += tokens.len();
+        self.prev = m + 1;
+        self.spans.push(Span { tokens, text, stop });
+        Ok(())
+    }
+
+    /// Tokens of the text as given (blanks included).
+    pub fn text_tokens(&self) -> usize {
+        self.orig.len()
+    }
+
+    /// The text with every blank replaced by its span (the plan is spent).
+    pub fn finish(&mut self, gen: &Generator) -> Result<Generation> {
+        if self.spans.len() < self.blanks.len() {
+            return Err(Error::Input(format!("{} of {} blanks filled", self.spans.len(), self.blanks.len())));
+        }
+        self.out += &gen.tok.decode(&self.orig[self.prev..])?;
+        self.prev = self.orig.len();
+        Ok(Generation::new(std::mem::take(&mut self.out), std::mem::take(&mut self.spans)))
+    }
+}
+
+/// A conversation as one prompt in ChatGLM's turn format: `问：question\n答：answer\n` per turn,
+/// ending with an open `答：` for the reply; system text first, on its own line. Generation stops
+/// at [`CHAT_STOP`] (the model starting the next question itself).
+pub fn chat_prompt<'s>(messages: impl IntoIterator<Item = (&'s str, &'s str)>) -> String {
+    let mut out = String::new();
+    for (role, content) in messages {
+        match role {
+            "system" => {
+                out.push_str(content.trim());
+                out.push('\n');
+            }
+            "assistant" => {
+                out.push_str(content.trim());
+                out.push('\n');
+            }
+            _ => {
+                out.push_str("问：");
+                out.push_str(content.trim());
+                out.push_str("\n答：");
+            }
+        }
+    }
+    out
+}
+
+/// Where a chat reply ends: the model beginning the next question.
+pub const CHAT_STOP: &str = "\n问：";

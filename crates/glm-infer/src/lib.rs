@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod batch;
 pub mod beam;
 mod decode;
 mod generate;
@@ -30,7 +31,7 @@ pub mod sampling;
 
 pub use beam::{BeamConfig, Hypothesis};
 pub use decode::{block_position, Blank, Decoder};
-pub use generate::{Generation, Generator, Span, StopReason, TextStream};
+pub use generate::{chat_prompt, FillPlan, Generation, Generator, Next, Span, StopReason, TextStream, CHAT_STOP};
 pub use sampling::{Sampler, SamplingConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,8 @@ pub enum Error {
     BadLogits(String),
     #[error("{0}")]
     Input(String),
+    #[error("the request ran past its time limit")]
+    Timeout,
     #[error(transparent)]
     Model(#[from] glm_model::Error),
     #[error(transparent)]

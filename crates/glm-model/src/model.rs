@@ -23,14 +23,36 @@ use crate::{Error, Result};
 /// Values every layer of one forward shares.
 struct Step<'a> {
     rope: &'a Rope,
+    /// The sequences of the input along the token dim: one part covering it all, or one per
+    /// sequence of a ragged batch (each continuing its own KV cache).
+    parts: Vec<Part>,
+    train: Option<&'a TrainOptions>,
+}
+
+/// Tokens start..start + len of the input (dim 1), attending among themselves and their cache.
+struct Part {
+    start: usize,
+    len: usize,
     cos: Tensor, // (B, 1, T, D)
     sin: Tensor, // (B, 1, T, D)
     /// The tables times 1/sqrt(D), for q: the attention scale costs no pass over q.
     cos_q: Tensor,
     sin_q: Tensor,
     mask: Tensor, // (B, 1, T, T_past + T), additive, f32
-    train: Option<&'a TrainOptions>,
 }
+
+/// One sequence of a ragged batch ([`Glm::forward_sequences`]): new tokens continuing its own cache.
+pub struct Sequence<'a> {
+    pub ids: &'a [u32],
+    /// One per token, or for 2-D RoPE the first dimension's then the second's (2 per token).
+    pub positions: &'a [u32],
+    /// The sequence's layout (one row); the new tokens are its positions cache.len()...
+    pub layout: &'a AttnLayout,
+    pub cache: &'a mut KvCache,
+}
+
+/// Layer `layer`'s cache slot of each part.
+type Slots<'c> = Vec<Option<&'c mut Option<LayerKv>>>;
 
 /// What a training forward adds to inference: dropout (seeded per step, layer and site, so a resumed
 /// run drops the same elements) and embedding gradient shrink.
@@ -80,25 +102,44 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, step: &Step, layer: usize, cache: Option<&mut Option<LayerKv>>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, layer: usize, slots: &mut Slots) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (n, d) = (self.num_heads, self.head_dim);
         // (B, T, N, 3D): the fused weight is per-head interleaved, q | k | v inside each head.
         let qkv = self.query_key_value.forward(x)?.reshape((b, t, n, 3 * d))?;
+        let mut ctx = Vec::with_capacity(step.parts.len());
+        for (part, slot) in step.parts.iter().zip(slots.iter_mut()) {
+            let qkv = if part.len == t { qkv.clone() } else { qkv.narrow(1, part.start, part.len)? };
+            ctx.push(self.attend(&qkv, part, step, layer, slot.as_deref_mut())?);
+        }
+        let ctx = if ctx.len() == 1 { ctx.remove(0) } else { Tensor::cat(&ctx, 1)? }; // (B, T, H)
+        step.dropout(self.dense.forward(&ctx)?, layer, 1, |t| t.hidden_dropout)
+    }
+
+    /// softmax(rope(q) rope(k)ᵀ / sqrt(D) + mask) v for one part: qkv (B, T, N, 3D) -> (B, T, H).
+    fn attend(
+        &self,
+        qkv: &Tensor,
+        part: &Part,
+        step: &Step,
+        layer: usize,
+        cache: Option<&mut Option<LayerKv>>,
+    ) -> Result<Tensor> {
+        let (b, t, n, _) = qkv.dims4()?;
+        let d = self.head_dim;
         let heads = |i: usize| qkv.narrow(3, i * d, d)?.transpose(1, 2)?.contiguous(); // (B, N, T, D)
-        let q = step.rope.apply(&heads(0)?, &step.cos_q, &step.sin_q)?; // rope(q) / sqrt(D)
-        let mut k = step.rope.apply(&heads(1)?, &step.cos, &step.sin)?;
+        let q = step.rope.apply(&heads(0)?, &part.cos_q, &part.sin_q)?; // rope(q) / sqrt(D)
+        let mut k = step.rope.apply(&heads(1)?, &part.cos, &part.sin)?;
         let mut v = heads(2)?;
         if let Some(slot) = cache {
             (k, v) = LayerKv::append(slot, &k, &v)?; // (B, N, T_past + T, D)
         }
         let scores = glm_nn::blas::matmul(&q, &k, true)?; // q kᵀ, (B, N, T, T_k)
                                                           // Softmax in f32 whatever the activation dtype.
-        let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &step.mask)?;
+        let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &part.mask)?;
         let probs = step.dropout(probs, layer, 0, |t| t.attention_dropout)?.to_dtype(v.dtype())?;
         let ctx = glm_nn::blas::matmul(&probs, &v, false)?; // (B, N, T, D)
-        let ctx = ctx.transpose(1, 2)?.reshape((b, t, n * d))?; // (B, T, H)
-        step.dropout(self.dense.forward(&ctx)?, layer, 1, |t| t.hidden_dropout)
+        Ok(ctx.transpose(1, 2)?.reshape((b, t, n * d))?)
     }
 }
 
@@ -152,10 +193,10 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, step: &Step, layer: usize, cache: Option<&mut Option<LayerKv>>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, step: &Step, layer: usize, slots: &mut Slots) -> Result<Tensor> {
         // a = LN1(x);  y = alpha*a + Attn(a);  m = LN2(y);  x = alpha*m + FFN(m)   (dropout on Attn, FFN)
         let a = self.input_layernorm.forward(x)?;
-        let y = ((&a * self.alpha)? + self.attention.forward(&a, step, layer, cache)?)?;
+        let y = ((&a * self.alpha)? + self.attention.forward(&a, step, layer, slots)?)?;
         let m = self.post_attention_layernorm.forward(&y)?;
         let ffn = step.dropout(self.mlp.forward(&m)?, layer, 2, |t| t.hidden_dropout)?;
         Ok(((&m * self.alpha)? + ffn)?)
@@ -250,6 +291,42 @@ impl Glm {
         self.run(ids, positions, layout, None, Some(train), rows)
     }
 
+    /// Next-token logits [S, V] after the last new token of each sequence of a ragged batch: the
+    /// projections run once over every sequence's new tokens together (one pass over the weights
+    /// for the whole batch), attention per sequence over its own cache. Each sequence's logits are
+    /// those `forward` gives it alone.
+    pub fn forward_sequences(&self, seqs: &mut [Sequence]) -> Result<Tensor> {
+        let (dev, parts_per_token) = (self.device(), self.cfg.rope_parts());
+        let (mut parts, mut ids, mut last) = (Vec::with_capacity(seqs.len()), Vec::new(), Vec::new());
+        for (s, seq) in seqs.iter_mut().enumerate() {
+            let t = seq.ids.len();
+            let bad = |what: String| Error::Input(format!("sequence {s} of the batch: {what}"));
+            if t == 0 || seq.positions.len() != parts_per_token * t || seq.layout.batch() != 1 {
+                return Err(bad(format!(
+                    "{t} tokens, {} position ids ({parts_per_token} per token wanted) and a layout of {} rows (1 wanted)",
+                    seq.positions.len(),
+                    seq.layout.batch()
+                )));
+            }
+            if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return Err(bad(format!("token id {id} is outside the vocabulary (size {})", self.cfg.vocab_size)));
+            }
+            let past = seq.cache.prepare(&self.cfg, 1)?;
+            let positions = Tensor::new(seq.positions, dev)?.reshape((1, parts_per_token, t))?;
+            let positions = if parts_per_token == 1 { positions.squeeze(1)? } else { positions };
+            parts.push(self.part(ids.len(), t, &positions, seq.layout, past)?);
+            ids.extend_from_slice(seq.ids);
+            last.push((ids.len() - 1) as u32);
+        }
+        if seqs.is_empty() {
+            return Err(Error::Input("empty batch: no sequences".into()));
+        }
+        let x = self.word_embeddings.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?.unsqueeze(0)?; // (1, T, H)
+        let mut caches: Vec<Option<&mut KvCache>> = seqs.iter_mut().map(|s| Some(&mut *s.cache)).collect();
+        let step = Step { rope: &self.rope, parts, train: None };
+        self.stack(x, &step, &mut caches, Some(&Tensor::new(last, dev)?))
+    }
+
     fn run(
         &self,
         ids: &Tensor,
@@ -264,20 +341,37 @@ impl Glm {
             Some(c) => c.prepare(&self.cfg, b)?,
             None => 0,
         };
-        let dtype = self.dtype();
-        let (cos, sin) = self.rope.tables(positions, dtype)?;
-        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
-        let (cos_q, sin_q) = ((&cos * scale)?, (&sin * scale)?);
-        let mask = layout.mask(past, t, past + t, self.device())?;
-        let step = Step { rope: &self.rope, cos, sin, cos_q, sin_q, mask, train };
-
+        let step = Step { rope: &self.rope, parts: vec![self.part(0, t, positions, layout, past)?], train };
         let mut x = self.word_embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?; // (B, T, H)
         if let Some(alpha) = train.map(|t| t.egs_alpha).filter(|a| *a != 1.0) {
             x = ((&x * alpha)? + (x.detach() * (1.0 - alpha))?)?; // EGS: same value, gradient scaled by alpha
         }
+        self.stack(x, &step, &mut [cache], rows)
+    }
+
+    /// The rotary tables and mask of `len` tokens from `start` at `positions`, after `past` cached.
+    fn part(&self, start: usize, len: usize, positions: &Tensor, layout: &AttnLayout, past: usize) -> Result<Part> {
+        let (cos, sin) = self.rope.tables(positions, self.dtype())?;
+        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+        let (cos_q, sin_q) = ((&cos * scale)?, (&sin * scale)?);
+        let mask = layout.mask(past, len, past + len, self.device())?;
+        Ok(Part { start, len, cos, sin, cos_q, sin_q, mask })
+    }
+
+    /// The layers, the final LayerNorm and the head over embeddings x (B, T, H): logits (B, T, V),
+    /// or (N, V) at `rows` of the flattened positions.
+    fn stack(
+        &self,
+        mut x: Tensor,
+        step: &Step,
+        caches: &mut [Option<&mut KvCache>],
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().and_then(|c| c.layers.get_mut(i));
-            x = layer.forward(&x, &step, i, slot)?;
+            let mut slots: Slots =
+                caches.iter_mut().map(|c| c.as_deref_mut().and_then(|c| c.layers.get_mut(i))).collect();
+            x = layer.forward(&x, step, i, &mut slots)?;
         }
         let mut out = self.final_layernorm.forward(&x)?;
         if let Some(r) = rows {

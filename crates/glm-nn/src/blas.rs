@@ -137,10 +137,16 @@ fn f32_storage<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// Whether x [m, k] · op(W) goes through `matvec::matvecs`: a few rows times a transposed matrix
+/// (decoding's x · Wᵀ, one row per sequence of the batch).
+fn small_rows(m: usize, ta: bool, tb: bool) -> bool {
+    m <= crate::matvec::MAX_ROWS && !ta && tb
+}
+
 /// C[i] = op(A[i]) · op(B[i]) + beta · C[i] for every item of the batch, C contiguous
-/// [batch, m, n]. Returns (m, n). One row times a transposed matrix (decoding's x · Wᵀ) is a
-/// matrix-vector product: `matvec::matvec`, since sgemm would repack all of W on every call (and
-/// OpenBLAS's sgemv wakes its own threads beside rayon's).
+/// [batch, m, n]. Returns (m, n). A few rows times a transposed matrix (decoding's x · Wᵀ) are
+/// matrix-vector products: `matvec::matvecs`, since sgemm would repack all of W on every call (and
+/// OpenBLAS's sgemv wakes its own threads beside rayon's); they need no BLAS.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     a: &[f32],
@@ -157,16 +163,17 @@ fn gemm(
     if k != k2 || va.batch != vb.batch || va.end() > a.len() || vb.end() > b.len() || c.len() != va.batch * m * n {
         candle_core::bail!("blas gemm: {va:?} x {vb:?} (ta={ta}, tb={tb}) into {} values does not fit", c.len())
     }
-    let Some(blas) = blas() else { candle_core::bail!("blas gemm: no BLAS library loaded") };
     let t = |f: bool| if f { TRANS } else { NO_TRANS };
     for i in 0..va.batch {
         let (pa, pb) = (va.offset + i * va.batch_stride, vb.offset + i * vb.batch_stride);
-        if m == 1 && !ta && tb && n > 0 {
-            // One row times Wᵀ (decode): our matvec on rayon's threads (see `matvec`).
-            let w = &b[pb..pb + (n - 1) * vb.ld + k];
-            crate::matvec::matvec(w, vb.ld, &a[pa..pa + k], beta, &mut c[i * n..(i + 1) * n]);
+        if small_rows(m, ta, tb) && n > 0 {
+            // A few rows times Wᵀ (decode): our matvec on rayon's threads (see `matvec`).
+            let w = crate::matvec::Rows { data: &b[pb..], rows: n, cols: k, ld: vb.ld };
+            let x = crate::matvec::Rows { data: &a[pa..], rows: m, cols: k, ld: va.ld };
+            crate::matvec::matvecs(w, x, beta, &mut c[i * m * n..(i + 1) * m * n]);
             continue;
         }
+        let Some(blas) = blas() else { candle_core::bail!("blas gemm: no BLAS library loaded") };
         // SAFETY: item i of A and B lies inside their storage (checked with `end` above), and the
         // i-th m x n block of c is in bounds (c.len() checked).
         unsafe {
@@ -276,10 +283,15 @@ impl CustomOp3 for LinearBiasT {
 
 /// x [M, K] · w [N, K]ᵀ (+ b [N]), through BLAS for big f32 products on the CPU when a BLAS is
 /// present, otherwise through candle (`linear_ref`).
+///
+/// Up to `matvec::MAX_ROWS` rows always take `matvec::matvecs` (no BLAS needed), whatever the
+/// size: each row's result is then the same alone or among others, which batched decoding relies on.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let big = x.rank() == 2 && w.rank() == 2 && x.dim(0)? * w.dim(0)? * w.dim(1)? >= MIN_MACS;
+    let rank2 = x.rank() == 2 && w.rank() == 2;
     let f32_cpu = on_cpu_f32(&[x, w]) && b.is_none_or(|b| on_cpu_f32(&[b]));
-    if !(big && f32_cpu && blas().is_some()) {
+    let few = rank2 && small_rows(x.dim(0)?, false, true);
+    let big = rank2 && x.dim(0)? * w.dim(0)? * w.dim(1)? >= MIN_MACS && blas().is_some();
+    if !(f32_cpu && (few || big)) {
         return linear_ref(x, w, b);
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
@@ -300,6 +312,11 @@ pub fn linear_ref(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
 /// Gradients of C = A · op(B) given G = dC: for op(B) = Bᵀ, dA = G B and dB = Gᵀ A; for
 /// op(B) = B, dA = G Bᵀ and dB = Aᵀ G.
 fn matmul_grads(a: &Tensor, b: &Tensor, g: &Tensor, tb: bool) -> Result<(Tensor, Tensor)> {
+    if blas().is_none() {
+        // The forward ran BLAS-free (a few rows through `matvecs`): candle's products.
+        let (da, db) = if tb { (g.matmul(b)?, g.t()?.matmul(a)?) } else { (g.matmul(&b.t()?)?, a.t()?.matmul(g)?) };
+        return Ok((da.reshape(a.shape())?, db.reshape(b.shape())?));
+    }
     let g = g.contiguous()?;
     let gemm = |x: &Tensor, y: &Tensor, ta, tb| x.apply_op2_no_bwd(y, &Gemm { ta, tb });
     let (da, db) = if tb {

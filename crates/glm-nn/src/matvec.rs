@@ -4,6 +4,11 @@
 //! second set of threads wakes per call, as OpenBLAS's sgemv does), four rows at a time sharing
 //! each load of x, and the rows four below prefetched while these are summed. The AVX2 build is
 //! chosen at run time; `matvec_ref` is its plain twin.
+//!
+//! [`matvecs`] is the same for a few rows (a decode step of several sequences, batched): W is read
+//! from memory once, four rows at a time kept in cache while every activation row is dotted with
+//! them, by the very same per-row code. So each row's result is bit for bit what `matvec` gives it
+//! alone, whatever else is in the batch: batched greedy decoding picks the tokens it would alone.
 
 use rayon::prelude::*;
 
@@ -22,6 +27,70 @@ pub fn matvec(w: &[f32], ldw: usize, x: &[f32], beta: f32, y: &mut [f32]) {
         y.chunks_mut(GROUP).enumerate().for_each(group);
     } else {
         y.par_chunks_mut(GROUP).enumerate().for_each(group);
+    }
+}
+
+/// Most activation rows `matvecs` takes (the decode batch); above, a GEMM reuses W better.
+pub const MAX_ROWS: usize = 16;
+
+/// A row-major f32 matrix view: `rows` rows of `cols` values, each `ld` apart.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl Rows<'_> {
+    fn fits(&self) -> bool {
+        self.ld >= self.cols && (self.rows == 0 || self.data.len() >= (self.rows - 1) * self.ld + self.cols)
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.ld..i * self.ld + self.cols]
+    }
+}
+
+/// `y[t, r] = Σ_k w[r, k] x[t, k] + beta y[t, r]` for y [x.rows, w.rows] (row-major): x · Wᵀ for a
+/// few activation rows, each row computed exactly as `matvec` computes it alone.
+pub fn matvecs(w: Rows, x: Rows, beta: f32, y: &mut [f32]) {
+    let (m, n, k) = (x.rows, w.rows, x.cols);
+    assert!(
+        w.fits() && x.fits() && w.cols == k && y.len() == m * n,
+        "matvecs: [{m}, {k}] x [{n}, {}]ᵀ into {} values",
+        w.cols,
+        y.len()
+    );
+    if m == 1 {
+        return matvec(w.data, w.ld, x.row(0), beta, y);
+    }
+    // Per group of W's rows, the results token by token ([t][row]), then scattered into y.
+    let dot = dot_rows();
+    let mut part = vec![0f32; m * n];
+    let group = |(g, out): (usize, &mut [f32])| {
+        let (r0, len) = (g * GROUP, out.len() / m);
+        for q in (0..len).step_by(4) {
+            let rows = 4.min(len - q);
+            let wq = &w.data[(r0 + q) * w.ld..];
+            for t in 0..m {
+                dot(wq, w.ld, x.row(t), 0.0, &mut out[t * len + q..t * len + q + rows]);
+            }
+        }
+    };
+    if n * k * m < PAR_MIN {
+        part.chunks_mut(GROUP * m).enumerate().for_each(group);
+    } else {
+        part.par_chunks_mut(GROUP * m).enumerate().for_each(group);
+    }
+    for (g, out) in part.chunks(GROUP * m).enumerate() {
+        let (r0, len) = (g * GROUP, out.len() / m);
+        for t in 0..m {
+            let ys = &mut y[t * n + r0..t * n + r0 + len];
+            for (y, &d) in ys.iter_mut().zip(&out[t * len..(t + 1) * len]) {
+                *y = d + if beta == 0.0 { 0.0 } else { beta * *y };
+            }
+        }
     }
 }
 
@@ -120,6 +189,26 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matvecs_is_matvec_per_row_bit_for_bit() {
+        let val = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 300.0;
+        for (m, n, k, ld) in [(2, 1, 1, 1), (3, 7, 13, 13), (5, 130, 100, 104), (16, 2000, 768, 768), (4, 5, 3, 8)] {
+            let w: Vec<f32> = (0..n * ld).map(val).collect();
+            let x: Vec<f32> = (0..m * k).map(|i| val(i + 17)).collect();
+            for beta in [0.0, 1.0] {
+                let init: Vec<f32> = (0..m * n).map(|i| val(i + 3)).collect();
+                let mut y = init.clone();
+                let (wr, xr) = (Rows { data: &w, rows: n, cols: k, ld }, Rows { data: &x, rows: m, cols: k, ld: k });
+                matvecs(wr, xr, beta, &mut y);
+                for t in 0..m {
+                    let mut one = init[t * n..(t + 1) * n].to_vec();
+                    matvec(&w, ld, &x[t * k..(t + 1) * k], beta, &mut one);
+                    assert_eq!(&y[t * n..(t + 1) * n], &one[..], "{m}x{n}x{k} beta {beta} row {t}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn matvec_matches_its_reference() {

@@ -1,0 +1,229 @@
+//! Continuous batching on tiny random models: requests batched together get exactly the tokens
+//! they get alone, join and leave between steps, and respect the batch size, the KV-cache budget,
+//! cancellation and deadlines.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use glm_infer::batch::{Engine, EngineOptions, Event, Request, Sink, Task};
+use glm_infer::{Error, Generation, Generator, SamplingConfig};
+use glm_model::{init_weights, Config, FfnKind, Glm, PositionEncoding};
+use glm_nn::{DenseFactory, LinearFactory};
+use glm_quant::{Bits, QuantFactory};
+use glm_tokenizer::Tokenizer;
+
+fn model(cfg: &Config, lin: &dyn LinearFactory) -> Result<Glm> {
+    let w = init_weights(cfg, 7, &Device::Cpu)?;
+    Ok(Glm::new(cfg, VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), lin)?)
+}
+
+/// tiny (f32 and INT4), and a ChatGLM-style variant (2-D RoPE, tanh-GELU MLP, untied head).
+fn models() -> Result<Vec<(&'static str, Glm)>> {
+    let chat = Config {
+        name: "tiny-2d".into(),
+        position_encoding: PositionEncoding::Rope2d,
+        ffn: FfnKind::GeluTanh,
+        tie_word_embeddings: false,
+        ..Config::tiny()
+    };
+    Ok(vec![
+        ("tiny f32", model(&Config::tiny(), &DenseFactory)?),
+        ("tiny int4", model(&Config::tiny(), &QuantFactory::quantize(Bits::Int4))?),
+        ("tiny-2d f32", model(&chat, &DenseFactory)?),
+    ])
+}
+
+/// Collects a request's events; `closed` plays a client that left.
+#[derive(Clone, Default)]
+struct Collect {
+    events: Arc<Mutex<Vec<Event>>>,
+    closed: Arc<Mutex<bool>>,
+}
+
+impl Sink for Collect {
+    fn send(&mut self, event: Event) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        self.events.lock().map(|mut e| e.push(event)).is_ok()
+    }
+    fn is_closed(&self) -> bool {
+        self.closed.lock().map(|c| *c).unwrap_or(true)
+    }
+}
+
+impl Collect {
+    /// The final result and the streamed text, once done.
+    fn done(&self) -> Option<(std::result::Result<Generation, String>, String)> {
+        let events = self.events.lock().ok()?;
+        let mut text = String::new();
+        for e in events.iter() {
+            match e {
+                Event::Text { delta, .. } => text += delta,
+                Event::Done(r) => return Some((r.as_ref().map(|g| g.clone()).map_err(|e| e.to_string()), text)),
+                Event::Started { .. } => {}
+            }
+        }
+        None
+    }
+}
+
+fn run_all(engine: &mut Engine, sinks: &[Collect]) -> Result<()> {
+    for _ in 0..10_000 {
+        if sinks.iter().all(|s| s.done().is_some()) && engine.running() == 0 {
+            return Ok(());
+        }
+        engine.step();
+    }
+    anyhow::bail!("requests did not finish")
+}
+
+fn requests() -> Vec<Request> {
+    let complete = |prompt: &str, sampling| Request {
+        task: Task::Complete { prompt: prompt.into() },
+        sampling,
+        stops: vec![],
+        deadline: None,
+    };
+    let greedy = |n| SamplingConfig { min_new_tokens: n, ..SamplingConfig::greedy(n) };
+    let sampled = |seed| SamplingConfig { seed, max_new_tokens: 12, min_new_tokens: 12, ..SamplingConfig::default() };
+    vec![
+        complete("The quick brown fox", greedy(16)),
+        complete("一个简单的中文句子，", greedy(9)),
+        complete("A", greedy(20)),
+        complete("Tell me a story about a dragon who lived in a very long and narrow valley.", greedy(5)),
+        complete("Seeded sampling", sampled(3)),
+        complete("Seeded sampling", sampled(4)),
+        Request {
+            task: Task::Fill { text: "The [MASK] sat on the [MASK].".into() },
+            sampling: greedy(4),
+            stops: vec![],
+            deadline: None,
+        },
+        Request {
+            task: Task::Fill { text: "Paris is the capital of [MASK]. [gMASK]".into() },
+            sampling: greedy(3),
+            stops: vec![],
+            deadline: None,
+        },
+    ]
+}
+
+fn alone(g: &Generator, r: &Request) -> Result<Generation> {
+    Ok(match &r.task {
+        Task::Complete { prompt } => g.complete(prompt, &r.sampling)?,
+        Task::Fill { text } => g.fill(text, &r.sampling)?,
+    })
+}
+
+#[test]
+fn batched_requests_get_the_tokens_they_get_alone() -> Result<()> {
+    let tok = Tokenizer::default_glm()?;
+    for (name, m) in models()? {
+        let opts = EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30 };
+        let mut engine = Engine::new(Generator::new(&m, &tok)?, opts)?;
+        let reqs = requests();
+        let sinks: Vec<Collect> = reqs.iter().map(|_| Collect::default()).collect();
+        // Half join at once, the rest while the first ones are decoding.
+        for (i, (r, s)) in reqs.iter().zip(&sinks).enumerate() {
+            if i == reqs.len() / 2 {
+                engine.step();
+                engine.step();
+            }
+            let p = engine.prepare(r.clone())?;
+            ensure!(engine.fits(&p), "{name}: request {i} does not fit");
+            engine.admit(p, Box::new(s.clone()));
+        }
+        run_all(&mut engine, &sinks)?;
+        let stats = engine.stats();
+        ensure!(stats.batched_rows > 2 * stats.decode_steps, "{name}: little batching: {stats:?}");
+        ensure!(engine.reserved() == 0, "{name}: reservations left after all finished");
+        let g = Generator::new(&m, &tok)?;
+        for (i, (r, s)) in reqs.iter().zip(&sinks).enumerate() {
+            let (got, streamed) = s.done().context("not done")?;
+            let got = got.map_err(anyhow::Error::msg)?;
+            let want = alone(&g, r)?;
+            ensure!(got.tokens == want.tokens, "{name} request {i}: {:?} batched, {:?} alone", got.tokens, want.tokens);
+            ensure!(got.text == want.text, "{name} request {i}: {:?} batched, {:?} alone", got.text, want.text);
+            ensure!(got.spans.len() == want.spans.len());
+            if let Task::Complete { prompt } = &r.task {
+                ensure!(format!("{prompt}{streamed}") == got.text, "{name} request {i}: streamed {streamed:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn admission_follows_the_batch_size_and_the_kv_budget() -> Result<()> {
+    let tok = Tokenizer::default_glm()?;
+    let m = model(&Config::tiny(), &DenseFactory)?;
+    let req = |n| Request {
+        task: Task::Complete { prompt: "Hello there".into() },
+        sampling: SamplingConfig { min_new_tokens: n, ..SamplingConfig::greedy(n) },
+        stops: vec![],
+        deadline: None,
+    };
+    let g = Generator::new(&m, &tok)?;
+    let probe = Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 4, kv_budget_bytes: u64::MAX })?;
+    let per_token = probe.kv_bytes_per_token();
+    // "Hello there" [gMASK] <sop> + 20 tokens < 32: each request reserves 32 tokens of cache.
+    let one = probe.prepare(req(20))?.reserve();
+    ensure!(one == 32 * per_token, "reserve {one}, per token {per_token}");
+    let mut engine = Engine::new(g, EngineOptions { max_batch: 3, kv_budget_bytes: 2 * one })?;
+    let sinks: Vec<Collect> = (0..3).map(|_| Collect::default()).collect();
+    let mut waiting: Vec<_> = (0..3).map(|_| engine.prepare(req(20))).collect::<Result<_, _>>()?;
+    let mut peak = 0;
+    let mut sink = sinks.iter();
+    while !waiting.is_empty() || engine.running() > 0 {
+        while waiting.first().is_some_and(|p| engine.fits(p)) {
+            let s = sink.next().context("sink")?;
+            engine.admit(waiting.remove(0), Box::new(s.clone()));
+        }
+        peak = peak.max(engine.running());
+        ensure!(engine.reserved() <= 2 * one);
+        engine.step();
+    }
+    ensure!(peak == 2, "budget for two, ran {peak} at once");
+    ensure!(sinks.iter().all(|s| matches!(s.done(), Some((Ok(_), _)))));
+    // A request bigger than the whole budget is refused with a clear error.
+    let small = Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 3, kv_budget_bytes: one / 2 })?;
+    let e = small.prepare(req(20)).err().context("should not fit")?;
+    ensure!(e.to_string().contains("KV cache"), "{e}");
+    // An empty prompt, and a fill without blanks, are refused before they run.
+    let bad = |task| Request { task, ..req(4) };
+    ensure!(matches!(small.prepare(bad(Task::Complete { prompt: String::new() })), Err(Error::EmptyPrompt)));
+    ensure!(matches!(small.prepare(bad(Task::Fill { text: "no blanks".into() })), Err(Error::NoMask(_))));
+    let e = small.prepare(bad(Task::Fill { text: "[gMASK] first".into() })).err().context("gMASK first")?;
+    ensure!(e.to_string().contains("[gMASK]"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn cancelled_and_late_requests_leave_the_batch() -> Result<()> {
+    let tok = Tokenizer::default_glm()?;
+    let m = model(&Config::tiny(), &DenseFactory)?;
+    let mut engine = Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 4, kv_budget_bytes: 1 << 30 })?;
+    let long = SamplingConfig { min_new_tokens: 60, ..SamplingConfig::greedy(60) };
+    let req =
+        |deadline| Request { task: Task::Complete { prompt: "Hi".into() }, sampling: long, stops: vec![], deadline };
+    let (gone, late, fine) = (Collect::default(), Collect::default(), Collect::default());
+    engine.admit(engine.prepare(req(None))?, Box::new(gone.clone()));
+    engine.admit(engine.prepare(req(Some(Instant::now() + Duration::from_millis(1))))?, Box::new(late.clone()));
+    engine.admit(engine.prepare(req(None))?, Box::new(fine.clone()));
+    engine.step();
+    *gone.closed.lock().map_err(|_| anyhow::anyhow!("lock"))? = true;
+    std::thread::sleep(Duration::from_millis(5));
+    engine.step();
+    ensure!(engine.running() == 1, "{} running", engine.running());
+    let s = engine.stats();
+    ensure!(s.cancelled == 1 && s.failed == 1, "{s:?}");
+    ensure!(matches!(late.done(), Some((Err(e), _)) if e.contains("time limit")));
+    run_all(&mut engine, &[fine.clone()])?;
+    ensure!(matches!(fine.done(), Some((Ok(g), _)) if g.tokens.len() == 60));
+    ensure!(engine.reserved() == 0);
+    Ok(())
+}
