@@ -10,6 +10,7 @@ mod data_cmd;
 mod eval_cmd;
 mod infer_cmd;
 mod samples;
+mod serve_cmd;
 mod train_cmd;
 
 // Tensor buffers are large and short-lived: mimalloc, told to keep freed memory
@@ -61,6 +62,9 @@ enum Cmd {
     Fill(infer_cmd::GenArgs),
     /// Chat: a question per line on stdin, answers streamed.
     Chat(infer_cmd::ChatArgs),
+    /// Serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, infill; streaming;
+    /// continuous batching) with a web playground at `/`.
+    Serve(serve_cmd::ServeArgs),
     /// Evaluate on GLM-130B-style YAML tasks (multiple choice, generation, language modelling),
     /// or compare two reports.
     Eval(eval_cmd::EvalArgs),
@@ -100,6 +104,9 @@ enum BenchCmd {
     /// Batch-1 prefill and decode tokens/s for f32, INT8 and INT4 beside the memory-bandwidth floor,
     /// with each one's peak RSS.
     Decode(infer_cmd::DecodeBenchArgs),
+    /// `glm serve` under 1, 2, 4, 8 concurrent streaming clients: aggregate tokens/s and time to
+    /// first token, beside the same server decoding one request at a time.
+    Serve(serve_cmd::ServeBenchArgs),
 }
 
 #[derive(Args)]
@@ -261,6 +268,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bench(BenchCmd::Train(a)) => a.run()?,
         Cmd::Bench(BenchCmd::Decode(a)) => infer_cmd::bench_decode(a)?,
+        Cmd::Bench(BenchCmd::Serve(a)) => serve_cmd::bench_serve(a)?,
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
         Cmd::Data(c) => data_cmd::run_data(c)?,
         Cmd::Train(a) => train_cmd::run(a)?,
@@ -268,6 +276,7 @@ fn main() -> Result<()> {
         Cmd::Generate(a) => infer_cmd::generate(a, false)?,
         Cmd::Fill(a) => infer_cmd::generate(a, true)?,
         Cmd::Chat(a) => infer_cmd::chat(a)?,
+        Cmd::Serve(a) => serve_cmd::serve(a)?,
         Cmd::Eval(a) => eval_cmd::eval(a)?,
     }
     Ok(())

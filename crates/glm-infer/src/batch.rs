@@ -373,7 +373,10 @@ fn finish_block<'m>(gen: &Generator<'m>, a: &mut Active<'m>, stop: StopReason, s
     let done = match (&mut a.job, &a.request.task) {
         (Job::Complete { .. }, Task::Complete { prompt }) => {
             let text = std::mem::take(&mut b.stream.text);
-            Some(Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens: b.out, text, stop }])))
+            Some(Ok(Generation::new(
+                format!("{prompt}{text}"),
+                vec![Span { tokens: b.out, text, stop, start: prompt.len() }],
+            )))
         }
         (Job::Fill(plan), _) => match plan.filled(gen, b.out, stop) {
             Ok(()) if plan.next_blank().is_some() => None,

@@ -29,6 +29,8 @@ pub struct Span {
     /// The block as the tokenizer writes it after its left context (so a leading space shows).
     pub text: String,
     pub stop: StopReason,
+    /// Where `text` starts in the generation's text, in bytes.
+    pub start: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,7 +106,7 @@ impl<'a> Generator<'a> {
         let (ids, context) = self.gmask_context(prompt)?;
         let (tokens, stop) = self.generate(&context, Blank::Gmask, &mut sampler)?;
         let text = self.continuation(&ids, &tokens)?;
-        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop }]))
+        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop, start: prompt.len() }]))
     }
 
     /// `complete`, handing each new piece of text to `on_text` as it is generated (never a split
@@ -142,7 +144,7 @@ impl<'a> Generator<'a> {
             on_text(&rest);
         }
         let text = stream.text;
-        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop }]))
+        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop, start: prompt.len() }]))
     }
 
     /// Left-to-right continuation by beam search (GLM's BeamSearchStrategy, see `beam`): the best
@@ -151,7 +153,7 @@ impl<'a> Generator<'a> {
         let (ids, context) = self.gmask_context(prompt)?;
         let (tokens, stop) = self.beam_block(&context, Blank::Gmask, cfg)?;
         let text = self.continuation(&ids, &tokens)?;
-        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop }]))
+        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop, start: prompt.len() }]))
     }
 
     /// The best block after `context <sop>` by beam search, end token not included.
@@ -424,11 +426,12 @@ impl FillPlan {
         self.out += &gen.tok.decode(&self.orig[self.prev..m])?;
         let at = m + self.added - n;
         let text = gen.continuation(&self.ids[..at], &tokens)?;
+        let start = self.out.len();
         self.out += &text;
         self.ids.splice(at..at + 1, tokens.iter().copied());
         self.added += tokens.len();
         self.prev = m + 1;
-        self.spans.push(Span { tokens, text, stop });
+        self.spans.push(Span { tokens, text, stop, start });
         Ok(())
     }
 

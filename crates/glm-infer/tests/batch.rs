@@ -63,7 +63,8 @@ impl Collect {
         for e in events.iter() {
             match e {
                 Event::Text { delta, .. } => text += delta,
-                Event::Done(r) => return Some((r.as_ref().map(|g| g.clone()).map_err(|e| e.to_string()), text)),
+                Event::Done(Ok(g)) => return Some((Ok(g.clone()), text)),
+                Event::Done(Err(e)) => return Some((Err(e.to_string()), text)),
                 Event::Started { .. } => {}
             }
         }
@@ -222,7 +223,7 @@ fn cancelled_and_late_requests_leave_the_batch() -> Result<()> {
     let s = engine.stats();
     ensure!(s.cancelled == 1 && s.failed == 1, "{s:?}");
     ensure!(matches!(late.done(), Some((Err(e), _)) if e.contains("time limit")));
-    run_all(&mut engine, &[fine.clone()])?;
+    run_all(&mut engine, std::slice::from_ref(&fine))?;
     ensure!(matches!(fine.done(), Some((Ok(g), _)) if g.tokens.len() == 60));
     ensure!(engine.reserved() == 0);
     Ok(())

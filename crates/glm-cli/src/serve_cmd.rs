@@ -1,0 +1,280 @@
+//! `glm serve` (the OpenAI-compatible server) and `glm bench serve` (its throughput and latency
+//! under concurrent streams).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use glm_model::Glm;
+use glm_quant::Bits;
+use glm_server::loadgen::{LoadOptions, LoadReport};
+use glm_server::Options;
+use glm_tokenizer::Tokenizer;
+
+use crate::infer_cmd::ModelSource;
+use crate::ModelArgs;
+
+/// Limits and batching, shared by `serve` and `bench serve`.
+#[derive(Args, Clone)]
+pub struct ServerLimits {
+    /// Most requests decoding together (continuous batching).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// KV cache the running requests may reserve, MiB.
+    #[arg(long, default_value_t = 1024)]
+    kv_cache_mb: u64,
+    /// Requests that may wait for a place; beyond, 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Largest request body, KiB.
+    #[arg(long, default_value_t = 1024)]
+    max_body_kb: usize,
+    /// Longest prompt in tokens (default: the model's max_seq_len).
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Most max_tokens a request may ask (per blank for infill).
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+    /// Time limit per request, from arrival to the last token, seconds.
+    #[arg(long, default_value_t = 300.0)]
+    timeout_s: f64,
+}
+
+impl ServerLimits {
+    fn options(&self, name: String, model: &Glm, api_key: Option<String>) -> Result<Options> {
+        if !(self.timeout_s > 0.0 && self.timeout_s.is_finite()) {
+            bail!("--timeout-s must be > 0, got {}", self.timeout_s);
+        }
+        let max_seq = model.config().max_seq_len;
+        Ok(Options {
+            api_key,
+            max_batch: self.max_batch,
+            kv_budget_bytes: self.kv_cache_mb << 20,
+            queue: self.queue,
+            max_body_bytes: self.max_body_kb << 10,
+            max_prompt_tokens: self.max_prompt_tokens.unwrap_or(max_seq),
+            max_tokens: self.max_tokens,
+            request_timeout: Duration::from_secs_f64(self.timeout_s),
+            ..Options::new(name, max_seq)
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    source: ModelSource,
+    /// Address to bind; 127.0.0.1 keeps the server local (use 0.0.0.0 to expose it).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer <key>` on /v1/* (env GLM_API_KEY).
+    #[arg(long, env = "GLM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model id clients use (default: the config's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[command(flatten)]
+    limits: ServerLimits,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let (model, tok) = a.source.load()?;
+    let name = a.served_model_name.clone().unwrap_or_else(|| model.config().name.clone());
+    let opts = a.limits.options(name.clone(), &model, a.api_key.clone())?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        let local = listener.local_addr()?;
+        eprintln!(
+            "glm serve: `{name}` from {} (batch {}, KV cache {} MiB, queue {}{}) listening on http://{local}",
+            a.source.model.display(),
+            opts.max_batch,
+            opts.kv_budget_bytes >> 20,
+            opts.queue,
+            if opts.api_key.is_some() { ", API key required" } else { "" }
+        );
+        glm_server::serve(Arc::new(model), Arc::new(tok), opts, listener, shutdown_signal()).await?;
+        eprintln!("glm serve: stopped");
+        Ok(())
+    })
+}
+
+#[derive(Args)]
+pub struct ServeBenchArgs {
+    /// A checkpoint (as for `glm serve`); without it, a seeded random `--preset` model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    arch: ModelArgs,
+    /// Comma-separated: f32, int8, int4 (int8/int4 quantize a dense model at load).
+    #[arg(long, default_value = "f32,int4", value_delimiter = ',')]
+    precisions: Vec<String>,
+    /// Comma-separated numbers of concurrent streaming clients.
+    #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
+    streams: Vec<usize>,
+    /// Seconds each level runs (requests running at the end are waited for).
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Tokens each request generates (min_tokens = max_tokens).
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Skip the baseline: the same server with --max-batch 1 (requests one after another).
+    #[arg(long)]
+    no_baseline: bool,
+    /// JSON lines instead of the table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    limits: ServerLimits,
+}
+
+const PROMPTS: [&str; 4] = [
+    "The history of the printing press begins",
+    "In a small village by the sea, there lived",
+    "机器学习是人工智能的一个分支，",
+    "To make a good cup of tea, first",
+];
+
+fn bench_model(a: &ServeBenchArgs, precision: &str) -> Result<(Glm, Tokenizer)> {
+    let bits = match precision {
+        "f32" => None,
+        "int8" => Some(Bits::Int8),
+        "int4" => Some(Bits::Int4),
+        p => bail!("unknown precision {p:?} (f32, int8, int4)"),
+    };
+    let dev = candle_core::Device::Cpu;
+    let (tok, _) = glm_data::load_tokenizer(None)?;
+    let (cfg, tensors) = match &a.model {
+        Some(p) => {
+            let (file, cfg) = crate::infer_cmd::dense_source(p, &a.arch)?;
+            let ckpt = glm_checkpoint::Checkpoint::open(&[&file])?;
+            let t = ckpt.load_all(&glm_model::tensor_specs(&cfg), candle_core::DType::F32, &dev)?;
+            (cfg, t)
+        }
+        None => {
+            let cfg = a.arch.resolve()?;
+            let t = glm_model::init_weights(&cfg, 1, &dev)?;
+            (cfg, t)
+        }
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &dev);
+    let model = match bits {
+        None => Glm::new(&cfg, vb, &glm_nn::DenseFactory)?,
+        Some(b) => Glm::new(&cfg, vb, &glm_quant::QuantFactory::quantize(b))?,
+    };
+    Ok((model, tok))
+}
+
+/// Starts a server on a free local port, runs the load levels against it, stops it.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    model: Arc<Glm>,
+    tok: Arc<Tokenizer>,
+    opts: Options,
+    levels: &[usize],
+    a: &ServeBenchArgs,
+) -> Result<Vec<LoadReport>> {
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let name = opts.model_name.clone();
+        let server = tokio::spawn(glm_server::serve(model, tok, opts, listener, async {
+            let _ = stop_rx.await;
+        }));
+        let mut out = Vec::new();
+        for &streams in levels {
+            let o = LoadOptions {
+                base: base.clone(),
+                api_key: None,
+                model: name.clone(),
+                streams,
+                duration: Duration::from_secs_f64(a.seconds),
+                max_tokens: a.tokens,
+                prompts: PROMPTS.iter().map(|s| s.to_string()).collect(),
+            };
+            let r = glm_server::loadgen::run(&o).await;
+            if r.errors > 0 {
+                bail!("{} of {} requests failed at {streams} streams: {:?}", r.errors, r.requests, r.first_error);
+            }
+            out.push(r);
+        }
+        let _ = stop_tx.send(());
+        server.await.context("server task")??;
+        Ok(out)
+    })
+}
+
+pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
+    let rt = runtime()?;
+    let mut rows = Vec::new();
+    for precision in &a.precisions {
+        let (model, tok) = bench_model(&a, precision)?;
+        let name = model.config().name.clone();
+        let (model, tok) = (Arc::new(model), Arc::new(tok));
+        let opts = a.limits.options(name.clone(), &model, None)?;
+        let batched = measure(&rt, model.clone(), tok.clone(), opts.clone(), &a.streams, &a)?;
+        for r in batched {
+            rows.push((name.clone(), precision.clone(), format!("batch {}", opts.max_batch), r));
+        }
+        if !a.no_baseline {
+            let top = a.streams.iter().copied().max().unwrap_or(1);
+            let one = Options { max_batch: 1, ..opts.clone() };
+            for r in measure(&rt, model.clone(), tok.clone(), one, &[top], &a)? {
+                rows.push((name.clone(), precision.clone(), "batch 1 (baseline)".to_string(), r));
+            }
+        }
+    }
+    if a.json {
+        for (model, precision, server, r) in &rows {
+            let v = serde_json::json!({
+                "model": model, "precision": precision, "server": server, "streams": r.streams,
+                "requests": r.requests, "errors": r.errors, "tokens": r.tokens, "seconds": r.seconds,
+                "tokens_per_s": r.tokens_per_s(), "ttft_p50_s": r.ttft_quantile(0.5), "ttft_p90_s": r.ttft_quantile(0.9),
+            });
+            println!("{v}");
+        }
+        return Ok(());
+    }
+    println!("| model | precision | server | streams | requests | tokens/s (aggregate) | TTFT p50 | TTFT p90 |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|");
+    for (model, precision, server, r) in &rows {
+        println!(
+            "| {model} | {precision} | {server} | {} | {} | {:.1} | {:.0} ms | {:.0} ms |",
+            r.streams,
+            r.requests,
+            r.tokens_per_s(),
+            r.ttft_quantile(0.5) * 1e3,
+            r.ttft_quantile(0.9) * 1e3
+        );
+    }
+    Ok(())
+}

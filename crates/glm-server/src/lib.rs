@@ -1,0 +1,468 @@
+//! `glm serve`: an OpenAI-compatible HTTP server for GLM models.
+//!
+//! - `POST /v1/completions`, `POST /v1/chat/completions` (OpenAI's request and response shapes,
+//!   `stream: true` as server-sent events), `GET /v1/models`, `GET /v1/models/{id}`;
+//! - `POST /v1/infill`: text with [MASK] / [sMASK] blanks (and a final [gMASK]) -> the filled text
+//!   and where each span is; `/v1/completions` with a `suffix` fills the blank between the two;
+//! - `GET /health`, `GET /metrics` (Prometheus text), `GET /` (the playground page).
+//!
+//! Requests go through a bounded queue (full: 429 with Retry-After) into the continuous-batching
+//! engine ([`glm_infer::batch`]) on its own thread; a client that disconnects cancels its work.
+//! Every malformed or over-limit request gets a JSON 4xx (`api::ApiError`).
+
+pub mod api;
+pub mod loadgen;
+pub mod metrics;
+mod sse;
+mod worker;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request as HttpRequest, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use glm_infer::batch::{EngineOptions, Event, Request, Task};
+use glm_infer::{Error as InferError, Generation};
+use glm_model::Glm;
+use glm_tokenizer::Tokenizer;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use api::{ApiError, Endpoint, Limits, Parsed};
+use metrics::Metrics;
+use worker::Job;
+
+const PLAYGROUND: &str = include_str!("../assets/playground.html");
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The id clients name the model by.
+    pub model_name: String,
+    /// Required as `Authorization: Bearer <key>` on /v1/* when set.
+    pub api_key: Option<String>,
+    pub max_batch: usize,
+    pub kv_budget_bytes: u64,
+    /// Requests that may wait for a place in the batch; more get 429.
+    pub queue: usize,
+    pub max_body_bytes: usize,
+    pub max_prompt_tokens: usize,
+    /// Most `max_tokens` a request may ask (per blank for infill).
+    pub max_tokens: usize,
+    /// From arrival to the last token.
+    pub request_timeout: Duration,
+}
+
+impl Options {
+    /// Defaults for a model: 8 rows, 1 GiB of KV cache, 64 waiting, 1 MiB bodies, prompts up to
+    /// the model's max_seq_len, 1024 tokens, 5 minutes.
+    pub fn new(model_name: impl Into<String>, max_seq_len: usize) -> Self {
+        Self {
+            model_name: model_name.into(),
+            api_key: None,
+            max_batch: 8,
+            kv_budget_bytes: 1 << 30,
+            queue: 64,
+            max_body_bytes: 1 << 20,
+            max_prompt_tokens: max_seq_len,
+            max_tokens: 1024,
+            request_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad server options: {0}")]
+    Options(String),
+    #[error("the model cannot generate: {0}")]
+    Model(#[from] InferError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+struct AppState {
+    opts: Options,
+    tok: Arc<Tokenizer>,
+    queue: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
+    max_seq_len: usize,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Serves `model` on `listener` until `shutdown` resolves. The engine runs on its own thread.
+pub async fn serve(
+    model: Arc<Glm>,
+    tok: Arc<Tokenizer>,
+    opts: Options,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    if opts.max_batch == 0 || opts.queue == 0 || opts.max_tokens == 0 {
+        return Err(Error::Options("max_batch, queue and max_tokens must be at least 1".into()));
+    }
+    glm_infer::Generator::new(&model, &tok)?; // the special tokens are there
+    let (tx, rx) = mpsc::channel(opts.queue);
+    let metrics = Arc::new(Metrics::default());
+    metrics.queue_capacity.store(opts.queue as u64, Relaxed);
+    metrics.kv_budget_bytes.store(opts.kv_budget_bytes, Relaxed);
+    metrics.max_batch.store(opts.max_batch as u64, Relaxed);
+    let engine_opts = EngineOptions { max_batch: opts.max_batch, kv_budget_bytes: opts.kv_budget_bytes };
+    let (m, t, mt) = (model.clone(), tok.clone(), metrics.clone());
+    let engine =
+        std::thread::Builder::new().name("glm-engine".into()).spawn(move || worker::run(m, t, engine_opts, rx, mt))?;
+    let state = Arc::new(AppState {
+        max_seq_len: model.config().max_seq_len,
+        opts,
+        tok,
+        queue: tx,
+        metrics,
+        created: unix_now(),
+        next_id: AtomicU64::new(0),
+    });
+    let app = router(state);
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    // The router (and with it the queue's sender) is gone: the engine thread ends.
+    let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    Ok(served?)
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/infill", post(infill))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/", get(playground))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.opts.max_body_bytes))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_secs(60)))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            error_response(&ApiError::new(500, "server_error", "internal error"))
+        }))
+        .with_state(state)
+}
+
+pub(crate) fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(e.body())).into_response()
+}
+
+/// Constant-time comparison of the key a client sent.
+fn same_key(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(s): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    if let Some(key) = &s.opts.api_key {
+        let sent = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let ok = sent.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|k| same_key(k.trim(), key));
+        if !ok {
+            let msg =
+                if sent.is_some() { "incorrect API key" } else { "missing API key: send Authorization: Bearer <key>" };
+            let mut r = error_response(&ApiError::new(401, "authentication_error", msg).code("invalid_api_key"));
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found(req: HttpRequest) -> Response {
+    let msg = format!("no route for {} {}", req.method(), req.uri().path());
+    error_response(&ApiError::new(404, "invalid_request_error", msg).code("unknown_url"))
+}
+
+async fn method_not_allowed(req: HttpRequest) -> Response {
+    let msg = format!("{} is not allowed on {}", req.method(), req.uri().path());
+    error_response(&ApiError::new(405, "invalid_request_error", msg))
+}
+
+async fn playground() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PLAYGROUND).into_response()
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> Response {
+    Json(json!({"status": "ok", "model": s.opts.model_name})).into_response()
+}
+
+async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    let depth = (s.opts.queue - s.queue.capacity()) as u64;
+    s.metrics.queue_depth.store(depth.max(s.metrics.queue_depth.load(Relaxed)), Relaxed);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
+}
+
+fn model_object(s: &AppState) -> Value {
+    json!({"id": s.opts.model_name, "object": "model", "created": s.created, "owned_by": "glm-rs"})
+}
+
+async fn list_models(State(s): State<Arc<AppState>>) -> Response {
+    Json(json!({"object": "list", "data": [model_object(&s)]})).into_response()
+}
+
+async fn get_model(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if id == s.opts.model_name {
+        Json(model_object(&s)).into_response()
+    } else {
+        error_response(&model_not_found(&s, &id))
+    }
+}
+
+fn model_not_found(s: &AppState, id: &str) -> ApiError {
+    let msg = format!("the model `{id}` does not exist; this server serves `{}`", s.opts.model_name);
+    ApiError { param: Some("model".into()), ..ApiError::new(404, "invalid_request_error", msg).code("model_not_found") }
+}
+
+async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    handle(s, Endpoint::Completions, body).await
+}
+
+async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    handle(s, Endpoint::Chat, body).await
+}
+
+async fn infill(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    handle(s, Endpoint::Infill, body).await
+}
+
+async fn handle(s: Arc<AppState>, ep: Endpoint, body: Result<Bytes, BytesRejection>) -> Response {
+    let arrived = Instant::now();
+    let resp = match generate(&s, ep, body, arrived).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    s.metrics.request(ep.name(), resp.status().as_u16());
+    resp
+}
+
+/// Status and message for an error of the engine.
+fn infer_error(e: &InferError) -> ApiError {
+    match e {
+        InferError::Timeout => ApiError::new(504, "timeout", e.to_string()).code("timeout"),
+        InferError::EmptyPrompt | InferError::NoMask(_) | InferError::Input(_) | InferError::Sampling(_) => {
+            ApiError::new(400, "invalid_request_error", e.to_string())
+        }
+        InferError::TooLong { .. } => {
+            ApiError::new(400, "invalid_request_error", e.to_string()).code("context_length_exceeded")
+        }
+        InferError::MissingToken { .. } => ApiError::new(400, "invalid_request_error", e.to_string()),
+        InferError::Context { source, .. } if !matches!(**source, InferError::Model(_) | InferError::Candle(_)) => {
+            infer_error(source)
+        }
+        _ => ApiError::new(500, "server_error", e.to_string()),
+    }
+}
+
+/// What one request needs to answer: its parse, ids and the moment it arrived.
+pub(crate) struct Answer {
+    pub parsed: Parsed,
+    pub endpoint: Endpoint,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub arrived: Instant,
+    pub prompt: String,
+}
+
+async fn generate(
+    s: &Arc<AppState>,
+    ep: Endpoint,
+    body: Result<Bytes, BytesRejection>,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status().as_u16();
+        let msg = if status == 413 {
+            format!("the body is over this server's limit of {} bytes", s.opts.max_body_bytes)
+        } else {
+            format!("could not read the body: {e}")
+        };
+        ApiError::new(if status == 413 { 413 } else { 400 }, "invalid_request_error", msg)
+    })?;
+    let parsed = api::parse(ep, &body, &Limits { max_tokens: s.opts.max_tokens })?;
+    if let Some(m) = parsed.model.as_deref().filter(|m| *m != s.opts.model_name) {
+        return Err(model_not_found(s, m));
+    }
+    let (prompt, param) = match &parsed.task {
+        Task::Complete { prompt } => (prompt.clone(), if ep == Endpoint::Chat { "messages" } else { "prompt" }),
+        Task::Fill { text } => (text.clone(), "prompt"),
+    };
+    let n = s.tok.encode(&prompt).len();
+    if n > s.opts.max_prompt_tokens {
+        let msg = format!("the prompt has {n} tokens, over this server's limit of {}", s.opts.max_prompt_tokens);
+        return Err(ApiError::param(param, msg).code("context_length_exceeded"));
+    }
+    if n + 2 > s.max_seq_len {
+        let msg = format!("the prompt has {n} tokens; with [gMASK] and <sop> it is over the model's {}", s.max_seq_len);
+        return Err(ApiError::param(param, msg).code("context_length_exceeded"));
+    }
+    let serial = s.next_id.fetch_add(1, Relaxed);
+    let mut sampling = parsed.sampling;
+    if !parsed.seeded {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        sampling.seed = (serial << 32) ^ nanos as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    }
+    let request = Request {
+        task: parsed.task.clone(),
+        sampling,
+        stops: parsed.stops.clone(),
+        deadline: Some(arrived + s.opts.request_timeout),
+    };
+    let (events, rx) = mpsc::unbounded_channel();
+    match s.queue.try_send(Job { request, events }) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            let mean = s.metrics.request_duration.mean().unwrap_or(1.0);
+            let waves = s.opts.queue as f64 / s.opts.max_batch as f64 + 1.0;
+            let wait = (mean * waves).ceil().clamp(1.0, 60.0) as u64;
+            let msg = format!("the server is busy ({} requests waiting); retry in {wait} s", s.opts.queue);
+            let mut r = error_response(&ApiError::new(429, "rate_limit_exceeded", msg).code("queue_full"));
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
+            return Ok(r);
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return Err(ApiError::new(503, "server_error", "the engine has stopped"));
+        }
+    }
+    let prefix = match ep {
+        Endpoint::Completions => "cmpl",
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Infill => "infill",
+    };
+    let answer = Answer {
+        parsed,
+        endpoint: ep,
+        id: format!("{prefix}-{:x}{serial:06x}", s.created),
+        created: unix_now(),
+        model: s.opts.model_name.clone(),
+        arrived,
+        prompt,
+    };
+    if answer.parsed.stream {
+        return Ok(sse::response(answer, rx, s.metrics.clone()));
+    }
+    let (generation, prompt_tokens) = collect(rx, &s.metrics, arrived).await?;
+    Ok(Json(answer.body(&generation, prompt_tokens)).into_response())
+}
+
+/// Waits for the request's end; the first token's time goes to the metrics.
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    metrics: &Metrics,
+    arrived: Instant,
+) -> Result<(Generation, usize), ApiError> {
+    let (mut prompt_tokens, mut first) = (0, true);
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Started { prompt_tokens: n } => prompt_tokens = n,
+            Event::Text { .. } if first => {
+                first = false;
+                metrics.time_to_first_token.observe(arrived.elapsed().as_secs_f64());
+            }
+            Event::Text { .. } => {}
+            Event::Done(r) => {
+                metrics.request_duration.observe(arrived.elapsed().as_secs_f64());
+                return r.map(|g| (g, prompt_tokens)).map_err(|e| infer_error(&e));
+            }
+        }
+    }
+    Err(ApiError::new(500, "server_error", "the engine stopped before the request finished"))
+}
+
+impl Answer {
+    fn finish_reason(g: &Generation) -> &'static str {
+        api::finish_reason(g.stop)
+    }
+
+    /// The returned text: the continuation (after the prompt when echoing), or the suffix blank.
+    fn text(&self, g: &Generation) -> String {
+        let span = g.spans.first().map(|s| s.text.clone()).unwrap_or_default();
+        if self.parsed.echo {
+            format!("{}{span}", self.prompt)
+        } else {
+            span
+        }
+    }
+
+    fn usage(prompt_tokens: usize, g: &Generation) -> Value {
+        let c = g.tokens.len();
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": c, "total_tokens": prompt_tokens + c})
+    }
+
+    /// The whole (non-streamed) response body.
+    fn body(&self, g: &Generation, prompt_tokens: usize) -> Value {
+        let usage = Self::usage(prompt_tokens, g);
+        let finish = Self::finish_reason(g);
+        match self.endpoint {
+            Endpoint::Completions => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": self.text(g), "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Endpoint::Chat => json!({
+                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text(g)},
+                             "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Endpoint::Infill => {
+                let masks = mask_names(&self.prompt);
+                let blanks: Vec<Value> = g
+                    .spans
+                    .iter()
+                    .enumerate()
+                    .map(|(i, sp)| {
+                        let start = g.text.get(..sp.start).map_or(0, |t| t.chars().count());
+                        let end = start + sp.text.chars().count();
+                        json!({"index": i, "mask": masks.get(i).copied().unwrap_or("[MASK]"), "text": sp.text,
+                               "start": start, "end": end, "finish_reason": api::finish_reason(sp.stop)})
+                    })
+                    .collect();
+                json!({"id": self.id, "object": "infill", "created": self.created, "model": self.model,
+                       "text": g.text, "blanks": blanks, "usage": usage})
+            }
+        }
+    }
+}
+
+/// The mask tokens of a text in order ([MASK], [sMASK], [gMASK]).
+fn mask_names(text: &str) -> Vec<&'static str> {
+    let mut found: Vec<(usize, &'static str)> = ["[MASK]", "[sMASK]", "[gMASK]"]
+        .into_iter()
+        .flat_map(|m| text.match_indices(m).map(move |(i, _)| (i, m)))
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, m)| m).collect()
+}
+
+/// The body of a response as bytes (for the SSE writer).
+pub(crate) fn sse_bytes(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// Address a listener is bound to, for printing.
+pub fn local_addr(l: &TcpListener) -> std::io::Result<SocketAddr> {
+    l.local_addr()
+}

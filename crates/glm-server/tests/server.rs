@@ -1,0 +1,395 @@
+//! The server in-process on a tiny random model: the OpenAI shapes, exact SSE framing, a table of
+//! malformed requests and their codes, auth, limits, the queue's 429, time limits, cancellation on
+//! disconnect, batched = alone over HTTP, and a bounded load test.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use glm_model::{init_weights, Config, Glm};
+use glm_server::loadgen::{self, LoadOptions};
+use glm_server::Options;
+use glm_tokenizer::Tokenizer;
+use serde_json::{json, Value};
+
+struct Server {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), glm_server::Error>>,
+}
+
+impl Server {
+    async fn start(f: impl FnOnce(Options) -> Options) -> Result<Self> {
+        let cfg = Config::tiny();
+        let w = init_weights(&cfg, 3, &Device::Cpu)?;
+        let model = Glm::new(&cfg, VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &glm_nn::DenseFactory)?;
+        let opts = f(Options { max_tokens: 256, ..Options::new("tiny", cfg.max_seq_len) });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let tok = Arc::new(Tokenizer::default_glm()?);
+        let task = tokio::spawn(glm_server::serve(Arc::new(model), tok, opts, listener, async {
+            let _ = rx.await;
+        }));
+        Ok(Self { base, stop: Some(tx), task })
+    }
+
+    async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> Result<(u16, Value)> {
+        let r = reqwest::Client::new().post(format!("{}{path}", self.base)).body(body).send().await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        let v = serde_json::from_str(&text).with_context(|| format!("{status}: not JSON: {text:?}"))?;
+        Ok((status, v))
+    }
+
+    async fn get(&self, path: &str) -> Result<(u16, String)> {
+        let r = reqwest::get(format!("{}{path}", self.base)).await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    async fn metric(&self, name: &str) -> Result<f64> {
+        let (_, text) = self.get("/metrics").await?;
+        let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+        Ok(line.context(name.to_string())?[name.len() + 1..].parse()?)
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.task).await???;
+        Ok(())
+    }
+}
+
+/// The events of an SSE body, checking the framing: every event exactly `data: <line>\n\n`, the
+/// last `data: [DONE]`.
+fn sse_events(raw: &str) -> Result<Vec<Value>> {
+    ensure!(raw.ends_with("data: [DONE]\n\n"), "no final [DONE]: {raw:?}");
+    let mut out = Vec::new();
+    let body = &raw[..raw.len() - "data: [DONE]\n\n".len()];
+    for ev in body.split_terminator("\n\n") {
+        let data = ev.strip_prefix("data: ").with_context(|| format!("not a data event: {ev:?}"))?;
+        ensure!(!data.contains('\n'), "an event over several lines: {ev:?}");
+        out.push(serde_json::from_str(data)?);
+    }
+    ensure!(body.is_empty() || body.ends_with("\n\n"));
+    Ok(out)
+}
+
+async fn stream(s: &Server, path: &str, body: Value) -> Result<(reqwest::header::HeaderMap, Vec<Value>)> {
+    let r = reqwest::Client::new().post(format!("{}{path}", s.base)).body(body.to_string()).send().await?;
+    ensure!(r.status() == 200, "status {}", r.status());
+    let headers = r.headers().clone();
+    Ok((headers, sse_events(&r.text().await?)?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_shapes_and_exact_sse_framing() -> Result<()> {
+    let s = Server::start(|o| o).await?;
+    let (code, health) = s.get("/health").await?;
+    ensure!(code == 200 && health.contains("\"ok\""), "{code} {health}");
+    let (code, models) = s.get("/v1/models").await?;
+    let models: Value = serde_json::from_str(&models)?;
+    ensure!(code == 200 && models["data"][0]["id"] == "tiny" && models["object"] == "list", "{models}");
+    let (code, page) = s.get("/").await?;
+    ensure!(code == 200 && page.contains("<html") || page.contains("<!doctype"), "playground: {code}");
+
+    // A greedy completion, then the same streamed: the chunks add up to the same text.
+    let req = json!({"model": "tiny", "prompt": "The capital of France is", "max_tokens": 12, "min_tokens": 12, "temperature": 0});
+    let (code, full) = s.post("/v1/completions", req.to_string()).await?;
+    ensure!(code == 200, "{full}");
+    ensure!(full["object"] == "text_completion" && full["choices"][0]["finish_reason"] == "length", "{full}");
+    ensure!(
+        full["usage"]["completion_tokens"] == 12
+            && full["usage"]["total_tokens"] == 12 + full["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
+    );
+    let text = full["choices"][0]["text"].as_str().context("text")?.to_string();
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    sreq["stream_options"] = json!({"include_usage": true});
+    let (headers, events) = stream(&s, "/v1/completions", sreq).await?;
+    ensure!(headers["content-type"].to_str()?.starts_with("text/event-stream"));
+    let id = events[0]["id"].clone();
+    ensure!(events.iter().all(|e| e["id"] == id && e["object"] == "text_completion" && e["model"] == "tiny"));
+    let joined: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    ensure!(joined == text, "streamed {joined:?}, whole {text:?}");
+    let finishes: Vec<&Value> = events.iter().filter(|e| e["choices"][0]["finish_reason"].is_string()).collect();
+    ensure!(finishes.len() == 1, "{events:?}");
+    let last = events.last().context("no events")?;
+    ensure!(last["choices"] == json!([]) && last["usage"]["completion_tokens"] == 12, "{last}");
+
+    // Echo puts the prompt first.
+    let mut ereq = req.clone();
+    ereq["echo"] = json!(true);
+    let (_, echoed) = s.post("/v1/completions", ereq.to_string()).await?;
+    ensure!(echoed["choices"][0]["text"] == format!("The capital of France is{text}"));
+
+    // Chat, whole and streamed: role first, then content deltas, then the finish.
+    let chat = json!({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                      "max_tokens": 6, "temperature": 0});
+    let (code, whole) = s.post("/v1/chat/completions", chat.to_string()).await?;
+    ensure!(
+        code == 200 && whole["object"] == "chat.completion" && whole["choices"][0]["message"]["role"] == "assistant",
+        "{whole}"
+    );
+    let mut schat = chat.clone();
+    schat["stream"] = json!(true);
+    let (_, events) = stream(&s, "/v1/chat/completions", schat).await?;
+    ensure!(events[0]["choices"][0]["delta"] == json!({"role": "assistant", "content": ""}), "{}", events[0]);
+    ensure!(events.iter().all(|e| e["object"] == "chat.completion.chunk"));
+    let content: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+    ensure!(content == whole["choices"][0]["message"]["content"].as_str().unwrap_or("-"), "{content:?} vs {whole}");
+
+    // Infill: the spans sit where the blanks were, at code-point offsets.
+    let (code, fill) =
+        s.post("/v1/infill", json!({"prompt": "Der [MASK] saß auf der [sMASK]. 你好 [gMASK]", "max_tokens": 4, "min_tokens": 2, "temperature": 0}).to_string()).await?;
+    ensure!(code == 200 && fill["object"] == "infill", "{fill}");
+    let filled: Vec<char> = fill["text"].as_str().context("text")?.chars().collect();
+    let blanks = fill["blanks"].as_array().context("blanks")?;
+    ensure!(blanks.len() == 3, "{fill}");
+    for (b, mask) in blanks.iter().zip(["[MASK]", "[sMASK]", "[gMASK]"]) {
+        let (start, end) = (b["start"].as_u64().context("start")? as usize, b["end"].as_u64().context("end")? as usize);
+        let span: String = filled[start..end].iter().collect();
+        ensure!(span == b["text"].as_str().unwrap_or("-") && b["mask"] == mask, "{b} in {fill}");
+    }
+    let text: String = filled.iter().collect();
+    ensure!(text.starts_with("Der ") && text.contains(" saß auf der ") && text.contains(". 你好"), "{text}");
+    // A completion with a suffix fills the blank between.
+    let (code, sfx) = s
+        .post(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "The", "suffix": " sat.", "max_tokens": 3, "temperature": 0}).to_string(),
+        )
+        .await?;
+    ensure!(code == 200 && sfx["choices"][0]["text"].is_string(), "{sfx}");
+    s.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
+    let s = Server::start(|o| Options { max_body_bytes: 4096, max_prompt_tokens: 50, ..o }).await?;
+    let ok = json!({"model": "tiny", "prompt": "Hi", "max_tokens": 2});
+    let with = |k: &str, v: Value| {
+        let mut b = ok.clone();
+        b[k] = v;
+        b.to_string()
+    };
+    let chat = |messages: Value| json!({"model": "tiny", "messages": messages}).to_string();
+    let table: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/completions", "{not json".into(), 400, "not valid JSON"),
+        ("/v1/completions", "[1, 2]".into(), 400, "JSON object"),
+        ("/v1/completions", "".into(), 400, "not valid JSON"),
+        ("/v1/completions", json!({"prompt": "x"}).to_string(), 400, "model"),
+        ("/v1/completions", with("model", json!("gpt-4")), 404, "does not exist"),
+        ("/v1/completions", with("prompt", json!(null)), 400, "prompt is required"),
+        ("/v1/completions", with("prompt", json!(7)), 400, "prompt must be a string"),
+        ("/v1/completions", with("prompt", json!([1, 2, 3])), 400, "token ids"),
+        ("/v1/completions", with("prompt", json!(["a", "b"])), 400, "one prompt"),
+        ("/v1/completions", with("prompt", json!("")), 400, "empty prompt"),
+        ("/v1/completions", with("prompt", json!("word ".repeat(80))), 400, "over this server's limit"),
+        ("/v1/completions", with("max_tokens", json!(-1)), 400, "max_tokens"),
+        ("/v1/completions", with("max_tokens", json!(1.5)), 400, "max_tokens"),
+        ("/v1/completions", with("max_tokens", json!(100_000_000)), 400, "limit"),
+        ("/v1/completions", with("max_tokens", json!("5")), 400, "max_tokens"),
+        ("/v1/completions", with("temperature", json!(3)), 400, "temperature"),
+        ("/v1/completions", with("temperature", json!("hot")), 400, "temperature"),
+        ("/v1/completions", with("top_p", json!(0)), 400, "top_p"),
+        ("/v1/completions", with("top_k", json!(-3)), 400, "top_k"),
+        ("/v1/completions", with("seed", json!("x")), 400, "seed"),
+        ("/v1/completions", with("stop", json!(["a", "b", "c", "d", "e"])), 400, "stop"),
+        ("/v1/completions", with("stop", json!(5)), 400, "stop"),
+        ("/v1/completions", with("n", json!(2)), 400, "n = 1"),
+        ("/v1/completions", with("logprobs", json!(5)), 400, "logprobs"),
+        ("/v1/completions", with("presence_penalty", json!(0.5)), 400, "presence_penalty"),
+        ("/v1/completions", with("stream", json!("yes")), 400, "stream"),
+        ("/v1/completions", with("min_tokens", json!(9)), 400, "min_tokens"),
+        ("/v1/completions", format!("{{\"model\":\"tiny\",\"prompt\":\"{}\"}}", "a".repeat(5000)), 413, "limit"),
+        (
+            "/v1/completions",
+            String::from_utf8_lossy(b"{\"model\":\"tiny\",\"prompt\":\"\xff\xfe\"}").into_owned(),
+            200,
+            "",
+        ),
+        ("/v1/chat/completions", chat(json!([])), 400, "empty"),
+        ("/v1/chat/completions", chat(json!("hi")), 400, "messages"),
+        ("/v1/chat/completions", chat(json!([{"role": "tool", "content": "x"}])), 400, "role"),
+        ("/v1/chat/completions", chat(json!([{"role": "user"}])), 400, "content"),
+        (
+            "/v1/chat/completions",
+            chat(json!([{"role": "user", "content": [{"type": "image_url"}]}])),
+            400,
+            "text parts",
+        ),
+        ("/v1/chat/completions", chat(json!([1])), 400, "object"),
+        ("/v1/infill", json!({"prompt": "no blanks here"}).to_string(), 400, "no [MASK]"),
+        ("/v1/infill", json!({"prompt": "[gMASK] then text"}).to_string(), 400, "[gMASK]"),
+        ("/v1/infill", json!({"prompt": "a [MASK]", "stream": true}).to_string(), 400, "stream"),
+        ("/v1/infill", json!({"max_tokens": 3}).to_string(), 400, "prompt"),
+        ("/v1/nothing", "{}".into(), 404, "no route"),
+    ];
+    for (path, body, code, msg) in &table {
+        let (got, v) = s.post(path, body.clone()).await?;
+        ensure!(got == *code, "{path} {body:.80}: {got} (wanted {code}): {v}");
+        if *code != 200 {
+            let m = v["error"]["message"].as_str().context("error.message")?;
+            ensure!(m.contains(msg) && v["error"]["type"].is_string(), "{path} {body:.80}: {m:?} lacks {msg:?}");
+        }
+    }
+    // Raw bytes that are not UTF-8 at all.
+    let (code, v) = s.post("/v1/completions", b"\xff\xfe\x00garbage".to_vec()).await?;
+    ensure!(code == 400 && v["error"]["message"].is_string());
+    // Wrong method, unknown route.
+    let r = reqwest::Client::new().get(format!("{}/v1/completions", s.base)).send().await?;
+    ensure!(r.status() == 405 && r.json::<Value>().await?["error"]["message"].is_string());
+    let (code, _) = s.get("/nope").await?;
+    ensure!(code == 404);
+    // The server still answers after all that.
+    let (code, _) = s.post("/v1/completions", ok.to_string()).await?;
+    ensure!(code == 200);
+    s.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_guards_v1_only() -> Result<()> {
+    let s = Server::start(|o| Options { api_key: Some("sekret".into()), ..o }).await?;
+    let c = reqwest::Client::new();
+    let url = format!("{}/v1/models", s.base);
+    ensure!(c.get(&url).send().await?.status() == 401);
+    let wrong = c.get(&url).bearer_auth("nope").send().await?;
+    ensure!(wrong.status() == 401 && wrong.json::<Value>().await?["error"]["type"] == "authentication_error");
+    ensure!(c.get(&url).bearer_auth("sekret").send().await?.status() == 200);
+    let (code, _) = s.get("/health").await?;
+    ensure!(code == 200);
+    s.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_429_with_retry_after_and_time_limits_answer_504() -> Result<()> {
+    let s = Server::start(|o| Options { max_batch: 1, queue: 1, ..o }).await?;
+    let body =
+        json!({"model": "tiny", "prompt": "Hello", "max_tokens": 200, "min_tokens": 200, "temperature": 0}).to_string();
+    let c = reqwest::Client::new();
+    let sends = (0..6).map(|_| c.post(format!("{}/v1/completions", s.base)).body(body.clone()).send());
+    let answers = futures_util::future::join_all(sends).await;
+    let mut codes = Vec::new();
+    for a in answers {
+        let a = a?;
+        if a.status() == 429 {
+            ensure!(a
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.parse::<u64>().is_ok()));
+            ensure!(a.json::<Value>().await?["error"]["code"] == "queue_full");
+            codes.push(429);
+        } else {
+            codes.push(a.status().as_u16());
+        }
+    }
+    ensure!(codes.contains(&429) && codes.contains(&200), "{codes:?}");
+    s.stop().await?;
+
+    let s = Server::start(|o| Options { request_timeout: Duration::from_millis(20), ..o }).await?;
+    let t = Instant::now();
+    let (code, v) = s
+        .post(
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "Hi", "max_tokens": 256, "min_tokens": 256}).to_string(),
+        )
+        .await?;
+    ensure!(code == 504 && v["error"]["code"] == "timeout", "{code} {v}");
+    ensure!(t.elapsed() < Duration::from_secs(10));
+    s.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_cancels_its_work() -> Result<()> {
+    let s = Server::start(|o| o).await?;
+    let body = json!({"model": "tiny", "prompt": "Hello", "max_tokens": 256, "min_tokens": 256, "stream": true});
+    for streaming in [true, false] {
+        let mut b = body.clone();
+        b["stream"] = json!(streaming);
+        let before = s.metric("glm_requests_cancelled_total").await?;
+        let c = reqwest::Client::new();
+        let req = c.post(format!("{}/v1/completions", s.base)).body(b.to_string()).send();
+        // Give up on the request mid-way: the future (and its connection) is dropped.
+        let _ = tokio::time::timeout(Duration::from_millis(150), async {
+            let r = req.await?;
+            let mut st = r.bytes_stream();
+            use futures_util::StreamExt;
+            while st.next().await.is_some() {}
+            Ok::<_, reqwest::Error>(())
+        })
+        .await;
+        drop(c);
+        let t = Instant::now();
+        loop {
+            let cancelled = s.metric("glm_requests_cancelled_total").await?;
+            let running = s.metric("glm_running_requests").await?;
+            if cancelled > before && running == 0.0 {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "streaming {streaming}: not cancelled ({cancelled}, {running} running)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    s.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_get_the_text_they_get_alone() -> Result<()> {
+    let s = Server::start(|o| o).await?;
+    let prompts = ["The quick brown fox", "一个简单的句子", "Once upon a time", "A", "Rust is", "Paris"];
+    let body = |p: &str, seed: Option<u64>| {
+        let mut b = json!({"model": "tiny", "prompt": p, "max_tokens": 16, "min_tokens": 16, "temperature": 0});
+        if let Some(seed) = seed {
+            b["temperature"] = json!(1.0);
+            b["seed"] = json!(seed);
+        }
+        b.to_string()
+    };
+    let mut alone = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let (code, v) = s.post("/v1/completions", body(p, (i % 2 == 1).then_some(i as u64))).await?;
+        ensure!(code == 200);
+        alone.push(v["choices"][0]["text"].clone());
+    }
+    let together = futures_util::future::join_all(
+        prompts.iter().enumerate().map(|(i, p)| s.post("/v1/completions", body(p, (i % 2 == 1).then_some(i as u64)))),
+    )
+    .await;
+    for (i, (r, a)) in together.into_iter().zip(&alone).enumerate() {
+        let (_, v) = r?;
+        ensure!(v["choices"][0]["text"] == *a, "prompt {i}: {} together, {a} alone", v["choices"][0]["text"]);
+    }
+    let rows = s.metric("glm_decode_rows_total").await?;
+    let steps = s.metric("glm_decode_steps_total").await?;
+    ensure!(rows > steps * 1.2, "no batching happened: {rows} rows in {steps} steps");
+    s.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_streaming_clients_for_a_fixed_time_see_no_errors() -> Result<()> {
+    let s = Server::start(|o| o).await?;
+    let o = LoadOptions {
+        base: s.base.clone(),
+        api_key: None,
+        model: "tiny".into(),
+        streams: 8,
+        duration: Duration::from_secs(4),
+        max_tokens: 24,
+        prompts: vec!["Hello".into(), "你好，世界".into(), "The weather today".into()],
+    };
+    let r = loadgen::run(&o).await;
+    ensure!(r.errors == 0, "{} of {} failed: {:?}", r.errors, r.requests, r.first_error);
+    ensure!(r.requests >= 8 && r.tokens == 24 * r.requests as u64, "{r:?}");
+    let (_, m) = s.get("/metrics").await?;
+    ensure!(m.contains("glm_requests_total{endpoint=\"completions\",status=\"200\"}"), "{m}");
+    s.stop().await
+}
