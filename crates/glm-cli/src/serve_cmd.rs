@@ -48,7 +48,7 @@ impl ServerLimits {
             bail!("--timeout-s must be > 0, got {}", self.timeout_s);
         }
         let max_seq = model.config().max_seq_len;
-        Ok(Options {
+        let opts = Options {
             api_key,
             max_batch: self.max_batch,
             kv_budget_bytes: self.kv_cache_mb << 20,
@@ -58,7 +58,9 @@ impl ServerLimits {
             max_tokens: self.max_tokens,
             request_timeout: Duration::from_secs_f64(self.timeout_s),
             ..Options::new(name, max_seq)
-        })
+        };
+        opts.validate()?;
+        Ok(opts)
     }
 }
 

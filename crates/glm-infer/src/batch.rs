@@ -18,6 +18,10 @@ use crate::generate::{FillPlan, Generation, Generator, Next, Span, StopReason, T
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::{Error, Result};
 
+/// Most rows one decode step takes: up to this many, the linear layers compute each row exactly as
+/// alone (`glm_nn::matvec::MAX_ROWS`), so batching never changes a request's tokens.
+pub const MAX_BATCH: usize = glm_nn::matvec::MAX_ROWS;
+
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Task {
@@ -133,8 +137,8 @@ pub struct Engine<'m> {
 
 impl<'m> Engine<'m> {
     pub fn new(gen: Generator<'m>, opts: EngineOptions) -> Result<Self> {
-        if opts.max_batch == 0 {
-            return Err(Error::Input("max_batch must be at least 1".into()));
+        if opts.max_batch == 0 || opts.max_batch > MAX_BATCH {
+            return Err(Error::Input(format!("max_batch must be in 1..={MAX_BATCH}, got {}", opts.max_batch)));
         }
         Ok(Self { gen, opts, active: Vec::new(), reserved: 0, stats: EngineStats::default() })
     }

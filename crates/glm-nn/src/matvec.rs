@@ -65,15 +65,21 @@ pub fn matvecs(w: Rows, x: Rows, beta: f32, y: &mut [f32]) {
     if m == 1 {
         return matvec(w.data, w.ld, x.row(0), beta, y);
     }
-    // Per group of W's rows, the results token by token ([t][row]), then scattered into y.
-    let dot = dot_rows();
+    // Per group of W's rows, the results token by token ([t][row]), then scattered into y. Four
+    // rows at a time stay in cache while every token is dotted with them, two tokens per pass.
+    let (dot, dot2) = (dot_rows(), dot_rows_2());
     let mut part = vec![0f32; m * n];
     let group = |(g, out): (usize, &mut [f32])| {
         let (r0, len) = (g * GROUP, out.len() / m);
         for q in (0..len).step_by(4) {
             let rows = 4.min(len - q);
             let wq = &w.data[(r0 + q) * w.ld..];
-            for t in 0..m {
+            for t in (0..m - m % 2).step_by(2) {
+                let (a, b) = out[t * len..].split_at_mut(len);
+                dot2(wq, w.ld, [x.row(t), x.row(t + 1)], [&mut a[q..q + rows], &mut b[q..q + rows]]);
+            }
+            if m % 2 == 1 {
+                let t = m - 1;
                 dot(wq, w.ld, x.row(t), 0.0, &mut out[t * len + q..t * len + q + rows]);
             }
         }
@@ -104,6 +110,22 @@ pub fn matvec_ref(w: &[f32], ldw: usize, x: &[f32], beta: f32, y: &mut [f32]) {
 }
 
 type DotRows = fn(&[f32], usize, &[f32], f32, &mut [f32]);
+/// Two tokens at once over up to 4 rows (beta = 0), each result as `DotRows` gives it.
+type DotRows2 = fn(&[f32], usize, [&[f32]; 2], [&mut [f32]; 2]);
+
+fn dot_rows_2() -> DotRows2 {
+    static K: std::sync::OnceLock<DotRows2> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return avx2::dot_rows_2;
+        }
+        |w, ld, x, [a, b]| {
+            matvec_ref(w, ld, x[0], 0.0, a);
+            matvec_ref(w, ld, x[1], 0.0, b);
+        }
+    })
+}
 
 fn dot_rows() -> DotRows {
     static K: std::sync::OnceLock<DotRows> = std::sync::OnceLock::new();
@@ -162,6 +184,64 @@ mod avx2 {
             }
         }
         out
+    }
+
+    /// `rows` for two activation rows at once: each (row, token) sum runs in the same order as
+    /// `rows` alone (same steps, same tail), so the results are bit for bit the same.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn rows2<const R: usize>(w: *const f32, ld: usize, x: [&[f32]; 2]) -> [[f32; R]; 2] {
+        let k = x[0].len();
+        let (x0, x1) = (x[0].as_ptr(), x[1].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); R]; 2];
+        let mut c = 0;
+        while c + 8 <= k {
+            // SAFETY: c + 8 <= k for both rows of x (same length, checked by the caller), and every
+            // row of w has k values from its start.
+            let (xa, xb) = (_mm256_loadu_ps(x0.add(c)), _mm256_loadu_ps(x1.add(c)));
+            let [a0, a1] = &mut acc;
+            for (r, (s0, s1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+                let row = w.add(r * ld);
+                if c % 16 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(R * ld + c) as *const i8);
+                }
+                let wv = _mm256_loadu_ps(row.add(c));
+                *s0 = _mm256_fmadd_ps(wv, xa, *s0);
+                *s1 = _mm256_fmadd_ps(wv, xb, *s1);
+            }
+            c += 8;
+        }
+        let mut out = acc.map(|a| a.map(|v| hsum(v)));
+        for (t, o) in out.iter_mut().enumerate() {
+            for (r, o) in o.iter_mut().enumerate() {
+                for (j, xv) in x[t].iter().enumerate().skip(c) {
+                    *o += *w.add(r * ld + j) * xv;
+                }
+            }
+        }
+        out
+    }
+
+    pub fn dot_rows_2(w: &[f32], ld: usize, x: [&[f32]; 2], out: [&mut [f32]; 2]) {
+        let (n, k) = (out[0].len(), x[0].len());
+        assert!(
+            n <= 4 && out[1].len() == n && x[1].len() == k && ld >= k && (n == 0 || w.len() >= (n - 1) * ld + k),
+            "matvec rows out of bounds"
+        );
+        let [a, b] = out;
+        // SAFETY: chosen only after is_x86_feature_detected!("avx2") and ("fma"); bounds checked.
+        unsafe {
+            if n == 4 {
+                let [ra, rb] = rows2::<4>(w.as_ptr(), ld, x);
+                a.copy_from_slice(&ra.map(|d| d + 0.0));
+                b.copy_from_slice(&rb.map(|d| d + 0.0));
+            } else {
+                for i in 0..n {
+                    let [ra, rb] = rows2::<1>(w.as_ptr().add(i * ld), ld, x);
+                    (a[i], b[i]) = (ra[0] + 0.0, rb[0] + 0.0);
+                }
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]

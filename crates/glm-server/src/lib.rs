@@ -81,6 +81,30 @@ impl Options {
     }
 }
 
+impl Options {
+    pub fn validate(&self) -> Result<(), Error> {
+        let zero: Vec<&str> = [("max_batch", self.max_batch), ("queue", self.queue), ("max_tokens", self.max_tokens)]
+            .into_iter()
+            .filter(|(_, v)| *v == 0)
+            .map(|(n, _)| n)
+            .collect();
+        if !zero.is_empty() {
+            return Err(Error::Options(format!("{} must be at least 1", zero.join(", "))));
+        }
+        if self.max_batch > glm_infer::batch::MAX_BATCH {
+            return Err(Error::Options(format!(
+                "max_batch {} is over {} (beyond it a batched row is no longer computed exactly as alone)",
+                self.max_batch,
+                glm_infer::batch::MAX_BATCH
+            )));
+        }
+        if self.kv_budget_bytes == 0 || self.max_body_bytes == 0 || self.request_timeout.is_zero() {
+            return Err(Error::Options("the KV-cache budget, body limit and time limit must be > 0".into()));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("bad server options: {0}")]
@@ -113,9 +137,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    if opts.max_batch == 0 || opts.queue == 0 || opts.max_tokens == 0 {
-        return Err(Error::Options("max_batch, queue and max_tokens must be at least 1".into()));
-    }
+    opts.validate()?;
     glm_infer::Generator::new(&model, &tok)?; // the special tokens are there
     let (tx, rx) = mpsc::channel(opts.queue);
     let metrics = Arc::new(Metrics::default());
@@ -136,6 +158,10 @@ pub async fn serve(
         next_id: AtomicU64::new(0),
     });
     let app = router(state);
+    // No Nagle: each SSE event goes out when written, not after the client's delayed ACK (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     // The router (and with it the queue's sender) is gone: the engine thread ends.
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;
