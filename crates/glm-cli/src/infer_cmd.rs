@@ -558,14 +558,14 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         if q.trim().is_empty() {
             continue;
         }
-        turns.push(format!("问：{}\n答：", q.trim()));
+        turns.push(glm_infer::chat_prompt([("user", q.as_str())]));
         // Drop the oldest turns until the prompt fits.
         while turns.len() > 1 && tok.encode(&turns.concat()).len() > budget {
             turns.remove(0);
         }
         let prompt = turns.concat();
         let cfg = SamplingConfig { max_new_tokens: a.max_tokens, seed: a.seed + i as u64, ..SamplingConfig::default() };
-        let stops = ["\n问：".to_string()];
+        let stops = [glm_infer::CHAT_STOP.to_string()];
         let out = g.complete_stream(&prompt, &cfg, &stops, &mut |t| {
             print!("{t}");
             let _ = std::io::stdout().flush();
