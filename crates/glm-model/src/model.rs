@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use glm_checkpoint::Checkpoint;
 use glm_nn::{AttnLayout, LayerNorm, Linear, LinearFactory, LinearSpec, ParallelRole, Rope};
+use rayon::prelude::*;
 
 use crate::cache::{KvCache, LayerKv};
 use crate::config::{Config, FfnKind};
@@ -107,11 +108,17 @@ impl Attention {
         let (n, d) = (self.num_heads, self.head_dim);
         // (B, T, N, 3D): the fused weight is per-head interleaved, q | k | v inside each head.
         let qkv = self.query_key_value.forward(x)?.reshape((b, t, n, 3 * d))?;
-        let mut ctx = Vec::with_capacity(step.parts.len());
-        for (part, slot) in step.parts.iter().zip(slots.iter_mut()) {
+        let one = |(part, slot): (&Part, &mut Option<&mut Option<LayerKv>>)| {
             let qkv = if part.len == t { qkv.clone() } else { qkv.narrow(1, part.start, part.len)? };
-            ctx.push(self.attend(&qkv, part, step, layer, slot.as_deref_mut())?);
-        }
+            self.attend(&qkv, part, step, layer, slot.as_deref_mut())
+        };
+        // The sequences of a ragged batch attend independently (each over its own cache): in
+        // parallel, so the small per-sequence ops of a decode step use every core.
+        let mut ctx: Vec<Tensor> = if step.parts.len() > 1 {
+            step.parts.par_iter().zip(slots.par_iter_mut()).map(one).collect::<Result<_>>()?
+        } else {
+            step.parts.iter().zip(slots.iter_mut()).map(one).collect::<Result<_>>()?
+        };
         let ctx = if ctx.len() == 1 { ctx.remove(0) } else { Tensor::cat(&ctx, 1)? }; // (B, T, H)
         step.dropout(self.dense.forward(&ctx)?, layer, 1, |t| t.hidden_dropout)
     }
