@@ -235,8 +235,9 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
-    let depth = (s.opts.queue - s.queue.capacity()) as u64;
-    s.metrics.queue_depth.store(depth.max(s.metrics.queue_depth.load(Relaxed)), Relaxed);
+    // In the channel, plus the one the engine holds while it waits for room.
+    let depth = s.opts.queue.saturating_sub(s.queue.capacity()) as u64 + s.metrics.held.load(Relaxed);
+    s.metrics.queue_depth.store(depth, Relaxed);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
 }
 

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub time_to_first_token: Summary,
     pub request_duration: Summary,
     pub queue_depth: AtomicU64,
+    /// 1 while the engine holds a request taken from the queue that waits for room in the batch.
+    pub held: AtomicU64,
     pub queue_capacity: AtomicU64,
     pub running: AtomicU64,
     pub kv_reserved_bytes: AtomicU64,

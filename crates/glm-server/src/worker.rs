@@ -112,7 +112,7 @@ fn serve(engine: &mut Engine, queue: &mut mpsc::Receiver<Job>, metrics: &Metrics
                 }
             }
         }
-        metrics.queue_depth.store(queue.len() as u64 + held.is_some() as u64, Relaxed);
+        metrics.held.store(held.is_some() as u64, Relaxed);
         let made = engine.step();
         metrics.completion_tokens.fetch_add(made as u64, Relaxed);
         metrics.engine(engine.stats(), engine.running(), engine.reserved());
