@@ -296,9 +296,14 @@ fn bandwidth() -> f64 {
 }
 
 fn peak_rss() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
+/// A memory line of /proc/self/status (`VmHWM:` peak, `VmRSS:` now), in bytes; 0 elsewhere.
+pub(crate) fn proc_status_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).map(|l| l.to_string()))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
         .map(|kb| kb * 1024)
         .unwrap_or(0)

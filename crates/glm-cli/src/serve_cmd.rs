@@ -203,7 +203,7 @@ fn measure(
     opts: Options,
     levels: &[usize],
     a: &ServeBenchArgs,
-) -> Result<Vec<LoadReport>> {
+) -> Result<Vec<(LoadReport, u64)>> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
@@ -227,7 +227,7 @@ fn measure(
             if r.errors > 0 {
                 bail!("{} of {} requests failed at {streams} streams: {:?}", r.errors, r.requests, r.first_error);
             }
-            out.push(r);
+            out.push((r, crate::infer_cmd::proc_status_bytes("VmRSS:")));
         }
         let _ = stop_tx.send(());
         server.await.context("server task")??;
@@ -238,27 +238,28 @@ fn measure(
 pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     let rt = runtime()?;
     let mut rows = Vec::new();
+    // Memory after each level (the process: server and clients): it should not grow with load.
     for precision in &a.precisions {
         let (model, tok) = bench_model(&a, precision)?;
         let name = model.config().name.clone();
         let (model, tok) = (Arc::new(model), Arc::new(tok));
         let opts = a.limits.options(name.clone(), &model, None)?;
         let batched = measure(&rt, model.clone(), tok.clone(), opts.clone(), &a.streams, &a)?;
-        for r in batched {
-            rows.push((name.clone(), precision.clone(), format!("batch {}", opts.max_batch), r));
+        for (r, rss) in batched {
+            rows.push((name.clone(), precision.clone(), format!("batch {}", opts.max_batch), r, rss));
         }
         if !a.no_baseline {
             let top = a.streams.iter().copied().max().unwrap_or(1);
             let one = Options { max_batch: 1, ..opts.clone() };
-            for r in measure(&rt, model.clone(), tok.clone(), one, &[top], &a)? {
-                rows.push((name.clone(), precision.clone(), "batch 1 (baseline)".to_string(), r));
+            for (r, rss) in measure(&rt, model.clone(), tok.clone(), one, &[top], &a)? {
+                rows.push((name.clone(), precision.clone(), "batch 1 (baseline)".to_string(), r, rss));
             }
         }
     }
     if a.json {
-        for (model, precision, server, r) in &rows {
+        for (model, precision, server, r, rss) in &rows {
             let v = serde_json::json!({
-                "model": model, "precision": precision, "server": server, "streams": r.streams,
+                "model": model, "precision": precision, "server": server, "streams": r.streams, "rss_bytes": rss,
                 "requests": r.requests, "errors": r.errors, "tokens": r.tokens, "seconds": r.seconds,
                 "tokens_per_s": r.tokens_per_s(), "ttft_p50_s": r.ttft_quantile(0.5), "ttft_p90_s": r.ttft_quantile(0.9),
             });
@@ -266,16 +267,19 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    println!("| model | precision | server | streams | requests | tokens/s (aggregate) | TTFT p50 | TTFT p90 |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|");
-    for (model, precision, server, r) in &rows {
+    println!(
+        "| model | precision | server | streams | requests | tokens/s (aggregate) | TTFT p50 | TTFT p90 | RSS after |"
+    );
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+    for (model, precision, server, r, rss) in &rows {
         println!(
-            "| {model} | {precision} | {server} | {} | {} | {:.1} | {:.0} ms | {:.0} ms |",
+            "| {model} | {precision} | {server} | {} | {} | {:.1} | {:.0} ms | {:.0} ms | {} MiB |",
             r.streams,
             r.requests,
             r.tokens_per_s(),
             r.ttft_quantile(0.5) * 1e3,
-            r.ttft_quantile(0.9) * 1e3
+            r.ttft_quantile(0.9) * 1e3,
+            rss >> 20
         );
     }
     Ok(())
