@@ -58,6 +58,8 @@ impl Endpoint {
 pub struct Limits {
     /// Most `max_tokens` (per blank for infill); also chat's default.
     pub max_tokens: usize,
+    /// Most choices (`n`) per request.
+    pub max_n: usize,
 }
 
 /// A request read and checked.
@@ -66,6 +68,8 @@ pub struct Parsed {
     pub model: Option<String>,
     pub task: Task,
     pub sampling: SamplingConfig,
+    /// Choices: choice i is generated with seed + i.
+    pub n: usize,
     /// `seed` was given (otherwise the server draws one).
     pub seeded: bool,
     pub stops: Vec<String>,
@@ -90,10 +94,18 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
     if endpoint != Endpoint::Infill && model.is_none() {
         return Err(ApiError::param("model", "you must provide a model parameter"));
     }
-    for (name, ok) in [("n", r.is_one("n")?), ("best_of", r.is_one("best_of")?)] {
-        if !ok {
-            return Err(ApiError::param(name, format!("only {name} = 1 is supported")));
-        }
+    let n = r.count("n")?.unwrap_or(1);
+    if !(1..=limits.max_n).contains(&n) {
+        return Err(ApiError::param(
+            "n",
+            format!("n must be between 1 and {} (the server's batch size)", limits.max_n),
+        ));
+    }
+    if endpoint == Endpoint::Infill && n != 1 {
+        return Err(ApiError::param("n", "infill returns one filling: n must be 1"));
+    }
+    if r.count("best_of")?.is_some_and(|b| b != n) {
+        return Err(ApiError::param("best_of", "best_of is not supported (only best_of = n)"));
     }
     if !matches!(o.get("logprobs"), None | Some(Value::Null) | Some(Value::Bool(false))) {
         return Err(ApiError::param("logprobs", "logprobs are not supported"));
@@ -196,7 +208,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
     if endpoint == Endpoint::Chat {
         stops.push(glm_infer::CHAT_STOP.to_string());
     }
-    Ok(Parsed { model, task, sampling, seeded: seed.is_some(), stops, stream, include_usage, echo, suffix })
+    Ok(Parsed { model, task, sampling, n, seeded: seed.is_some(), stops, stream, include_usage, echo, suffix })
 }
 
 /// OpenAI's finish_reason for why a block stopped.
@@ -254,10 +266,6 @@ impl Reader<'_> {
                 _ => Err(bad()),
             },
         }
-    }
-
-    fn is_one(&self, name: &str) -> Result<bool, ApiError> {
-        Ok(self.count(name)?.is_none_or(|n| n == 1))
     }
 
     fn stops(&self) -> Result<Vec<String>, ApiError> {

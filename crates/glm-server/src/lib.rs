@@ -328,7 +328,7 @@ async fn generate(
         };
         ApiError::new(if status == 413 { 413 } else { 400 }, "invalid_request_error", msg)
     })?;
-    let parsed = api::parse(ep, &body, &Limits { max_tokens: s.opts.max_tokens })?;
+    let parsed = api::parse(ep, &body, &Limits { max_tokens: s.opts.max_tokens, max_n: s.opts.max_batch })?;
     if let Some(m) = parsed.model.as_deref().filter(|m| *m != s.opts.model_name) {
         return Err(model_not_found(s, m));
     }
@@ -351,14 +351,25 @@ async fn generate(
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         sampling.seed = (serial << 32) ^ nanos as u64 ^ 0x9e37_79b9_7f4a_7c15;
     }
-    let request = Request {
-        task: parsed.task.clone(),
-        sampling,
-        stops: parsed.stops.clone(),
-        deadline: Some(arrived + s.opts.request_timeout),
-    };
-    let (events, rx) = mpsc::unbounded_channel();
-    match s.queue.try_send(Job { request, events }) {
+    // One job per choice, choice i with seed + i. If the queue cannot take them all, the ones
+    // queued are dropped with their receivers (the engine skips closed requests).
+    let mut receivers = Vec::with_capacity(parsed.n);
+    let mut sent = Ok(());
+    for i in 0..parsed.n {
+        let request = Request {
+            task: parsed.task.clone(),
+            sampling: glm_infer::SamplingConfig { seed: sampling.seed.wrapping_add(i as u64), ..sampling },
+            stops: parsed.stops.clone(),
+            deadline: Some(arrived + s.opts.request_timeout),
+        };
+        let (events, rx) = mpsc::unbounded_channel();
+        sent = s.queue.try_send(Job { request, events });
+        if sent.is_err() {
+            break;
+        }
+        receivers.push(rx);
+    }
+    match sent {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             let mean = s.metrics.request_duration.mean().unwrap_or(1.0);
@@ -388,31 +399,39 @@ async fn generate(
         prompt,
     };
     if answer.parsed.stream {
-        return Ok(sse::response(answer, rx, s.metrics.clone()));
+        return Ok(sse::response(answer, receivers, s.metrics.clone()));
     }
-    let (generation, prompt_tokens) = collect(rx, &s.metrics, arrived).await?;
-    Ok(Json(answer.body(&generation, prompt_tokens)).into_response())
+    let results = futures_util::future::join_all(receivers.into_iter().map(|rx| collect(rx, arrived))).await;
+    let (mut generations, mut prompt_tokens, mut ttft) = (Vec::new(), 0, None::<Duration>);
+    for r in results {
+        let (g, n, t) = r?;
+        prompt_tokens = n;
+        ttft = match (ttft, t) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        generations.push(g);
+    }
+    if let Some(t) = ttft {
+        s.metrics.time_to_first_token.observe(t.as_secs_f64());
+    }
+    s.metrics.request_duration.observe(arrived.elapsed().as_secs_f64());
+    Ok(Json(answer.body(&generations, prompt_tokens)).into_response())
 }
 
-/// Waits for the request's end; the first token's time goes to the metrics.
+/// Waits for one choice's end: its generation, the prompt's tokens, and when its first text came.
 async fn collect(
     mut rx: mpsc::UnboundedReceiver<Event>,
-    metrics: &Metrics,
     arrived: Instant,
-) -> Result<(Generation, usize), ApiError> {
-    let (mut prompt_tokens, mut first) = (0, true);
+) -> Result<(Generation, usize, Option<Duration>), ApiError> {
+    let (mut prompt_tokens, mut first) = (0, None);
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Started { prompt_tokens: n } => prompt_tokens = n,
-            Event::Text { .. } if first => {
-                first = false;
-                metrics.time_to_first_token.observe(arrived.elapsed().as_secs_f64());
+            Event::Text { .. } => {
+                first.get_or_insert(arrived.elapsed());
             }
-            Event::Text { .. } => {}
-            Event::Done(r) => {
-                metrics.request_duration.observe(arrived.elapsed().as_secs_f64());
-                return r.map(|g| (g, prompt_tokens)).map_err(|e| infer_error(&e));
-            }
+            Event::Done(r) => return r.map(|g| (g, prompt_tokens, first)).map_err(|e| infer_error(&e)),
         }
     }
     Err(ApiError::new(500, "server_error", "the engine stopped before the request finished"))
@@ -433,26 +452,39 @@ impl Answer {
         }
     }
 
-    fn usage(prompt_tokens: usize, g: &Generation) -> Value {
-        let c = g.tokens.len();
+    /// Usage of a request: the prompt once, the tokens of every choice.
+    pub(crate) fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+        let c = completion_tokens;
         json!({"prompt_tokens": prompt_tokens, "completion_tokens": c, "total_tokens": prompt_tokens + c})
     }
 
-    /// The whole (non-streamed) response body.
-    fn body(&self, g: &Generation, prompt_tokens: usize) -> Value {
-        let usage = Self::usage(prompt_tokens, g);
-        let finish = Self::finish_reason(g);
+    /// The whole (non-streamed) response body, one choice per generation.
+    fn body(&self, gens: &[Generation], prompt_tokens: usize) -> Value {
+        let usage = Self::usage(prompt_tokens, gens.iter().map(|g| g.tokens.len()).sum());
+        let choices: Vec<Value> = gens
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let finish = Self::finish_reason(g);
+                match self.endpoint {
+                    Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": self.text(g)},
+                                             "logprobs": null, "finish_reason": finish}),
+                    _ => json!({"index": i, "text": self.text(g), "logprobs": null, "finish_reason": finish}),
+                }
+            })
+            .collect();
+        let g = match gens.first() {
+            Some(g) => g,
+            None => return ApiError::new(500, "server_error", "no choices").body(),
+        };
         match self.endpoint {
             Endpoint::Completions => json!({
                 "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": self.text(g), "logprobs": null, "finish_reason": finish}],
-                "usage": usage,
+                "choices": choices, "usage": usage,
             }),
             Endpoint::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text(g)},
-                             "logprobs": null, "finish_reason": finish}],
-                "usage": usage,
+                "choices": choices, "usage": usage,
             }),
             Endpoint::Infill => {
                 let masks = mask_names(&self.prompt);

@@ -1,6 +1,8 @@
 //! Streaming responses as server-sent events, framed exactly as OpenAI's: each event one
 //! `data: <json>\n\n`, the last `data: [DONE]\n\n`, nothing else. Dropping the body (the client
-//! left) drops the request's receiver, and the engine cancels the request at its next step.
+//! left) drops the request's receivers, and the engine cancels the request at its next step. With
+//! n choices, their events interleave, each chunk carrying its choice's index; usage and [DONE]
+//! follow the last choice's end.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,6 +10,7 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use glm_infer::batch::Event;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -18,18 +21,24 @@ use crate::{infer_error, sse_bytes, Answer};
 
 const DONE: &str = "data: [DONE]\n\n";
 
+/// Every choice's events, tagged with its index.
+type Tagged = futures_util::stream::BoxStream<'static, (usize, Event)>;
+
 struct Stream {
-    rx: mpsc::UnboundedReceiver<Event>,
+    events: Tagged,
     answer: Answer,
     metrics: Arc<Metrics>,
     prompt_tokens: usize,
+    completion_tokens: usize,
+    /// Choices not finished yet.
+    running: usize,
     first_token: bool,
     over: bool,
 }
 
 impl Stream {
     /// One chunk: `choices: [{index 0, text | delta, finish_reason}]`.
-    fn chunk(&self, text: Option<&str>, finish: Option<&str>) -> Value {
+    fn chunk(&self, index: usize, text: Option<&str>, finish: Option<&str>) -> Value {
         let a = &self.answer;
         let choice = match a.endpoint {
             Endpoint::Chat => {
@@ -37,9 +46,9 @@ impl Stream {
                     Some(t) => json!({"content": t}),
                     None => json!({}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
             }
-            _ => json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            _ => json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
         };
         json!({"id": a.id, "object": self.object(), "created": a.created, "model": a.model, "choices": [choice]})
     }
@@ -51,41 +60,47 @@ impl Stream {
         }
     }
 
-    /// What opens the stream: chat's role, or the echoed prompt.
-    fn opening(&self) -> Option<Bytes> {
+    /// What opens a choice: chat's role, or the echoed prompt.
+    fn opening(&self, index: usize) -> Option<Bytes> {
         let a = &self.answer;
         match a.endpoint {
             Endpoint::Chat => {
-                let choice = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                let delta = json!({"role": "assistant", "content": ""});
+                let choice = json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null});
                 Some(sse_bytes(&json!({"id": a.id, "object": self.object(), "created": a.created,
                                        "model": a.model, "choices": [choice]})))
             }
-            _ if a.parsed.echo => Some(sse_bytes(&self.chunk(Some(&a.prompt), None))),
+            _ if a.parsed.echo => Some(sse_bytes(&self.chunk(index, Some(&a.prompt), None))),
             _ => None,
         }
     }
 
-    /// The closing events: the finish chunk, usage if asked, [DONE]; or the error and [DONE].
-    fn closing(&self, result: Result<glm_infer::Generation, ApiError>) -> Bytes {
-        self.metrics.request_duration.observe(self.answer.arrived.elapsed().as_secs_f64());
-        let mut out = String::new();
-        match result {
-            Ok(g) => {
-                out += &format!("data: {}\n\n", self.chunk(None, Some(finish_reason(g.stop))));
-                if self.answer.parsed.include_usage {
-                    let a = &self.answer;
-                    let c = g.tokens.len();
-                    let usage = json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": c,
-                                       "total_tokens": self.prompt_tokens + c});
-                    let v = json!({"id": a.id, "object": self.object(), "created": a.created, "model": a.model,
-                                   "choices": [], "usage": usage});
-                    out += &format!("data: {v}\n\n");
-                }
+    /// A choice's end: its finish chunk; after the last choice, usage if asked and [DONE].
+    fn finished(&mut self, index: usize, g: glm_infer::Generation) -> Bytes {
+        self.completion_tokens += g.tokens.len();
+        self.running = self.running.saturating_sub(1);
+        let mut out = format!("data: {}\n\n", self.chunk(index, None, Some(finish_reason(g.stop))));
+        if self.running == 0 {
+            self.over = true;
+            self.metrics.request_duration.observe(self.answer.arrived.elapsed().as_secs_f64());
+            if self.answer.parsed.include_usage {
+                let a = &self.answer;
+                let usage = Answer::usage(self.prompt_tokens, self.completion_tokens);
+                let v = json!({"id": a.id, "object": self.object(), "created": a.created, "model": a.model,
+                               "choices": [], "usage": usage});
+                out += &format!("data: {v}\n\n");
             }
-            Err(e) => out += &format!("data: {}\n\n", e.body()),
+            out += DONE;
         }
-        out += DONE;
         Bytes::from(out)
+    }
+
+    /// The request failed: the error event and [DONE] (the other choices are dropped, and so
+    /// cancelled, with the stream).
+    fn failed(&mut self, e: ApiError) -> Bytes {
+        self.over = true;
+        self.metrics.request_duration.observe(self.answer.arrived.elapsed().as_secs_f64());
+        Bytes::from(format!("data: {}\n\n{DONE}", e.body()))
     }
 
     async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
@@ -93,32 +108,25 @@ impl Stream {
             return None;
         }
         loop {
-            let bytes = match self.rx.recv().await {
-                Some(Event::Started { prompt_tokens }) => {
+            let bytes = match self.events.next().await {
+                Some((i, Event::Started { prompt_tokens })) => {
                     self.prompt_tokens = prompt_tokens;
-                    match self.opening() {
+                    match self.opening(i) {
                         Some(b) => b,
                         None => continue,
                     }
                 }
-                Some(Event::Text { delta, .. }) => {
+                Some((i, Event::Text { delta, .. })) => {
                     if self.first_token {
                         self.first_token = false;
                         self.metrics.time_to_first_token.observe(self.answer.arrived.elapsed().as_secs_f64());
                     }
-                    sse_bytes(&self.chunk(Some(&delta), None))
+                    sse_bytes(&self.chunk(i, Some(&delta), None))
                 }
-                Some(Event::Done(r)) => {
-                    self.over = true;
-                    self.closing(r.map_err(|e| infer_error(&e)))
-                }
+                Some((i, Event::Done(Ok(g)))) => self.finished(i, g),
+                Some((_, Event::Done(Err(e)))) => self.failed(infer_error(&e)),
                 None => {
-                    self.over = true;
-                    self.closing(Err(ApiError::new(
-                        500,
-                        "server_error",
-                        "the engine stopped before the request finished",
-                    )))
+                    self.failed(ApiError::new(500, "server_error", "the engine stopped before the request finished"))
                 }
             };
             return Some((Ok(bytes), self));
@@ -126,8 +134,26 @@ impl Stream {
     }
 }
 
-pub(crate) fn response(answer: Answer, rx: mpsc::UnboundedReceiver<Event>, metrics: Arc<Metrics>) -> Response {
-    let st = Stream { rx, answer, metrics, prompt_tokens: 0, first_token: true, over: false };
+pub(crate) fn response(
+    answer: Answer,
+    receivers: Vec<mpsc::UnboundedReceiver<Event>>,
+    metrics: Arc<Metrics>,
+) -> Response {
+    let running = receivers.len();
+    let tagged = receivers.into_iter().enumerate().map(|(i, rx)| {
+        futures_util::stream::unfold(rx, move |mut rx| async move { rx.recv().await.map(|e| ((i, e), rx)) }).boxed()
+    });
+    let events = futures_util::stream::select_all(tagged).boxed();
+    let st = Stream {
+        events,
+        answer,
+        metrics,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        running,
+        first_token: true,
+        over: false,
+    };
     let body = Body::from_stream(futures_util::stream::unfold(st, Stream::next));
     (
         [

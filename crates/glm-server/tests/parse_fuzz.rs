@@ -50,11 +50,12 @@ fn any_json() -> impl Strategy<Value = Value> {
 }
 
 fn check(ep: Endpoint, body: &[u8]) {
-    match parse(ep, body, &Limits { max_tokens: 512 }) {
+    match parse(ep, body, &Limits { max_tokens: 512, max_n: 8 }) {
         Ok(p) => {
             assert!(p.sampling.max_new_tokens <= 512);
             assert!(p.sampling.min_new_tokens <= p.sampling.max_new_tokens);
             assert!(p.sampling.validate().is_ok());
+            assert!((1..=8).contains(&p.n));
         }
         Err(e) => {
             assert!((400..500).contains(&e.status), "{e:?}");
@@ -86,7 +87,7 @@ proptest! {
 
 #[test]
 fn valid_requests_parse() {
-    let l = Limits { max_tokens: 512 };
+    let l = Limits { max_tokens: 512, max_n: 8 };
     let p = parse(
         Endpoint::Completions,
         br#"{"model":"m","prompt":["Hi"],"max_tokens":5.0,"temperature":0,"stop":"\n","seed":-1}"#,

@@ -201,7 +201,9 @@ async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
         ("/v1/completions", with("seed", json!("x")), 400, "seed"),
         ("/v1/completions", with("stop", json!(["a", "b", "c", "d", "e"])), 400, "stop"),
         ("/v1/completions", with("stop", json!(5)), 400, "stop"),
-        ("/v1/completions", with("n", json!(2)), 400, "n = 1"),
+        ("/v1/completions", with("n", json!(0)), 400, "n must be between 1 and 8"),
+        ("/v1/completions", with("n", json!(100)), 400, "n must be between 1 and 8"),
+        ("/v1/completions", with("best_of", json!(3)), 400, "best_of"),
         ("/v1/completions", with("logprobs", json!(5)), 400, "logprobs"),
         ("/v1/completions", with("presence_penalty", json!(0.5)), 400, "presence_penalty"),
         ("/v1/completions", with("stream", json!("yes")), 400, "stream"),
@@ -228,6 +230,7 @@ async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
         ("/v1/infill", json!({"prompt": "[gMASK] then text"}).to_string(), 400, "[gMASK]"),
         ("/v1/infill", json!({"prompt": "a [MASK]", "stream": true}).to_string(), 400, "stream"),
         ("/v1/infill", json!({"max_tokens": 3}).to_string(), 400, "prompt"),
+        ("/v1/infill", json!({"prompt": "a [MASK]", "n": 2}).to_string(), 400, "n must be 1"),
         ("/v1/nothing", "{}".into(), 404, "no route"),
     ];
     for (path, body, code, msg) in &table {
@@ -371,6 +374,42 @@ async fn concurrent_requests_get_the_text_they_get_alone() -> Result<()> {
     let rows = s.metric("glm_decode_rows_total").await?;
     let steps = s.metric("glm_decode_steps_total").await?;
     ensure!(rows > steps * 1.2, "no batching happened: {rows} rows in {steps} steps");
+    s.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_the_requests_with_seeds_seed_plus_i() -> Result<()> {
+    let s = Server::start(|o| o).await?;
+    let req = |n: usize, seed: u64| {
+        json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 10, "min_tokens": 10, "temperature": 1.0,
+               "seed": seed, "n": n})
+    };
+    let (code, three) = s.post("/v1/completions", req(3, 40).to_string()).await?;
+    ensure!(code == 200, "{three}");
+    let choices = three["choices"].as_array().context("choices")?;
+    ensure!(choices.len() == 3 && three["usage"]["completion_tokens"] == 30, "{three}");
+    for (i, c) in choices.iter().enumerate() {
+        ensure!(c["index"] == i);
+        let (_, one) = s.post("/v1/completions", req(1, 40 + i as u64).to_string()).await?;
+        ensure!(c["text"] == one["choices"][0]["text"], "choice {i}: {c} vs {one}");
+    }
+    // Streamed, the choices interleave by index and add up to the same texts; one [DONE] at the end.
+    let mut sreq = req(3, 40);
+    sreq["stream"] = json!(true);
+    sreq["stream_options"] = json!({"include_usage": true});
+    let (_, events) = stream(&s, "/v1/completions", sreq).await?;
+    for (i, c) in choices.iter().enumerate() {
+        let mine: Vec<&Value> = events.iter().filter(|e| e["choices"][0]["index"] == i).collect();
+        let text: String = mine.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+        ensure!(json!(text) == c["text"], "choice {i} streamed {text:?}");
+        ensure!(mine.iter().filter(|e| e["choices"][0]["finish_reason"].is_string()).count() == 1);
+    }
+    ensure!(events.last().is_some_and(|e| e["usage"]["completion_tokens"] == 30));
+    // Chat with n = 2: a role chunk per choice.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 2, "stream": true});
+    let (_, events) = stream(&s, "/v1/chat/completions", chat).await?;
+    let roles = events.iter().filter(|e| e["choices"][0]["delta"]["role"] == "assistant").count();
+    ensure!(roles == 2, "{events:?}");
     s.stop().await
 }
 

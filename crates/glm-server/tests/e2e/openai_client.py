@@ -252,6 +252,16 @@ def main():
         expect(chat[0] == chat[1], f"chat with seed 7 gave {short(chat[0])} and then {short(chat[1])}")
         return f"text {short(texts[0])}"
 
+    @check("n=3 gives three choices, choice i as the request with seed 7+i")
+    def _():
+        r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=1, seed=7, n=3)
+        expect([c.index for c in r.choices] == [0, 1, 2], f"choice indices {[c.index for c in r.choices]}")
+        for c in r.choices:
+            one = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=1,
+                                            seed=7 + c.index).choices[0].text
+            expect(c.text == one, f"choice {c.index}: {short(c.text)} vs seed {7 + c.index} alone: {short(one)}")
+        return f"{len(r.choices)} choices, usage {r.usage.completion_tokens} tokens"
+
     @check("errors raise the client's exception classes (404 model, 400 max_tokens=-1, 401 key)")
     def _():
         try:

@@ -98,8 +98,9 @@ async function setMode(page, mode) {
 }
 
 /** Sets the sampling controls; fields not given get the page's defaults. */
-async function setParams(page, { maxTokens = '64', temperature = '0.8', topP = '0.9', topK = '0', seed = '', stop = '', greedy = false, stream = true } = {}) {
+async function setParams(page, { maxTokens = '64', minTokens = '0', temperature = '0.8', topP = '0.9', topK = '0', seed = '', stop = '', greedy = false, stream = true } = {}) {
   await page.fill('#max-tokens', String(maxTokens));
+  await page.fill('#min-tokens', String(minTokens));
   await page.setChecked('#greedy', greedy);
   if (!greedy) await page.fill('#temperature', String(temperature));
   await page.fill('#top-p', String(topP));
@@ -406,10 +407,11 @@ async function main() {
       let note = '';
       let maxTokens = 2000;
       for (let attempt = 1; attempt <= 3; attempt += 1) {
-        await setParams(page, { maxTokens, greedy: false, stream: true });
+        // min tokens = max tokens: the run cannot end by itself before Stop.
+        await setParams(page, { maxTokens, minTokens: maxTokens, greedy: false, stream: true });
         await page.evaluate(() => { document.body.dataset.state = 'armed'; document.getElementById('output').dataset.chunks = '0'; });
         await page.click('#generate');
-        await page.waitForFunction(() => document.body.dataset.state !== 'running' || Number(document.getElementById('output').dataset.chunks) >= 1);
+        await page.waitForFunction(() => !['running', 'armed'].includes(document.body.dataset.state) || Number(document.getElementById('output').dataset.chunks) >= 1);
         // Clicked inside the page, in one step: the run may end between a check and a click.
         await page.evaluate(() => { const b = document.getElementById('stop-button'); if (!b.disabled) b.click(); });
         await page.waitForFunction(() => !['running', 'armed'].includes(document.body.dataset.state));
@@ -426,7 +428,7 @@ async function main() {
         assert(st === 'stopped' || st === 'done', `after Stop the state is ${show(st)}; status: ${show(s)}`);
         assert(!(await page.evaluate(() => document.getElementById('status').classList.contains('error'))), `after Stop the status shows an error: ${show(s)}`);
         if (st === 'stopped') { note += show(s); break; }
-        if (attempt === 3) note += 'the generation ended by itself before Stop could be clicked, 3 times';
+        assert(attempt < 3, 'the generation ended by itself before Stop could be clicked, 3 times (min tokens = max tokens should prevent that)');
       }
       assert(await page.isEnabled('#generate'), 'Generate is disabled after Stop');
       assert(!(await page.isEnabled('#stop-button')), 'Stop is still enabled after Stop');
