@@ -17,7 +17,6 @@ mod sse;
 mod worker;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -519,9 +518,4 @@ fn mask_names(text: &str) -> Vec<&'static str> {
 /// The body of a response as bytes (for the SSE writer).
 pub(crate) fn sse_bytes(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
-}
-
-/// Address a listener is bound to, for printing.
-pub fn local_addr(l: &TcpListener) -> std::io::Result<SocketAddr> {
-    l.local_addr()
 }
