@@ -6,32 +6,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use glm_infer::batch::{Engine, EngineOptions, Event, Request, Sink, Task};
 use glm_infer::{Error, Generation, Generator, SamplingConfig};
-use glm_model::{init_weights, Config, FfnKind, Glm, PositionEncoding};
+use glm_model::{Config, Glm};
 use glm_nn::{DenseFactory, LinearFactory};
 use glm_quant::{Bits, QuantFactory};
 use glm_tokenizer::Tokenizer;
 
+mod common;
+
 fn model(cfg: &Config, lin: &dyn LinearFactory) -> Result<Glm> {
-    let w = init_weights(cfg, 7, &Device::Cpu)?;
-    Ok(Glm::new(cfg, VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), lin)?)
+    common::model_with(cfg, 7, lin)
 }
 
-/// tiny (f32 and INT4), and a ChatGLM-style variant (2-D RoPE, tanh-GELU MLP, untied head).
+/// tiny (f32 and INT4), and the ChatGLM-style variant (2-D RoPE, tanh-GELU MLP, untied head).
 fn models() -> Result<Vec<(&'static str, Glm)>> {
-    let chat = Config {
-        name: "tiny-2d".into(),
-        position_encoding: PositionEncoding::Rope2d,
-        ffn: FfnKind::GeluTanh,
-        tie_word_embeddings: false,
-        ..Config::tiny()
-    };
+    let [tiny, chat] = common::configs();
     Ok(vec![
-        ("tiny f32", model(&Config::tiny(), &DenseFactory)?),
-        ("tiny int4", model(&Config::tiny(), &QuantFactory::quantize(Bits::Int4))?),
+        ("tiny f32", model(&tiny, &DenseFactory)?),
+        ("tiny int4", model(&tiny, &QuantFactory::quantize(Bits::Int4))?),
         ("tiny-2d f32", model(&chat, &DenseFactory)?),
     ])
 }

@@ -1,31 +1,20 @@
 //! Generation on a tiny random model with the default tokenizer.
 
 use anyhow::{ensure, Result};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use glm_data::objective::{self, Mode, ObjectiveConfig, ObjectiveIds, PositionKind, Sample};
 use glm_infer::sampling::argmax;
 use glm_infer::{Blank, Decoder, Error, Generator, SamplingConfig, StopReason};
-use glm_model::{init_weights, Config, FfnKind, Glm, PositionEncoding};
+use glm_model::{Config, Glm};
 use glm_nn::{AttnLayout, DenseFactory};
 use glm_tokenizer::Tokenizer;
 use rand::SeedableRng;
 
-fn model(cfg: &Config, seed: u64) -> Result<Glm> {
-    let w = init_weights(cfg, seed, &Device::Cpu)?;
-    Ok(Glm::new(cfg, VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &DenseFactory)?)
-}
+mod common;
+use common::configs;
 
-/// tiny, and a ChatGLM-style variant of it (2-D RoPE, tanh-GELU MLP, untied head).
-fn configs() -> [Config; 2] {
-    let chat = Config {
-        name: "tiny-2d".into(),
-        position_encoding: PositionEncoding::Rope2d,
-        ffn: FfnKind::GeluTanh,
-        tie_word_embeddings: false,
-        ..Config::tiny()
-    };
-    [Config::tiny(), chat]
+fn model(cfg: &Config, seed: u64) -> Result<Glm> {
+    common::model_with(cfg, seed, &DenseFactory)
 }
 
 fn tok() -> Result<Tokenizer> {
