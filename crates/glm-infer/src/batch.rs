@@ -13,6 +13,8 @@
 
 use std::time::Instant;
 
+use glm_model::KvCache;
+
 use crate::decode::{Blank, Decoder};
 use crate::generate::{FillPlan, Generation, Generator, Next, Span, StopReason, TextStream};
 use crate::sampling::{Sampler, SamplingConfig};
@@ -150,8 +152,7 @@ impl<'m> Engine<'m> {
     /// Bytes of keys and values one token takes over all layers.
     pub fn kv_bytes_per_token(&self) -> u64 {
         let m = self.gen.model();
-        let c = m.config();
-        (2 * c.num_layers * c.hidden_size * m.dtype().size_in_bytes()) as u64
+        KvCache::bytes_per_token(m.config(), m.dtype())
     }
 
     /// Reads the request: tokenizes it, checks it fits the model, sizes its cache.
@@ -175,7 +176,7 @@ impl<'m> Engine<'m> {
         if context_len + 1 > max_seq {
             return Err(Error::TooLong { tokens: context_len + 1, max: max_seq });
         }
-        let reserve = longest.min(max_seq).next_power_of_two().max(16) as u64 * self.kv_bytes_per_token();
+        let reserve = KvCache::capacity_for(longest.min(max_seq)) as u64 * self.kv_bytes_per_token();
         if reserve > self.opts.kv_budget_bytes {
             return Err(Error::Input(format!(
                 "the request may grow to {} tokens, {} MiB of KV cache, more than the whole budget of {} MiB: ask for fewer tokens",

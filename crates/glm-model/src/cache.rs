@@ -25,7 +25,7 @@ impl LayerKv {
     }
 
     fn new(k: &Tensor, v: &Tensor) -> Result<Self> {
-        let cap = k.dim(2)?.next_power_of_two().max(MIN_CAPACITY);
+        let cap = KvCache::capacity_for(k.dim(2)?);
         Ok(Self { k: Self::alloc(k, cap)?, v: Self::alloc(v, cap)?, len: 0 })
     }
 
@@ -38,7 +38,7 @@ impl LayerKv {
         let t = k.dim(2)?;
         let cap = this.k.dim(2)?;
         if this.len + t > cap {
-            let cap = (this.len + t).next_power_of_two();
+            let cap = KvCache::capacity_for(this.len + t);
             let (nk, nv) = (Self::alloc(&this.k, cap)?, Self::alloc(&this.v, cap)?);
             nk.slice_set(&this.k.narrow(2, 0, this.len)?.contiguous()?, 2, 0)?;
             nv.slice_set(&this.v.narrow(2, 0, this.len)?.contiguous()?, 2, 0)?;
@@ -64,6 +64,17 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(cfg: &Config) -> Self {
         Self { layers: (0..cfg.num_layers).map(|_| None).collect() }
+    }
+
+    /// Tokens the buffers hold once a row has `tokens` (they grow by doubling): what a row of
+    /// that length occupies.
+    pub fn capacity_for(tokens: usize) -> usize {
+        tokens.next_power_of_two().max(MIN_CAPACITY)
+    }
+
+    /// Bytes of keys and values one cached token takes over all layers of `cfg`, in `dtype`.
+    pub fn bytes_per_token(cfg: &Config, dtype: candle_core::DType) -> u64 {
+        (2 * cfg.num_layers * cfg.hidden_size * dtype.size_in_bytes()) as u64
     }
 
     /// Tokens cached so far.
