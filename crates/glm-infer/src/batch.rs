@@ -16,7 +16,7 @@ use std::time::Instant;
 use glm_model::KvCache;
 
 use crate::decode::{Blank, Decoder};
-use crate::generate::{FillPlan, Generation, Generator, Next, Span, StopReason, TextStream};
+use crate::generate::{FillPlan, Generation, Generator, Next, StopReason, TextStream};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::{Error, Result};
 
@@ -103,7 +103,7 @@ impl Prepared {
 }
 
 enum Job {
-    Complete { prompt_ids: Vec<u32>, context: Vec<u32> },
+    Complete { prompt: String, prompt_ids: Vec<u32>, context: Vec<u32> },
     Fill(FillPlan),
 }
 
@@ -165,7 +165,7 @@ impl<'m> Engine<'m> {
             Task::Complete { prompt } => {
                 let (prompt_ids, context) = self.gen.gmask_context(prompt)?;
                 let (n, c) = (prompt_ids.len(), context.len());
-                (Job::Complete { prompt_ids, context }, n, c, c + 1 + max_new)
+                (Job::Complete { prompt: prompt.clone(), prompt_ids, context }, n, c, c + 1 + max_new)
             }
             Task::Fill { text } => {
                 let plan = FillPlan::new(&self.gen, text)?;
@@ -238,8 +238,7 @@ impl<'m> Engine<'m> {
         let before = self.stats.generated_tokens;
         for a in &mut self.active {
             if a.sink.is_closed() {
-                a.over = true;
-                self.stats.cancelled += 1;
+                a.cancel(&mut self.stats);
             } else if a.request.deadline.is_some_and(|d| now >= d) {
                 fail(a, Error::Timeout, &mut self.stats);
             }
@@ -297,6 +296,22 @@ impl<'m> Engine<'m> {
     }
 }
 
+/// The stop strings of a request's blocks (completions only).
+fn stops<'r>(job: &Job, request: &'r Request) -> &'r [String] {
+    match job {
+        Job::Complete { .. } => &request.stops,
+        Job::Fill(_) => &[],
+    }
+}
+
+impl Active<'_> {
+    /// The client left: the request ends without a word.
+    fn cancel(&mut self, stats: &mut EngineStats) {
+        self.over = true;
+        stats.cancelled += 1;
+    }
+}
+
 fn fail(a: &mut Active, e: Error, stats: &mut EngineStats) {
     if !a.over {
         a.sink.send(Event::Done(Err(e)));
@@ -309,7 +324,7 @@ fn fail(a: &mut Active, e: Error, stats: &mut EngineStats) {
 /// when the block is empty by its limits and already finished).
 fn start_block<'m>(gen: &Generator<'m>, a: &mut Active<'m>, stats: &mut EngineStats) -> Result<Option<Vec<f32>>> {
     let (context, blank, left): (&[u32], Blank, &[u32]) = match &a.job {
-        Job::Complete { prompt_ids, context } => (context, Blank::Gmask, prompt_ids),
+        Job::Complete { prompt_ids, context, .. } => (context, Blank::Gmask, prompt_ids),
         Job::Fill(plan) => match plan.next_blank() {
             Some((context, blank)) => (context, blank, plan.left_of_next()),
             None => return Err(Error::Input("no blank left to fill".into())),
@@ -338,15 +353,12 @@ fn advance<'m>(gen: &Generator<'m>, a: &mut Active<'m>, logits: Vec<f32>, stats:
     };
     b.out.push(tok);
     stats.generated_tokens += 1;
-    let stops: &[String] = if matches!(a.job, Job::Complete { .. }) { &a.request.stops } else { &[] };
-    let (delta, hit) = match b.stream.push(&b.out, stops, false) {
+    let (delta, hit) = match b.stream.push(&b.out, stops(&a.job, &a.request), false) {
         Ok(x) => x,
         Err(e) => return fail(a, e, stats),
     };
     if !delta.is_empty() && !a.sink.send(Event::Text { blank: a.blanks_done, delta }) {
-        a.over = true;
-        stats.cancelled += 1;
-        return;
+        return a.cancel(stats);
     }
     let max_new = a.sampler.config().max_new_tokens;
     match (hit, Generator::limit(b.out.len(), max_new, b.dec.room())) {
@@ -362,33 +374,25 @@ fn finish_block<'m>(gen: &Generator<'m>, a: &mut Active<'m>, stop: StopReason, s
     a.pending = None;
     let blank = a.blanks_done;
     a.blanks_done += 1;
-    let stops: &[String] = if matches!(a.job, Job::Complete { .. }) { &a.request.stops } else { &[] };
     // Release what the stream held back (a trailing incomplete character).
-    match b.stream.push(&b.out, stops, true) {
+    match b.stream.push(&b.out, stops(&a.job, &a.request), true) {
         Ok((rest, _)) if !rest.is_empty() => {
             if !a.sink.send(Event::Text { blank, delta: rest }) {
-                a.over = true;
-                stats.cancelled += 1;
-                return;
+                return a.cancel(stats);
             }
         }
         Ok(_) => {}
         Err(e) => return fail(a, e, stats),
     }
-    let done = match (&mut a.job, &a.request.task) {
-        (Job::Complete { .. }, Task::Complete { prompt }) => {
-            let text = std::mem::take(&mut b.stream.text);
-            Some(Ok(Generation::new(
-                format!("{prompt}{text}"),
-                vec![Span { tokens: b.out, text, stop, start: prompt.len() }],
-            )))
+    let done = match &mut a.job {
+        Job::Complete { prompt, .. } => {
+            Some(Ok(Generation::completion(prompt, b.out, std::mem::take(&mut b.stream.text), stop)))
         }
-        (Job::Fill(plan), _) => match plan.filled(gen, b.out, stop) {
+        Job::Fill(plan) => match plan.filled(gen, b.out, stop) {
             Ok(()) if plan.next_blank().is_some() => None,
             Ok(()) => Some(plan.finish(gen)),
             Err(e) => Some(Err(e)),
         },
-        _ => Some(Err(Error::Input("request and job disagree".into()))),
     };
     if let Some(result) = done {
         match &result {

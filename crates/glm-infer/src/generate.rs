@@ -47,10 +47,15 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub(crate) fn new(text: String, spans: Vec<Span>) -> Self {
+    fn new(text: String, spans: Vec<Span>) -> Self {
         let tokens = spans.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let stop = spans.last().map_or(StopReason::MaxNewTokens, |s| s.stop);
         Self { text, tokens, stop, spans }
+    }
+
+    /// A left-to-right continuation: the prompt followed by the block's `text`.
+    pub(crate) fn completion(prompt: &str, tokens: Vec<u32>, text: String, stop: StopReason) -> Self {
+        Self::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop, start: prompt.len() }])
     }
 }
 
@@ -106,7 +111,7 @@ impl<'a> Generator<'a> {
         let (ids, context) = self.gmask_context(prompt)?;
         let (tokens, stop) = self.generate(&context, Blank::Gmask, &mut sampler)?;
         let text = self.continuation(&ids, &tokens)?;
-        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop, start: prompt.len() }]))
+        Ok(Generation::completion(prompt, tokens, text, stop))
     }
 
     /// `complete`, handing each new piece of text to `on_text` as it is generated (never a split
@@ -144,7 +149,7 @@ impl<'a> Generator<'a> {
             on_text(&rest);
         }
         let text = stream.text;
-        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop, start: prompt.len() }]))
+        Ok(Generation::completion(prompt, tokens, text, stop))
     }
 
     /// Left-to-right continuation by beam search (GLM's BeamSearchStrategy, see `beam`): the best
@@ -153,7 +158,7 @@ impl<'a> Generator<'a> {
         let (ids, context) = self.gmask_context(prompt)?;
         let (tokens, stop) = self.beam_block(&context, Blank::Gmask, cfg)?;
         let text = self.continuation(&ids, &tokens)?;
-        Ok(Generation::new(format!("{prompt}{text}"), vec![Span { tokens, text, stop, start: prompt.len() }]))
+        Ok(Generation::completion(prompt, tokens, text, stop))
     }
 
     /// The best block after `context <sop>` by beam search, end token not included.
@@ -396,35 +401,32 @@ impl FillPlan {
         self.blanks.is_empty()
     }
 
+    /// The next blank: its index in the text as given, and where it sits in the context now that
+    /// the blanks before it are spans. None when all are filled.
+    fn next(&self) -> Option<(usize, usize)> {
+        let n = self.spans.len();
+        self.blanks.get(n).map(|&m| (m, m + self.added - n))
+    }
+
     /// The next blank to fill: the row context and where the blank is; None when all are filled.
     pub fn next_blank(&self) -> Option<(&[u32], Blank)> {
-        let n = self.spans.len();
-        let m = *self.blanks.get(n)?;
-        let at = m + self.added - n; // where blank n sits now that the blanks before it are spans
-        let blank = if self.final_gmask && n + 1 == self.blanks.len() { Blank::Gmask } else { Blank::Mask { at } };
+        let (_, at) = self.next()?;
+        let last = self.spans.len() + 1 == self.blanks.len();
+        let blank = if self.final_gmask && last { Blank::Gmask } else { Blank::Mask { at } };
         Some((&self.ids, blank))
     }
 
     /// The context left of the next blank (what its span's text follows).
     pub fn left_of_next(&self) -> &[u32] {
-        let n = self.spans.len();
-        let at = self.blanks.get(n).map_or(self.ids.len(), |&m| m + self.added - n);
-        &self.ids[..at]
-    }
-
-    /// The mask token of blank `n` as written in the text.
-    pub fn mask_token(&self, n: usize) -> Option<u32> {
-        self.blanks.get(n).map(|&m| self.orig[m])
+        &self.ids[..self.next().map_or(self.ids.len(), |(_, at)| at)]
     }
 
     /// Records the next blank's span and splices it into the context.
     pub fn filled(&mut self, gen: &Generator, tokens: Vec<u32>, stop: StopReason) -> Result<()> {
-        let n = self.spans.len();
-        let Some(&m) = self.blanks.get(n) else {
+        let Some((m, at)) = self.next() else {
             return Err(Error::Input("every blank is already filled".into()));
         };
         self.out += &gen.tok.decode(&self.orig[self.prev..m])?;
-        let at = m + self.added - n;
         let text = gen.continuation(&self.ids[..at], &tokens)?;
         let start = self.out.len();
         self.out += &text;
@@ -458,11 +460,7 @@ pub fn chat_prompt<'s>(messages: impl IntoIterator<Item = (&'s str, &'s str)>) -
     let mut out = String::new();
     for (role, content) in messages {
         match role {
-            "system" => {
-                out.push_str(content.trim());
-                out.push('\n');
-            }
-            "assistant" => {
+            "system" | "assistant" => {
                 out.push_str(content.trim());
                 out.push('\n');
             }
