@@ -437,8 +437,13 @@ async fn collect(
 }
 
 impl Answer {
-    fn finish_reason(g: &Generation) -> &'static str {
-        api::finish_reason(g.stop)
+    /// A response object: id, `object`, created and model, then `fields`.
+    pub(crate) fn envelope(&self, object: &str, fields: Value) -> Value {
+        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model});
+        if let (Some(o), Value::Object(f)) = (v.as_object_mut(), fields) {
+            o.extend(f);
+        }
+        v
     }
 
     /// The returned text: the continuation (after the prompt when echoing), or the suffix blank.
@@ -460,32 +465,24 @@ impl Answer {
     /// The whole (non-streamed) response body, one choice per generation.
     fn body(&self, gens: &[Generation], prompt_tokens: usize) -> Value {
         let usage = Self::usage(prompt_tokens, gens.iter().map(|g| g.tokens.len()).sum());
-        let choices: Vec<Value> = gens
-            .iter()
-            .enumerate()
-            .map(|(i, g)| {
-                let finish = Self::finish_reason(g);
-                match self.endpoint {
-                    Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": self.text(g)},
-                                             "logprobs": null, "finish_reason": finish}),
-                    _ => json!({"index": i, "text": self.text(g), "logprobs": null, "finish_reason": finish}),
+        let choices = |chat: bool| -> Vec<Value> {
+            let choice = |(i, g): (usize, &Generation)| {
+                let finish = api::finish_reason(g.stop);
+                match chat {
+                    true => json!({"index": i, "message": {"role": "assistant", "content": self.text(g)},
+                                   "logprobs": null, "finish_reason": finish}),
+                    false => json!({"index": i, "text": self.text(g), "logprobs": null, "finish_reason": finish}),
                 }
-            })
-            .collect();
-        let g = match gens.first() {
-            Some(g) => g,
-            None => return ApiError::new(500, "server_error", "no choices").body(),
+            };
+            gens.iter().enumerate().map(choice).collect()
         };
-        match self.endpoint {
-            Endpoint::Completions => json!({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage,
-            }),
-            Endpoint::Chat => json!({
-                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage,
-            }),
-            Endpoint::Infill => {
+        match (self.endpoint, gens.first()) {
+            (Endpoint::Completions, _) => {
+                self.envelope("text_completion", json!({"choices": choices(false), "usage": usage}))
+            }
+            (Endpoint::Chat, _) => self.envelope("chat.completion", json!({"choices": choices(true), "usage": usage})),
+            (Endpoint::Infill, None) => ApiError::new(500, "server_error", "no filling").body(),
+            (Endpoint::Infill, Some(g)) => {
                 let masks = mask_names(&self.prompt);
                 let blanks: Vec<Value> = g
                     .spans
@@ -498,8 +495,7 @@ impl Answer {
                                "start": start, "end": end, "finish_reason": api::finish_reason(sp.stop)})
                     })
                     .collect();
-                json!({"id": self.id, "object": "infill", "created": self.created, "model": self.model,
-                       "text": g.text, "blanks": blanks, "usage": usage})
+                self.envelope("infill", json!({"text": g.text, "blanks": blanks, "usage": usage}))
             }
         }
     }
@@ -515,7 +511,7 @@ fn mask_names(text: &str) -> Vec<&'static str> {
     found.into_iter().map(|(_, m)| m).collect()
 }
 
-/// The body of a response as bytes (for the SSE writer).
-pub(crate) fn sse_bytes(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
+/// One server-sent event carrying `v`.
+pub(crate) fn sse_event(v: &Value) -> String {
+    format!("data: {v}\n\n")
 }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{finish_reason, ApiError, Endpoint};
 use crate::metrics::Metrics;
-use crate::{infer_error, sse_bytes, Answer};
+use crate::{infer_error, sse_event, Answer};
 
 const DONE: &str = "data: [DONE]\n\n";
 
@@ -50,7 +50,7 @@ impl Stream {
             }
             _ => json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
         };
-        json!({"id": a.id, "object": self.object(), "created": a.created, "model": a.model, "choices": [choice]})
+        a.envelope(self.object(), json!({"choices": [choice]}))
     }
 
     fn object(&self) -> &'static str {
@@ -67,10 +67,9 @@ impl Stream {
             Endpoint::Chat => {
                 let delta = json!({"role": "assistant", "content": ""});
                 let choice = json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null});
-                Some(sse_bytes(&json!({"id": a.id, "object": self.object(), "created": a.created,
-                                       "model": a.model, "choices": [choice]})))
+                Some(sse_event(&a.envelope(self.object(), json!({"choices": [choice]}))).into())
             }
-            _ if a.parsed.echo => Some(sse_bytes(&self.chunk(index, Some(&a.prompt), None))),
+            _ if a.parsed.echo => Some(sse_event(&self.chunk(index, Some(&a.prompt), None)).into()),
             _ => None,
         }
     }
@@ -79,16 +78,13 @@ impl Stream {
     fn finished(&mut self, index: usize, g: glm_infer::Generation) -> Bytes {
         self.completion_tokens += g.tokens.len();
         self.running = self.running.saturating_sub(1);
-        let mut out = format!("data: {}\n\n", self.chunk(index, None, Some(finish_reason(g.stop))));
+        let mut out = sse_event(&self.chunk(index, None, Some(finish_reason(g.stop))));
         if self.running == 0 {
             self.over = true;
             self.metrics.request_duration.observe(self.answer.arrived.elapsed().as_secs_f64());
             if self.answer.parsed.include_usage {
-                let a = &self.answer;
                 let usage = Answer::usage(self.prompt_tokens, self.completion_tokens);
-                let v = json!({"id": a.id, "object": self.object(), "created": a.created, "model": a.model,
-                               "choices": [], "usage": usage});
-                out += &format!("data: {v}\n\n");
+                out += &sse_event(&self.answer.envelope(self.object(), json!({"choices": [], "usage": usage})));
             }
             out += DONE;
         }
@@ -100,7 +96,7 @@ impl Stream {
     fn failed(&mut self, e: ApiError) -> Bytes {
         self.over = true;
         self.metrics.request_duration.observe(self.answer.arrived.elapsed().as_secs_f64());
-        Bytes::from(format!("data: {}\n\n{DONE}", e.body()))
+        Bytes::from(sse_event(&e.body()) + DONE)
     }
 
     async fn next(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
@@ -121,7 +117,7 @@ impl Stream {
                         self.first_token = false;
                         self.metrics.time_to_first_token.observe(self.answer.arrived.elapsed().as_secs_f64());
                     }
-                    sse_bytes(&self.chunk(i, Some(&delta), None))
+                    sse_event(&self.chunk(i, Some(&delta), None)).into()
                 }
                 Some((i, Event::Done(Ok(g)))) => self.finished(i, g),
                 Some((_, Event::Done(Err(e)))) => self.failed(infer_error(&e)),
