@@ -327,15 +327,45 @@ fn bytes_per_token(cfg: &Config, bits: Option<Bits>) -> u64 {
         .sum()
 }
 
+/// The bits of a benchmark precision: f32 (None), int8, int4.
+pub(crate) fn precision_bits(precision: &str) -> Result<Option<Bits>> {
+    match precision {
+        "f32" => Ok(None),
+        "int8" => Ok(Some(Bits::Int8)),
+        "int4" => Ok(Some(Bits::Int4)),
+        p => bail!("unknown precision {p} (f32, int8, int4)"),
+    }
+}
+
+/// A benchmark's model: the dense checkpoint `model`, or without it a seeded random `arch`
+/// preset, quantized at load to `bits`.
+pub(crate) fn bench_model(model: Option<&Path>, arch: &ModelArgs, bits: Option<Bits>) -> Result<(Config, Glm)> {
+    use candle_core::{DType, Device};
+    let dev = Device::Cpu;
+    let (cfg, weights) = match model {
+        Some(p) => {
+            let (file, cfg) = dense_source(p, arch)?;
+            let ckpt = glm_checkpoint::Checkpoint::open(&[&file])?;
+            (cfg.clone(), ckpt.load_all(&glm_model::tensor_specs(&cfg), DType::F32, &dev)?)
+        }
+        None => {
+            let cfg = arch.resolve()?;
+            let w = glm_model::init_weights(&cfg, 1, &dev)?;
+            (cfg, w)
+        }
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &dev);
+    let model = match bits {
+        None => Glm::new(&cfg, vb, &glm_nn::DenseFactory)?,
+        Some(b) => Glm::new(&cfg, vb, &glm_quant::QuantFactory::quantize(b))?,
+    };
+    Ok((cfg, model))
+}
+
 fn measure_one(a: &DecodeBenchArgs, precision: &str) -> Result<DecodeResult> {
     use candle_core::{DType, Device};
-    let bits = match precision {
-        "f32" => None,
-        "int8" => Some(Bits::Int8),
-        "int4" => Some(Bits::Int4),
-        "file" => None, // a quantized --model: its own precision
-        p => bail!("unknown precision {p} (f32, int8, int4)"),
-    };
+    // "file": a quantized --model, at its own precision.
+    let bits = if precision == "file" { None } else { precision_bits(precision)? };
     let dev = Device::Cpu;
     if let (Some(out), Some(b)) = (&a.write_quantized, bits) {
         let cfg = a.arch.resolve()?;
@@ -351,23 +381,7 @@ fn measure_one(a: &DecodeBenchArgs, precision: &str) -> Result<DecodeResult> {
         let model = q.model(DType::F32, &dev)?;
         return time_decode(a, &q.config, &model, Some(q.bits), &format!("int{} (file)", q.bits.bits()));
     }
-    let (cfg, weights) = match &a.model {
-        Some(p) => {
-            let (file, cfg) = dense_source(p, &a.arch)?;
-            let ckpt = glm_checkpoint::Checkpoint::open(&[&file])?;
-            (cfg.clone(), ckpt.load_all(&glm_model::tensor_specs(&cfg), DType::F32, &dev)?)
-        }
-        None => {
-            let cfg = a.arch.resolve()?;
-            let w = glm_model::init_weights(&cfg, 1, &dev)?;
-            (cfg, w)
-        }
-    };
-    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &dev);
-    let model = match bits {
-        None => Glm::new(&cfg, vb, &glm_nn::DenseFactory)?,
-        Some(b) => Glm::new(&cfg, vb, &glm_quant::QuantFactory::quantize(b))?,
-    };
+    let (cfg, model) = bench_model(a.model.as_deref(), &a.arch, bits)?;
     time_decode(a, &cfg, &model, bits, precision)
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use glm_model::Glm;
-use glm_quant::Bits;
 use glm_server::loadgen::{LoadOptions, LoadReport};
 use glm_server::Options;
 use glm_tokenizer::Tokenizer;
@@ -165,36 +164,6 @@ const PROMPTS: [&str; 4] = [
     "To make a good cup of tea, first",
 ];
 
-fn bench_model(a: &ServeBenchArgs, precision: &str) -> Result<(Glm, Tokenizer)> {
-    let bits = match precision {
-        "f32" => None,
-        "int8" => Some(Bits::Int8),
-        "int4" => Some(Bits::Int4),
-        p => bail!("unknown precision {p:?} (f32, int8, int4)"),
-    };
-    let dev = candle_core::Device::Cpu;
-    let (tok, _) = glm_data::load_tokenizer(None)?;
-    let (cfg, tensors) = match &a.model {
-        Some(p) => {
-            let (file, cfg) = crate::infer_cmd::dense_source(p, &a.arch)?;
-            let ckpt = glm_checkpoint::Checkpoint::open(&[&file])?;
-            let t = ckpt.load_all(&glm_model::tensor_specs(&cfg), candle_core::DType::F32, &dev)?;
-            (cfg, t)
-        }
-        None => {
-            let cfg = a.arch.resolve()?;
-            let t = glm_model::init_weights(&cfg, 1, &dev)?;
-            (cfg, t)
-        }
-    };
-    let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &dev);
-    let model = match bits {
-        None => Glm::new(&cfg, vb, &glm_nn::DenseFactory)?,
-        Some(b) => Glm::new(&cfg, vb, &glm_quant::QuantFactory::quantize(b))?,
-    };
-    Ok((model, tok))
-}
-
 /// Starts a server on a free local port, runs the load levels against it, stops it.
 fn measure(
     rt: &tokio::runtime::Runtime,
@@ -240,8 +209,10 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     // Memory after each level (the process: server and clients): it should not grow with load.
     for precision in &a.precisions {
-        let (model, tok) = bench_model(&a, precision)?;
-        let name = model.config().name.clone();
+        let bits = crate::infer_cmd::precision_bits(precision)?;
+        let (cfg, model) = crate::infer_cmd::bench_model(a.model.as_deref(), &a.arch, bits)?;
+        let (tok, _) = glm_data::load_tokenizer(None)?;
+        let name = cfg.name.clone();
         let (model, tok) = (Arc::new(model), Arc::new(tok));
         let opts = a.limits.options(name.clone(), &model, None)?;
         let batched = measure(&rt, model.clone(), tok.clone(), opts.clone(), &a.streams, &a)?;
