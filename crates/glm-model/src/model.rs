@@ -303,6 +303,9 @@ impl Glm {
     /// for the whole batch), attention per sequence over its own cache. Each sequence's logits are
     /// those `forward` gives it alone.
     pub fn forward_sequences(&self, seqs: &mut [Sequence]) -> Result<Tensor> {
+        if seqs.is_empty() {
+            return Err(Error::Input("empty batch: no sequences".into()));
+        }
         let (dev, parts_per_token) = (self.device(), self.cfg.rope_parts());
         let (mut parts, mut ids, mut last) = (Vec::with_capacity(seqs.len()), Vec::new(), Vec::new());
         for (s, seq) in seqs.iter_mut().enumerate() {
@@ -324,9 +327,6 @@ impl Glm {
             parts.push(self.part(ids.len(), t, &positions, seq.layout, past)?);
             ids.extend_from_slice(seq.ids);
             last.push((ids.len() - 1) as u32);
-        }
-        if seqs.is_empty() {
-            return Err(Error::Input("empty batch: no sequences".into()));
         }
         let x = self.word_embeddings.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?.unsqueeze(0)?; // (1, T, H)
         let mut caches: Vec<Option<&mut KvCache>> = seqs.iter_mut().map(|s| Some(&mut *s.cache)).collect();
