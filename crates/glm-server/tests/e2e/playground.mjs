@@ -406,29 +406,45 @@ async function main() {
     await check('g. Stop aborts a long generation and the page stays usable', async () => {
       let note = '';
       let maxTokens = 2000;
-      for (let attempt = 1; attempt <= 3; attempt += 1) {
-        // min tokens = max tokens: the run cannot end by itself before Stop.
-        await setParams(page, { maxTokens, minTokens: maxTokens, greedy: false, stream: true });
-        await page.evaluate(() => { document.body.dataset.state = 'armed'; document.getElementById('output').dataset.chunks = '0'; });
-        await page.click('#generate');
-        await page.waitForFunction(() => !['running', 'armed'].includes(document.body.dataset.state) || Number(document.getElementById('output').dataset.chunks) >= 1);
-        // Clicked inside the page, in one step: the run may end between a check and a click.
-        await page.evaluate(() => { const b = document.getElementById('stop-button'); if (!b.disabled) b.click(); });
-        await page.waitForFunction(() => !['running', 'armed'].includes(document.body.dataset.state));
-        const st = await state(page);
-        const s = await statusText(page);
-        const limit = /\b400\b.*\blimit\D*(\d+)/.exec(s);
-        if (st === 'error' && limit && Number(limit[1]) < maxTokens && attempt === 1) {
-          // this server allows fewer than 2000 tokens: use its limit instead
-          maxTokens = Number(limit[1]);
-          attempt = 0;
-          note = `max tokens ${maxTokens} (the server's limit); `;
-          continue;
+      // A tiny model can write its whole context (512 tokens) faster than the page reacts:
+      // CI saw the stream, [DONE] included, arrive in one read 3 times in a row. So the
+      // browser's download is throttled (DevTools network emulation, which applies to
+      // loopback too) to a few events per second while Stop is tested: the run cannot end
+      // by itself before the click however fast the server is.
+      const cdp = await page.context().newCDPSession(page);
+      await cdp.send('Network.enable');
+      const throttle = (bytesPerSecond) => cdp.send('Network.emulateNetworkConditions', {
+        offline: false, latency: 0, downloadThroughput: bytesPerSecond, uploadThroughput: -1,
+      });
+      await throttle(1024);
+      try {
+        for (let attempt = 1; attempt <= 3; attempt += 1) {
+          // min tokens = max tokens: the run cannot end by itself before Stop.
+          await setParams(page, { maxTokens, minTokens: maxTokens, greedy: false, stream: true });
+          await page.evaluate(() => { document.body.dataset.state = 'armed'; document.getElementById('output').dataset.chunks = '0'; });
+          await page.click('#generate');
+          await page.waitForFunction(() => !['running', 'armed'].includes(document.body.dataset.state) || Number(document.getElementById('output').dataset.chunks) >= 1);
+          // Clicked inside the page, in one step: the run may end between a check and a click.
+          await page.evaluate(() => { const b = document.getElementById('stop-button'); if (!b.disabled) b.click(); });
+          await page.waitForFunction(() => !['running', 'armed'].includes(document.body.dataset.state));
+          const st = await state(page);
+          const s = await statusText(page);
+          const limit = /\b400\b.*\blimit\D*(\d+)/.exec(s);
+          if (st === 'error' && limit && Number(limit[1]) < maxTokens && attempt === 1) {
+            // this server allows fewer than 2000 tokens: use its limit instead
+            maxTokens = Number(limit[1]);
+            attempt = 0;
+            note = `max tokens ${maxTokens} (the server's limit); `;
+            continue;
+          }
+          assert(st === 'stopped' || st === 'done', `after Stop the state is ${show(st)}; status: ${show(s)}`);
+          assert(!(await page.evaluate(() => document.getElementById('status').classList.contains('error'))), `after Stop the status shows an error: ${show(s)}`);
+          if (st === 'stopped') { note += show(s); break; }
+          assert(attempt < 3, 'the generation ended by itself before Stop could be clicked, 3 times (min tokens = max tokens and a throttled download should prevent that)');
         }
-        assert(st === 'stopped' || st === 'done', `after Stop the state is ${show(st)}; status: ${show(s)}`);
-        assert(!(await page.evaluate(() => document.getElementById('status').classList.contains('error'))), `after Stop the status shows an error: ${show(s)}`);
-        if (st === 'stopped') { note += show(s); break; }
-        assert(attempt < 3, 'the generation ended by itself before Stop could be clicked, 3 times (min tokens = max tokens should prevent that)');
+      } finally {
+        await throttle(-1);
+        await cdp.detach();
       }
       assert(await page.isEnabled('#generate'), 'Generate is disabled after Stop');
       assert(!(await page.isEnabled('#stop-button')), 'Stop is still enabled after Stop');
