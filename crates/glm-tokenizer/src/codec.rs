@@ -167,27 +167,40 @@ impl Tokenizer {
         let mut bytes = Vec::with_capacity(ids.len() * 4);
         let mut seg_start = true;
         for &id in ids {
-            let s = self.surfaces.get(id as usize).ok_or_else(|| {
-                TokenizerError::Input(format!("token id {id} is outside the vocabulary ({} pieces)", self.pieces.len()))
-            })?;
-            match s {
-                Surface::Text { text, lead } => {
-                    let t = if seg_start && *lead { &text[1..] } else { text.as_str() };
-                    bytes.extend_from_slice(t.as_bytes());
-                }
-                Surface::Byte(b) => bytes.push(*b),
-                Surface::Special(t) => {
-                    bytes.extend_from_slice(t.as_bytes());
-                    seg_start = true;
-                    continue;
-                }
-                Surface::Literal(t) => bytes.extend_from_slice(t.as_bytes()),
-                Surface::Empty => continue,
-                Surface::Unknown => bytes.extend_from_slice(" \u{2047} ".as_bytes()),
-            }
-            seg_start = false;
+            seg_start = self.push_surface(id, seg_start, &mut bytes)?;
         }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The bytes token `id` writes in the middle of a text (its leading space kept): what an API
+    /// shows as the token. A byte-fallback piece is one byte, maybe part of a character.
+    pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        self.push_surface(id, false, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Appends what `id` writes (at a segment's start, a leading space is dropped); returns whether
+    /// the next piece starts a segment.
+    fn push_surface(&self, id: u32, seg_start: bool, bytes: &mut Vec<u8>) -> Result<bool> {
+        let s = self.surfaces.get(id as usize).ok_or_else(|| {
+            TokenizerError::Input(format!("token id {id} is outside the vocabulary ({} pieces)", self.pieces.len()))
+        })?;
+        match s {
+            Surface::Text { text, lead } => {
+                let t = if seg_start && *lead { &text[1..] } else { text.as_str() };
+                bytes.extend_from_slice(t.as_bytes());
+            }
+            Surface::Byte(b) => bytes.push(*b),
+            Surface::Special(t) => {
+                bytes.extend_from_slice(t.as_bytes());
+                return Ok(true);
+            }
+            Surface::Literal(t) => bytes.extend_from_slice(t.as_bytes()),
+            Surface::Empty => return Ok(seg_start),
+            Surface::Unknown => bytes.extend_from_slice(" \u{2047} ".as_bytes()),
+        }
+        Ok(false)
     }
 
     /// Python sentencepiece's `sp.decode(ids)`: user-defined pieces verbatim, control pieces dropped,

@@ -198,3 +198,29 @@ fn bad_files_and_ids_give_clear_errors() {
     let tok = default();
     assert!(tok.decode(&[1, 2, 1_000_000]).unwrap_err().to_string().contains("1000000"));
 }
+
+#[test]
+fn token_bytes_spell_the_text_token_by_token() {
+    let tok = default();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let texts: Vec<String> =
+        (0..500).map(|i| random_text(&mut rng, 1 + i % 80)).chain(heldout().into_iter().take(50)).collect();
+    for s in texts.iter().filter(|s| !s.contains('[') && !s.contains('<')) {
+        let ids = tok.encode(s);
+        let mut bytes = Vec::new();
+        for &id in &ids {
+            bytes.extend(tok.token_bytes(id).unwrap());
+        }
+        // Mid-text every piece keeps its leading space; decoding drops the one the text's first
+        // piece got from the dummy prefix.
+        let text = tok.decode(&ids).unwrap();
+        let spelled = String::from_utf8(bytes).expect("byte pieces join into whole characters");
+        assert!(spelled == text || spelled == format!(" {text}"), "{spelled:?} vs {text:?}");
+    }
+    // A character the vocabulary lacks comes as byte pieces, one byte each.
+    let ids = tok.encode("𪚥");
+    let pieces: Vec<Vec<u8>> = ids.iter().map(|&i| tok.token_bytes(i).unwrap()).collect();
+    assert!(pieces.iter().any(|p| p.len() == 1 && p[0] >= 0x80), "{pieces:?}");
+    assert_eq!(tok.token_bytes(tok.specials().gmask.unwrap()).unwrap(), b"[gMASK]");
+    assert!(tok.token_bytes(u32::MAX).is_err());
+}
