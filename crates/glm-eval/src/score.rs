@@ -227,13 +227,10 @@ impl<'a> Scorer<'a> {
         let rows = self.model.forward_at(&ids, &positions, layout, &Tensor::new(idx, dev)?)?.to_dtype(DType::F32)?;
         let v = rows.dim(1)?;
         let rows: Vec<f32> = rows.flatten_all()?.to_vec1()?;
-        Ok(rows.chunks_exact(v.max(1)).zip(wanted).map(|(row, &(_, _, tok))| logprob(row, tok)).collect())
+        Ok(rows
+            .chunks_exact(v.max(1))
+            .zip(wanted)
+            .map(|(row, &(_, _, tok))| glm_infer::logprobs::logprob(row, tok))
+            .collect())
     }
-}
-
-/// log p(token) from one row of logits (a log-softmax in f64).
-fn logprob(row: &[f32], token: u32) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-    row.get(token as usize).map_or(f64::NEG_INFINITY, |&x| x as f64 - lse)
 }

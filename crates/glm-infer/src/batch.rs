@@ -17,6 +17,7 @@ use glm_model::KvCache;
 
 use crate::decode::{Blank, Decoder};
 use crate::generate::{FillPlan, Generation, Generator, Next, StopReason, TextStream};
+use crate::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::{Error, Result};
 
@@ -41,6 +42,9 @@ pub struct Request {
     pub stops: Vec<String>,
     /// Past it the request ends with `Error::Timeout`.
     pub deadline: Option<Instant>,
+    /// Some(k): each token's log-probability and its k likeliest alternatives come with the text
+    /// (k up to `logprobs::MAX_TOP_LOGPROBS`).
+    pub logprobs: Option<usize>,
 }
 
 /// What the engine tells a request's owner.
@@ -48,8 +52,11 @@ pub struct Request {
 pub enum Event {
     /// Admitted: the prompt's token count (the text without layout tokens).
     Started { prompt_tokens: usize },
-    /// New text of blank `blank` (0 for a completion), never a split character.
-    Text { blank: usize, delta: String },
+    /// New text of blank `blank` (0 for a completion), never a split character, with the
+    /// log-probabilities of the tokens behind it when the request asked for them: every token,
+    /// in order, once (a token whose text is held back comes with the text that releases it; the
+    /// last event of a block may carry tokens and no text).
+    Text { blank: usize, delta: String, logprobs: Vec<TokenLogprob> },
     /// Over: the whole generation, or why it failed.
     Done(Result<Generation>),
 }
@@ -111,6 +118,8 @@ struct Block<'m> {
     dec: Decoder<'m>,
     out: Vec<u32>,
     stream: TextStream<'m>,
+    /// Log-probabilities of the tokens whose text was not sent yet.
+    scored: Vec<TokenLogprob>,
 }
 
 struct Active<'m> {
@@ -158,6 +167,9 @@ impl<'m> Engine<'m> {
     /// Reads the request: tokenizes it, checks it fits the model, sizes its cache.
     pub fn prepare(&self, request: Request) -> Result<Prepared> {
         let sampler = Sampler::new(&request.sampling)?;
+        if let Some(k) = request.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(Error::Input(format!("at most {MAX_TOP_LOGPROBS} alternatives per token, not {k}")));
+        }
         let max_seq = self.gen.model().config().max_seq_len;
         let max_new = request.sampling.max_new_tokens;
         // The longest row a block of the request can reach: its context, `<sop>` and its tokens.
@@ -333,22 +345,25 @@ fn start_block<'m>(gen: &Generator<'m>, a: &mut Active<'m>, stats: &mut EngineSt
     let mut dec = Decoder::new(gen.model(), context, blank)?;
     let stream = TextStream::new(gen.tokenizer(), left);
     if a.sampler.config().max_new_tokens == 0 {
-        a.block = Some(Block { dec, out: Vec::new(), stream });
+        a.block = Some(Block { dec, out: Vec::new(), stream, scored: Vec::new() });
         finish_block(gen, a, StopReason::MaxNewTokens, stats);
         return Ok(None);
     }
     let logits = dec.feed(&[gen.sop()])?;
     stats.prefill_tokens += context.len() as u64 + 1;
-    a.block = Some(Block { dec, out: Vec::new(), stream });
+    a.block = Some(Block { dec, out: Vec::new(), stream, scored: Vec::new() });
     Ok(Some(logits))
 }
 
 /// Chooses the block's next token from `logits` and streams its text; ends the block when due.
 fn advance<'m>(gen: &Generator<'m>, a: &mut Active<'m>, logits: Vec<f32>, stats: &mut EngineStats) {
     let Some(b) = a.block.as_mut() else { return };
-    let tok = match gen.choose(logits, &mut a.sampler, b.out.len()) {
-        Ok(Next::Token(t)) => t,
-        Ok(Next::End(stop)) => return finish_block(gen, a, stop, stats),
+    let tok = match gen.choose_scored(logits, &mut a.sampler, b.out.len(), a.request.logprobs) {
+        Ok((Next::Token(t), scored)) => {
+            b.scored.extend(scored);
+            t
+        }
+        Ok((Next::End(stop), _)) => return finish_block(gen, a, stop, stats),
         Err(e) => return fail(a, e, stats),
     };
     b.out.push(tok);
@@ -357,8 +372,11 @@ fn advance<'m>(gen: &Generator<'m>, a: &mut Active<'m>, logits: Vec<f32>, stats:
         Ok(x) => x,
         Err(e) => return fail(a, e, stats),
     };
-    if !delta.is_empty() && !a.sink.send(Event::Text { blank: a.blanks_done, delta }) {
-        return a.cancel(stats);
+    if !delta.is_empty() {
+        let logprobs = std::mem::take(&mut b.scored);
+        if !a.sink.send(Event::Text { blank: a.blanks_done, delta, logprobs }) {
+            return a.cancel(stats);
+        }
     }
     let max_new = a.sampler.config().max_new_tokens;
     match (hit, Generator::limit(b.out.len(), max_new, b.dec.room())) {
@@ -376,8 +394,9 @@ fn finish_block<'m>(gen: &Generator<'m>, a: &mut Active<'m>, stop: StopReason, s
     a.blanks_done += 1;
     // Release what the stream held back (a trailing incomplete character).
     match b.stream.push(&b.out, stops(&a.job, &a.request), true) {
-        Ok((rest, _)) if !rest.is_empty() => {
-            if !a.sink.send(Event::Text { blank, delta: rest }) {
+        Ok((rest, _)) if !rest.is_empty() || !b.scored.is_empty() => {
+            let logprobs = std::mem::take(&mut b.scored);
+            if !a.sink.send(Event::Text { blank, delta: rest, logprobs }) {
                 return a.cancel(stats);
             }
         }

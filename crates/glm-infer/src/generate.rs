@@ -4,6 +4,7 @@ use glm_model::Glm;
 use glm_tokenizer::Tokenizer;
 
 use crate::decode::{Blank, Decoder};
+use crate::logprobs::{self, TokenLogprob};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::{Error, Result};
 
@@ -206,13 +207,27 @@ impl<'a> Generator<'a> {
     /// ids the tokenizer lacks and the layout tokens are never sampled (the spec's invalid
     /// slices), end tokens not before `min_new_tokens`. `Next::End` for `<eop>` and the
     /// end-of-document token.
-    pub fn choose(&self, mut logits: Vec<f32>, sampler: &mut Sampler, generated: usize) -> Result<Next> {
+    pub fn choose(&self, logits: Vec<f32>, sampler: &mut Sampler, generated: usize) -> Result<Next> {
+        Ok(self.choose_scored(logits, sampler, generated, None)?.0)
+    }
+
+    /// `choose`, and with `top` = Some(k) the chosen token's log-probability under the model with
+    /// its k likeliest alternatives (see `logprobs`). The draw is the same either way.
+    pub fn choose_scored(
+        &self,
+        mut logits: Vec<f32>,
+        sampler: &mut Sampler,
+        generated: usize,
+        top: Option<usize>,
+    ) -> Result<(Next, Option<TokenLogprob>)> {
+        let lse = top.map(|_| logprobs::log_sum_exp(&logits));
         logits.truncate(self.sampleable);
         for &id in &self.invalid {
             if let Some(x) = logits.get_mut(id as usize) {
                 *x = f32::NEG_INFINITY;
             }
         }
+        let alternatives = lse.zip(top).map(|(lse, k)| logprobs::top_k(&logits, lse, k));
         if generated < sampler.config().min_new_tokens {
             for id in std::iter::once(self.eop).chain(self.eod) {
                 if let Some(x) = logits.get_mut(id as usize) {
@@ -221,13 +236,20 @@ impl<'a> Generator<'a> {
             }
         }
         let tok = sampler.sample(&logits)?;
-        Ok(if tok == self.eop {
+        let scored = lse.map(|lse| TokenLogprob {
+            token: tok,
+            // the draw never takes a masked entry, so this is the model's logit
+            logprob: logits.get(tok as usize).map_or(f32::NEG_INFINITY, |&x| (x as f64 - lse) as f32),
+            top: alternatives.unwrap_or_default(),
+        });
+        let next = if tok == self.eop {
             Next::End(StopReason::Eop)
         } else if Some(tok) == self.eod {
             Next::End(StopReason::Eod)
         } else {
             Next::Token(tok)
-        })
+        };
+        Ok((next, scored))
     }
 
     /// Why a block of `generated` tokens with `room` left in its row must stop, if it must.

@@ -27,11 +27,13 @@ pub mod batch;
 pub mod beam;
 mod decode;
 mod generate;
+pub mod logprobs;
 pub mod sampling;
 
 pub use beam::{BeamConfig, Hypothesis};
 pub use decode::{block_position, Blank, Decoder};
 pub use generate::{chat_prompt, FillPlan, Generation, Generator, Next, Span, StopReason, TextStream, CHAT_STOP};
+pub use logprobs::TokenLogprob;
 pub use sampling::{Sampler, SamplingConfig};
 
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use glm_infer::batch::{Engine, EngineOptions, Event, Request, Sink, Task};
-use glm_infer::{Error, Generation, Generator, SamplingConfig};
+use glm_infer::{Blank, Decoder, Error, Generation, Generator, SamplingConfig, TokenLogprob};
 use glm_model::{Config, Glm};
 use glm_nn::{DenseFactory, LinearFactory};
 use glm_quant::{Bits, QuantFactory};
@@ -81,6 +81,7 @@ fn requests() -> Vec<Request> {
         sampling,
         stops: vec![],
         deadline: None,
+        logprobs: None,
     };
     let greedy = |n| SamplingConfig { min_new_tokens: n, ..SamplingConfig::greedy(n) };
     let sampled = |seed| SamplingConfig { seed, max_new_tokens: 12, min_new_tokens: 12, ..SamplingConfig::default() };
@@ -96,12 +97,14 @@ fn requests() -> Vec<Request> {
             sampling: greedy(4),
             stops: vec![],
             deadline: None,
+            logprobs: None,
         },
         Request {
             task: Task::Fill { text: "Paris is the capital of [MASK]. [gMASK]".into() },
             sampling: greedy(3),
             stops: vec![],
             deadline: None,
+            logprobs: None,
         },
     ]
 }
@@ -160,6 +163,7 @@ fn admission_follows_the_batch_size_and_the_kv_budget() -> Result<()> {
         sampling: SamplingConfig { min_new_tokens: n, ..SamplingConfig::greedy(n) },
         stops: vec![],
         deadline: None,
+        logprobs: None,
     };
     let g = Generator::new(&m, &tok)?;
     let probe = Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 4, kv_budget_bytes: u64::MAX })?;
@@ -202,8 +206,13 @@ fn cancelled_and_late_requests_leave_the_batch() -> Result<()> {
     let m = model(&Config::tiny(), &DenseFactory)?;
     let mut engine = Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 4, kv_budget_bytes: 1 << 30 })?;
     let long = SamplingConfig { min_new_tokens: 60, ..SamplingConfig::greedy(60) };
-    let req =
-        |deadline| Request { task: Task::Complete { prompt: "Hi".into() }, sampling: long, stops: vec![], deadline };
+    let req = |deadline| Request {
+        task: Task::Complete { prompt: "Hi".into() },
+        sampling: long,
+        stops: vec![],
+        deadline,
+        logprobs: None,
+    };
     let (gone, late, fine) = (Collect::default(), Collect::default(), Collect::default());
     engine.admit(engine.prepare(req(None))?, Box::new(gone.clone()));
     engine.admit(engine.prepare(req(Some(Instant::now() + Duration::from_millis(1))))?, Box::new(late.clone()));
@@ -219,5 +228,105 @@ fn cancelled_and_late_requests_leave_the_batch() -> Result<()> {
     run_all(&mut engine, std::slice::from_ref(&fine))?;
     ensure!(matches!(fine.done(), Some((Ok(g), _)) if g.tokens.len() == 60));
     ensure!(engine.reserved() == 0);
+    Ok(())
+}
+
+impl Collect {
+    /// The log-probabilities streamed for each blank, in order.
+    fn logprobs(&self) -> Vec<Vec<TokenLogprob>> {
+        let mut out: Vec<Vec<TokenLogprob>> = Vec::new();
+        let Ok(events) = self.events.lock() else { return out };
+        for e in events.iter() {
+            if let Event::Text { blank, logprobs, .. } = e {
+                out.resize_with(out.len().max(blank + 1), Vec::new);
+                out[*blank].extend(logprobs.iter().cloned());
+            }
+        }
+        out
+    }
+}
+
+/// log p of every id under a logits row, computed here (f64, max-shifted) as the oracle.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    row.iter().map(|&x| x as f64 - max - z.ln()).collect()
+}
+
+#[test]
+fn logprobs_are_the_models_log_softmax_and_leave_the_draw_unchanged() -> Result<()> {
+    let tok = Tokenizer::default_glm()?;
+    for (name, m) in models()? {
+        let mut engine =
+            Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30 })?;
+        let reqs: Vec<Request> = requests().into_iter().map(|r| Request { logprobs: Some(5), ..r }).collect();
+        let sinks: Vec<Collect> = reqs.iter().map(|_| Collect::default()).collect();
+        for (r, s) in reqs.iter().zip(&sinks) {
+            let p = engine.prepare(r.clone())?;
+            engine.admit(p, Box::new(s.clone()));
+        }
+        run_all(&mut engine, &sinks)?;
+        let g = Generator::new(&m, &tok)?;
+        let layout: Vec<u32> =
+            ["[MASK]", "[gMASK]", "[sMASK]", "<sop>"].iter().filter_map(|t| tok.token_id(t)).collect();
+        let ends: Vec<u32> = ["<eop>", "<eod>"].iter().filter_map(|t| tok.token_id(t)).collect();
+        for (i, (r, s)) in reqs.iter().zip(&sinks).enumerate() {
+            let (got, _) = s.done().context("not done")?;
+            let got = got.map_err(anyhow::Error::msg)?;
+            // Asking for logprobs does not change what is drawn.
+            let want = alone(&g, r)?;
+            ensure!(
+                got.tokens == want.tokens,
+                "{name} request {i}: {:?} with logprobs, {:?} without",
+                got.tokens,
+                want.tokens
+            );
+            let per_blank = s.logprobs();
+            ensure!(per_blank.len() == got.spans.len(), "{name} request {i}: logprobs for {} blanks", per_blank.len());
+            for (lp, span) in per_blank.iter().zip(&got.spans) {
+                let ids: Vec<u32> = lp.iter().map(|t| t.token).collect();
+                ensure!(ids == span.tokens, "{name} request {i}: logprobs for {ids:?}, span {:?}", span.tokens);
+                for t in lp {
+                    ensure!(t.top.len() == 5, "{name} request {i}: {} alternatives", t.top.len());
+                    ensure!(t.top.windows(2).all(|w| w[0].1 >= w[1].1), "{name} request {i}: unsorted {:?}", t.top);
+                    ensure!(
+                        t.top.iter().all(|(id, _)| !layout.contains(id)),
+                        "{name}: a layout token offered: {:?}",
+                        t.top
+                    );
+                    ensure!(t.logprob <= 0.0 && t.logprob <= t.top[0].1 + 1e-6, "{name} request {i}: {t:?}");
+                    // Greedy takes the likeliest token that is not an end (min_new_tokens holds them off).
+                    let first = t.top.iter().find(|(id, _)| !ends.contains(id)).context("no alternative")?;
+                    if r.sampling.is_greedy() {
+                        ensure!(
+                            first.0 == t.token,
+                            "{name} request {i}: greedy chose {} but {first:?} is likeliest",
+                            t.token
+                        );
+                    }
+                }
+            }
+            // The oracle: the completion's rows decoded here, each position's log-softmax.
+            if let Task::Complete { prompt } = &r.task {
+                let (_, context) = g.gmask_context(prompt)?;
+                let mut dec = Decoder::new(&m, &context, Blank::Gmask)?;
+                let mut row = dec.feed(&[tok.token_id("<sop>").context("sop")?])?;
+                for t in &per_blank[0] {
+                    let want = log_softmax(&row);
+                    let d = (t.logprob as f64 - want[t.token as usize]).abs();
+                    ensure!(
+                        d < 1e-4,
+                        "{name} request {i}: logprob {} vs {} from the logits",
+                        t.logprob,
+                        want[t.token as usize]
+                    );
+                    for &(id, lp) in &t.top {
+                        ensure!((lp as f64 - want[id as usize]).abs() < 1e-4, "{name} request {i}: alternative {id}");
+                    }
+                    row = dec.feed(&[t.token])?;
+                }
+            }
+        }
+    }
     Ok(())
 }
