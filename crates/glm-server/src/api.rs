@@ -79,6 +79,8 @@ pub struct Parsed {
     pub echo: bool,
     /// Completions with `suffix`: the blank between prompt and suffix is what is returned.
     pub suffix: bool,
+    /// Some(k): each token's log-probability with its k likeliest alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// Reads `body` for `endpoint`.
@@ -107,9 +109,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
     if r.count("best_of")?.is_some_and(|b| b != n) {
         return Err(ApiError::param("best_of", "best_of is not supported (only best_of = n)"));
     }
-    if !matches!(o.get("logprobs"), None | Some(Value::Null) | Some(Value::Bool(false))) {
-        return Err(ApiError::param("logprobs", "logprobs are not supported"));
-    }
+    let logprobs = r.logprobs(endpoint)?;
     for name in ["presence_penalty", "frequency_penalty"] {
         if r.number(name)?.is_some_and(|x| x != 0.0) {
             return Err(ApiError::param(name, format!("{name} is not supported (only 0)")));
@@ -170,6 +170,13 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
     if echo && endpoint != Endpoint::Completions {
         return Err(ApiError::param("echo", "echo is for /v1/completions"));
     }
+    if echo && logprobs.is_some() {
+        return Err(ApiError::param(
+            "echo",
+            "echo with logprobs is not supported: a GLM prompt is a bidirectional context, so its tokens have no \
+             left-to-right log-probabilities (score texts with `glm eval`)",
+        ));
+    }
 
     let (task, suffix) = match endpoint {
         Endpoint::Completions => {
@@ -208,7 +215,19 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
     if endpoint == Endpoint::Chat {
         stops.push(glm_infer::CHAT_STOP.to_string());
     }
-    Ok(Parsed { model, task, sampling, n, seeded: seed.is_some(), stops, stream, include_usage, echo, suffix })
+    Ok(Parsed {
+        model,
+        task,
+        sampling,
+        n,
+        seeded: seed.is_some(),
+        stops,
+        stream,
+        include_usage,
+        echo,
+        suffix,
+        logprobs,
+    })
 }
 
 /// OpenAI's finish_reason for why a block stopped.
@@ -264,6 +283,37 @@ impl Reader<'_> {
                 (Some(u), _) => usize::try_from(u).map(Some).map_err(|_| bad()),
                 (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => Ok(Some(f as usize)),
                 _ => Err(bad()),
+            },
+        }
+    }
+
+    /// Completions: `logprobs` = k alternatives (0..=20). Chat: `logprobs` true, with
+    /// `top_logprobs` = k (0..=20).
+    fn logprobs(&self, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+        let most = glm_infer::logprobs::MAX_TOP_LOGPROBS;
+        let within = |name: &str, k: usize| match k <= most {
+            true => Ok(k),
+            false => Err(ApiError::param(name, format!("{name} must be between 0 and {most}, got {k}"))),
+        };
+        match endpoint {
+            Endpoint::Completions => match self.get("logprobs") {
+                None | Some(Value::Bool(false)) => Ok(None),
+                Some(Value::Bool(true)) => {
+                    Err(ApiError::param("logprobs", format!("logprobs on /v1/completions is a count (0 to {most})")))
+                }
+                Some(_) => Ok(Some(within("logprobs", self.count("logprobs")?.unwrap_or(0))?)),
+            },
+            Endpoint::Chat => {
+                let top = self.count("top_logprobs")?;
+                match (self.bool("logprobs")?.unwrap_or(false), top) {
+                    (true, k) => Ok(Some(within("top_logprobs", k.unwrap_or(0))?)),
+                    (false, Some(_)) => Err(ApiError::param("top_logprobs", "top_logprobs needs logprobs: true")),
+                    (false, None) => Ok(None),
+                }
+            }
+            Endpoint::Infill => match self.get("logprobs") {
+                None | Some(Value::Bool(false)) => Ok(None),
+                Some(_) => Err(ApiError::param("logprobs", "infill does not return logprobs")),
             },
         }
     }

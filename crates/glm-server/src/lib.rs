@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod loadgen;
+mod logprobs;
 pub mod metrics;
 mod sse;
 mod worker;
@@ -30,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use glm_infer::batch::{EngineOptions, Event, Request, Task};
-use glm_infer::{Error as InferError, Generation};
+use glm_infer::{Error as InferError, Generation, TokenLogprob};
 use glm_model::Glm;
 use glm_tokenizer::Tokenizer;
 use serde_json::{json, Value};
@@ -310,6 +311,7 @@ pub(crate) struct Answer {
     pub model: String,
     pub arrived: Instant,
     pub prompt: String,
+    pub tok: Arc<Tokenizer>,
 }
 
 async fn generate(
@@ -360,6 +362,7 @@ async fn generate(
             sampling: glm_infer::SamplingConfig { seed: sampling.seed.wrapping_add(i as u64), ..sampling },
             stops: parsed.stops.clone(),
             deadline: Some(arrived + s.opts.request_timeout),
+            logprobs: parsed.logprobs,
         };
         let (events, rx) = mpsc::unbounded_channel();
         sent = s.queue.try_send(Job { request, events });
@@ -396,6 +399,7 @@ async fn generate(
         model: s.opts.model_name.clone(),
         arrived,
         prompt,
+        tok: s.tok.clone(),
     };
     if answer.parsed.stream {
         return Ok(sse::response(answer, receivers, s.metrics.clone()));
@@ -403,13 +407,13 @@ async fn generate(
     let results = futures_util::future::join_all(receivers.into_iter().map(|rx| collect(rx, arrived))).await;
     let (mut generations, mut prompt_tokens, mut ttft) = (Vec::new(), 0, None::<Duration>);
     for r in results {
-        let (g, n, t) = r?;
+        let Collected { generation: g, prompt_tokens: n, first_text: t, logprobs } = r?;
         prompt_tokens = n;
         ttft = match (ttft, t) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        generations.push(g);
+        generations.push((g, logprobs));
     }
     if let Some(t) = ttft {
         s.metrics.time_to_first_token.observe(t.as_secs_f64());
@@ -418,19 +422,30 @@ async fn generate(
     Ok(Json(answer.body(&generations, prompt_tokens)).into_response())
 }
 
-/// Waits for one choice's end: its generation, the prompt's tokens, and when its first text came.
-async fn collect(
-    mut rx: mpsc::UnboundedReceiver<Event>,
-    arrived: Instant,
-) -> Result<(Generation, usize, Option<Duration>), ApiError> {
-    let (mut prompt_tokens, mut first) = (0, None);
+/// One choice, whole.
+struct Collected {
+    generation: Generation,
+    prompt_tokens: usize,
+    /// When its first text came.
+    first_text: Option<Duration>,
+    /// Its tokens' log-probabilities, when asked.
+    logprobs: Vec<TokenLogprob>,
+}
+
+/// Waits for one choice's end.
+async fn collect(mut rx: mpsc::UnboundedReceiver<Event>, arrived: Instant) -> Result<Collected, ApiError> {
+    let (mut prompt_tokens, mut first, mut scored) = (0, None, Vec::new());
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Started { prompt_tokens: n } => prompt_tokens = n,
-            Event::Text { .. } => {
+            Event::Text { logprobs, .. } => {
                 first.get_or_insert(arrived.elapsed());
+                scored.extend(logprobs);
             }
-            Event::Done(r) => return r.map(|g| (g, prompt_tokens, first)).map_err(|e| infer_error(&e)),
+            Event::Done(r) => {
+                let generation = r.map_err(|e| infer_error(&e))?;
+                return Ok(Collected { generation, prompt_tokens, first_text: first, logprobs: scored });
+            }
         }
     }
     Err(ApiError::new(500, "server_error", "the engine stopped before the request finished"))
@@ -462,21 +477,31 @@ impl Answer {
         json!({"prompt_tokens": prompt_tokens, "completion_tokens": c, "total_tokens": prompt_tokens + c})
     }
 
+    /// A choice's `logprobs`: null unless asked; `offset` is where `scored`'s text starts.
+    pub(crate) fn logprobs(&self, scored: &[TokenLogprob], offset: &mut usize) -> Value {
+        match (self.parsed.logprobs, self.endpoint) {
+            (None, _) => Value::Null,
+            (Some(_), Endpoint::Chat) => logprobs::chat(&self.tok, scored),
+            (Some(_), _) => logprobs::completion(&self.tok, scored, offset),
+        }
+    }
+
     /// The whole (non-streamed) response body, one choice per generation.
-    fn body(&self, gens: &[Generation], prompt_tokens: usize) -> Value {
-        let usage = Self::usage(prompt_tokens, gens.iter().map(|g| g.tokens.len()).sum());
+    fn body(&self, gens: &[(Generation, Vec<TokenLogprob>)], prompt_tokens: usize) -> Value {
+        let usage = Self::usage(prompt_tokens, gens.iter().map(|(g, _)| g.tokens.len()).sum());
         let choices = |chat: bool| -> Vec<Value> {
-            let choice = |(i, g): (usize, &Generation)| {
+            let choice = |(i, (g, scored)): (usize, &(Generation, Vec<TokenLogprob>))| {
                 let finish = api::finish_reason(g.stop);
+                let logprobs = self.logprobs(scored, &mut 0);
                 match chat {
                     true => json!({"index": i, "message": {"role": "assistant", "content": self.text(g)},
-                                   "logprobs": null, "finish_reason": finish}),
-                    false => json!({"index": i, "text": self.text(g), "logprobs": null, "finish_reason": finish}),
+                                   "logprobs": logprobs, "finish_reason": finish}),
+                    false => json!({"index": i, "text": self.text(g), "logprobs": logprobs, "finish_reason": finish}),
                 }
             };
             gens.iter().enumerate().map(choice).collect()
         };
-        match (self.endpoint, gens.first()) {
+        match (self.endpoint, gens.first().map(|(g, _)| g)) {
             (Endpoint::Completions, _) => {
                 self.envelope("text_completion", json!({"choices": choices(false), "usage": usage}))
             }

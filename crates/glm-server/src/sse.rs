@@ -12,6 +12,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use glm_infer::batch::Event;
+use glm_infer::TokenLogprob;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -34,11 +35,24 @@ struct Stream {
     running: usize,
     first_token: bool,
     over: bool,
+    /// Per choice: the character its next token's text starts at (completions' text_offset).
+    offsets: Vec<usize>,
 }
 
 impl Stream {
-    /// One chunk: `choices: [{index 0, text | delta, finish_reason}]`.
-    fn chunk(&self, index: usize, text: Option<&str>, finish: Option<&str>) -> Value {
+    /// One chunk: `choices: [{index, text | delta, logprobs, finish_reason}]`; `logprobs` are
+    /// those of the tokens behind `text` (None: a chunk without tokens).
+    fn chunk(
+        &mut self,
+        index: usize,
+        text: Option<&str>,
+        scored: Option<&[TokenLogprob]>,
+        finish: Option<&str>,
+    ) -> Value {
+        let logprobs = match (scored, self.offsets.get_mut(index)) {
+            (Some(scored), Some(offset)) => self.answer.logprobs(scored, offset),
+            _ => Value::Null,
+        };
         let a = &self.answer;
         let choice = match a.endpoint {
             Endpoint::Chat => {
@@ -46,9 +60,9 @@ impl Stream {
                     Some(t) => json!({"content": t}),
                     None => json!({}),
                 };
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
-            _ => json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            _ => json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish}),
         };
         a.envelope(self.object(), json!({"choices": [choice]}))
     }
@@ -61,7 +75,7 @@ impl Stream {
     }
 
     /// What opens a choice: chat's role, or the echoed prompt.
-    fn opening(&self, index: usize) -> Option<Bytes> {
+    fn opening(&mut self, index: usize) -> Option<Bytes> {
         let a = &self.answer;
         match a.endpoint {
             Endpoint::Chat => {
@@ -69,7 +83,10 @@ impl Stream {
                 let choice = json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null});
                 Some(sse_event(&a.envelope(self.object(), json!({"choices": [choice]}))).into())
             }
-            _ if a.parsed.echo => Some(sse_event(&self.chunk(index, Some(&a.prompt), None)).into()),
+            _ if a.parsed.echo => {
+                let prompt = a.prompt.clone();
+                Some(sse_event(&self.chunk(index, Some(&prompt), None, None)).into())
+            }
             _ => None,
         }
     }
@@ -78,7 +95,7 @@ impl Stream {
     fn finished(&mut self, index: usize, g: glm_infer::Generation) -> Bytes {
         self.completion_tokens += g.tokens.len();
         self.running = self.running.saturating_sub(1);
-        let mut out = sse_event(&self.chunk(index, None, Some(finish_reason(g.stop))));
+        let mut out = sse_event(&self.chunk(index, None, None, Some(finish_reason(g.stop))));
         if self.running == 0 {
             self.over = true;
             self.metrics.request_duration.observe(self.answer.arrived.elapsed().as_secs_f64());
@@ -112,12 +129,12 @@ impl Stream {
                         None => continue,
                     }
                 }
-                Some((i, Event::Text { delta, .. })) => {
+                Some((i, Event::Text { delta, logprobs, .. })) => {
                     if self.first_token {
                         self.first_token = false;
                         self.metrics.time_to_first_token.observe(self.answer.arrived.elapsed().as_secs_f64());
                     }
-                    sse_event(&self.chunk(i, Some(&delta), None)).into()
+                    sse_event(&self.chunk(i, Some(&delta), Some(&logprobs), None)).into()
                 }
                 Some((i, Event::Done(Ok(g)))) => self.finished(i, g),
                 Some((_, Event::Done(Err(e)))) => self.failed(infer_error(&e)),
@@ -149,6 +166,7 @@ pub(crate) fn response(
         running,
         first_token: true,
         over: false,
+        offsets: vec![0; running],
     };
     let body = Body::from_stream(futures_util::stream::unfold(st, Stream::next));
     (

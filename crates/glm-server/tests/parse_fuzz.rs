@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 const ENDPOINTS: [Endpoint; 3] = [Endpoint::Completions, Endpoint::Chat, Endpoint::Infill];
-const FIELDS: [&str; 20] = [
+const FIELDS: [&str; 21] = [
     "model",
     "prompt",
     "messages",
@@ -24,6 +24,7 @@ const FIELDS: [&str; 20] = [
     "n",
     "best_of",
     "logprobs",
+    "top_logprobs",
     "suffix",
     "presence_penalty",
     "logit_bias",

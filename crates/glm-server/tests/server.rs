@@ -168,6 +168,124 @@ async fn openai_shapes_and_exact_sse_framing() -> Result<()> {
     s.stop().await
 }
 
+/// The completions shape of logprobs, checked against the choice's text: `tokens` of them, each
+/// with at most `top` alternatives, none likelier than the likeliest alternative.
+fn check_completion_logprobs(lp: &Value, text: &str, tokens: usize, top: usize) -> Result<()> {
+    let toks: Vec<&str> = lp["tokens"].as_array().context("tokens")?.iter().filter_map(Value::as_str).collect();
+    let lps: Vec<f64> =
+        lp["token_logprobs"].as_array().context("token_logprobs")?.iter().filter_map(Value::as_f64).collect();
+    let tops = lp["top_logprobs"].as_array().context("top_logprobs")?;
+    let offsets: Vec<u64> =
+        lp["text_offset"].as_array().context("text_offset")?.iter().filter_map(Value::as_u64).collect();
+    ensure!([lps.len(), tops.len(), offsets.len(), toks.len()] == [tokens; 4], "{tokens} tokens: {lp}");
+    for (i, l) in lps.iter().enumerate() {
+        let alts = tops[i].as_object().context("top_logprobs entry")?;
+        ensure!(*l <= 0.0 && !alts.is_empty() && alts.len() <= top, "token {i}: {lp}");
+        let best = alts.values().filter_map(Value::as_f64).fold(f64::NEG_INFINITY, f64::max);
+        ensure!(*l <= best + 1e-6, "token {i} at {l} is likelier than the likeliest alternative {best}");
+    }
+    // Unless a token is part of a character, the tokens spell the text and the offsets count it.
+    if !toks.iter().any(|t| t.starts_with("bytes:")) {
+        ensure!(toks.concat() == text, "tokens {toks:?} vs text {text:?}");
+        let mut at = 0;
+        for (t, &o) in toks.iter().zip(&offsets) {
+            ensure!(o == at, "offset {o}, expected {at}: {lp}");
+            at += t.chars().count() as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Every streamed chunk's logprobs lists, joined in order (completions shape).
+fn joined_logprobs(events: &[Value]) -> Value {
+    let mut out = json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    for e in events {
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+            if let (Some(add), Some(to)) = (e["choices"][0]["logprobs"][key].as_array(), out[key].as_array_mut()) {
+                to.extend(add.iter().cloned());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_come_whole_and_streamed_in_openai_shapes() -> Result<()> {
+    let s = Server::start(|o| o).await?;
+    let req = json!({"model": "tiny", "prompt": "The capital of France is", "max_tokens": 10, "min_tokens": 10,
+                     "temperature": 0, "logprobs": 3});
+    let (code, whole) = s.post("/v1/completions", req.to_string()).await?;
+    ensure!(code == 200, "{whole}");
+    let text = whole["choices"][0]["text"].as_str().context("text")?;
+    check_completion_logprobs(&whole["choices"][0]["logprobs"], text, 10, 3)?;
+    // Asking for logprobs changes nothing else.
+    let mut plain = req.clone();
+    plain["logprobs"] = json!(null);
+    let (_, p) = s.post("/v1/completions", plain.to_string()).await?;
+    ensure!(p["choices"][0]["text"] == text && p["choices"][0]["logprobs"].is_null(), "{p}");
+    // Streamed: each chunk carries its tokens' logprobs; together they are the whole ones.
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let (_, events) = stream(&s, "/v1/completions", sreq).await?;
+    ensure!(joined_logprobs(&events) == whole["choices"][0]["logprobs"], "{events:?} vs {whole}");
+    for e in &events {
+        let c = &e["choices"][0];
+        if c["finish_reason"].is_string() {
+            ensure!(c["logprobs"].is_null(), "{e}");
+        } else {
+            ensure!(
+                c["logprobs"]["tokens"].as_array().is_some_and(|t| !t.is_empty()),
+                "a text chunk without tokens: {e}"
+            );
+        }
+    }
+    // Sampled, with logprobs = 0: the chosen tokens only, and the draw is the one without logprobs.
+    let sampled = json!({"model": "tiny", "prompt": "Once", "max_tokens": 8, "min_tokens": 8, "temperature": 1.0,
+                         "seed": 11, "logprobs": 0});
+    let (_, a) = s.post("/v1/completions", sampled.to_string()).await?;
+    let mut b = sampled.clone();
+    b["logprobs"] = json!(null);
+    let (_, b) = s.post("/v1/completions", b.to_string()).await?;
+    ensure!(a["choices"][0]["text"] == b["choices"][0]["text"], "{a} vs {b}");
+    let lp = &a["choices"][0]["logprobs"];
+    ensure!(lp["tokens"].as_array().is_some_and(|t| t.len() == 8), "{a}");
+    ensure!(lp["top_logprobs"].as_array().is_some_and(|t| t.iter().all(|e| e == &json!({}))), "{a}");
+    // A suffix's blank: the blank's tokens.
+    let sfx = json!({"model": "tiny", "prompt": "The", "suffix": " sat.", "max_tokens": 3, "min_tokens": 3,
+                     "temperature": 0, "logprobs": 1});
+    let (code, f) = s.post("/v1/completions", sfx.to_string()).await?;
+    ensure!(code == 200, "{f}");
+    check_completion_logprobs(&f["choices"][0]["logprobs"], f["choices"][0]["text"].as_str().unwrap_or(""), 3, 1)?;
+
+    // Chat: {content: [{token, logprob, bytes, top_logprobs}]}, whole and streamed.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "min_tokens": 6,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (code, whole) = s.post("/v1/chat/completions", chat.to_string()).await?;
+    ensure!(code == 200, "{whole}");
+    let content = whole["choices"][0]["logprobs"]["content"].as_array().context("content")?;
+    ensure!(content.len() == 6, "{whole}");
+    for c in content {
+        let bytes: Vec<u8> =
+            c["bytes"].as_array().context("bytes")?.iter().filter_map(|b| b.as_u64()).map(|b| b as u8).collect();
+        let token = c["token"].as_str().context("token")?;
+        ensure!(token.starts_with("bytes:") || token.as_bytes() == bytes, "{c}");
+        ensure!(c["logprob"].as_f64().is_some_and(|l| l <= 0.0), "{c}");
+        let top = c["top_logprobs"].as_array().context("top_logprobs")?;
+        ensure!(top.len() == 2 && top.iter().all(|t| t["token"].is_string() && t["bytes"].is_array()), "{c}");
+        ensure!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64(), "{c}");
+    }
+    let mut schat = chat.clone();
+    schat["stream"] = json!(true);
+    let (_, events) = stream(&s, "/v1/chat/completions", schat).await?;
+    let streamed: Vec<Value> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["logprobs"]["content"].as_array())
+        .flat_map(|c| c.iter().cloned())
+        .collect();
+    ensure!(streamed == *content, "streamed {streamed:?}");
+    s.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
     let s = Server::start(|o| Options { max_body_bytes: 4096, max_prompt_tokens: 50, ..o }).await?;
@@ -204,7 +322,35 @@ async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
         ("/v1/completions", with("n", json!(0)), 400, "n must be between 1 and 8"),
         ("/v1/completions", with("n", json!(100)), 400, "n must be between 1 and 8"),
         ("/v1/completions", with("best_of", json!(3)), 400, "best_of"),
-        ("/v1/completions", with("logprobs", json!(5)), 400, "logprobs"),
+        ("/v1/completions", with("logprobs", json!(21)), 400, "between 0 and 20"),
+        ("/v1/completions", with("logprobs", json!(-1)), 400, "logprobs"),
+        ("/v1/completions", with("logprobs", json!(true)), 400, "a count"),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "Hi", "echo": true, "logprobs": 1}).to_string(),
+            400,
+            "bidirectional",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}).to_string(),
+            400,
+            "needs logprobs: true",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 30})
+                .to_string(),
+            400,
+            "top_logprobs must be between 0 and 20",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}).to_string(),
+            400,
+            "logprobs must be true or false",
+        ),
+        ("/v1/infill", json!({"prompt": "a [MASK]", "logprobs": 2}).to_string(), 400, "infill does not return logprobs"),
         ("/v1/completions", with("presence_penalty", json!(0.5)), 400, "presence_penalty"),
         ("/v1/completions", with("stream", json!("yes")), 400, "stream"),
         ("/v1/completions", with("min_tokens", json!(9)), 400, "min_tokens"),

@@ -262,6 +262,39 @@ def main():
             expect(c.text == one, f"choice {c.index}: {short(c.text)} vs seed {7 + c.index} alone: {short(one)}")
         return f"{len(r.choices)} choices, usage {r.usage.completion_tokens} tokens"
 
+    @check("logprobs parse into the client's types (completions logprobs=2, chat logprobs + top_logprobs=2, streamed chat)")
+    def _():
+        r = client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0, logprobs=2,
+                                      extra_body={"min_tokens": 5})
+        c = r.choices[0]
+        lp = c.logprobs
+        expect(lp is not None, "choice.logprobs is None")
+        n = r.usage.completion_tokens
+        expect(len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n,
+               f"{len(lp.tokens)} tokens, {len(lp.token_logprobs)} logprobs, {len(lp.top_logprobs)} tops, "
+               f"{len(lp.text_offset)} offsets for {n} completion tokens")
+        expect(all(isinstance(x, float) and x <= 0 for x in lp.token_logprobs), f"token_logprobs {lp.token_logprobs}")
+        expect(all(isinstance(t, dict) and 1 <= len(t) <= 2 for t in lp.top_logprobs), f"top_logprobs {lp.top_logprobs}")
+        expect(lp.text_offset == sorted(lp.text_offset), f"text_offset not increasing: {lp.text_offset}")
+        if not any(t.startswith("bytes:") for t in lp.tokens):
+            expect("".join(lp.tokens) == c.text, f"tokens {lp.tokens} do not spell {short(c.text)}")
+        ch = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                            temperature=0, logprobs=True, top_logprobs=2, extra_body={"min_tokens": 4})
+        content = ch.choices[0].logprobs.content
+        expect(len(content) == ch.usage.completion_tokens, f"{len(content)} entries, {ch.usage.completion_tokens} tokens")
+        for e in content:
+            expect(isinstance(e.token, str) and e.logprob <= 0 and isinstance(e.bytes, list), f"entry {e}")
+            expect(len(e.top_logprobs) == 2 and all(isinstance(t.token, str) for t in e.top_logprobs), f"top {e.top_logprobs}")
+        streamed = []
+        for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                                    temperature=0, logprobs=True, top_logprobs=2, stream=True,
+                                                    extra_body={"min_tokens": 4}):
+            if chunk.choices and chunk.choices[0].logprobs is not None and chunk.choices[0].logprobs.content:
+                streamed.extend(chunk.choices[0].logprobs.content)
+        expect([(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content],
+               f"streamed {[(e.token, e.logprob) for e in streamed]} vs whole {[(e.token, e.logprob) for e in content]}")
+        return f"completion tokens {lp.tokens}, chat tokens {[e.token for e in content]}"
+
     @check("errors raise the client's exception classes (404 model, 400 max_tokens=-1, 401 key)")
     def _():
         try:
