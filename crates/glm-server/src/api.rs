@@ -118,6 +118,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
     if o.get("logit_bias").is_some_and(|b| !(b.is_null() || b.as_object().is_some_and(Map::is_empty))) {
         return Err(ApiError::param("logit_bias", "logit_bias is not supported"));
     }
+    r.refuse_unsupported()?;
     let stream = r.bool("stream")?.unwrap_or(false);
     if stream && endpoint == Endpoint::Infill {
         return Err(ApiError::param("stream", "infill does not stream; leave stream unset"));
@@ -285,6 +286,32 @@ impl Reader<'_> {
                 _ => Err(bad()),
             },
         }
+    }
+
+    /// Fields that would change what the answer means, which this server cannot honour: a 400
+    /// rather than an answer that silently ignores them. Their "off" values pass.
+    fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        let off = |name: &str, v: &Value| match (name, v) {
+            ("tools" | "functions", Value::Array(a)) => a.is_empty(),
+            ("tool_choice" | "function_call", Value::String(s)) => s == "none",
+            ("response_format", Value::Object(f)) => f.get("type").and_then(Value::as_str) == Some("text"),
+            ("modalities", Value::Array(m)) => m.iter().all(|x| x == "text"),
+            _ => false,
+        };
+        for (name, why) in [
+            ("tools", "tool calls are not supported (GLM-130B and ChatGLM-6B were not trained for them)"),
+            ("tool_choice", "tool calls are not supported"),
+            ("functions", "function calls are not supported"),
+            ("function_call", "function calls are not supported"),
+            ("response_format", "only response_format {\"type\": \"text\"} is supported (no JSON mode)"),
+            ("modalities", "only the text modality is supported"),
+            ("audio", "audio output is not supported"),
+        ] {
+            if self.get(name).is_some_and(|v| !off(name, v)) {
+                return Err(ApiError::param(name, why));
+            }
+        }
+        Ok(())
     }
 
     /// Completions: `logprobs` = k alternatives (0..=20). Chat: `logprobs` true, with

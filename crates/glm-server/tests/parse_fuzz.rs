@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 const ENDPOINTS: [Endpoint; 3] = [Endpoint::Completions, Endpoint::Chat, Endpoint::Infill];
-const FIELDS: [&str; 21] = [
+const FIELDS: [&str; 24] = [
     "model",
     "prompt",
     "messages",
@@ -28,6 +28,9 @@ const FIELDS: [&str; 21] = [
     "suffix",
     "presence_penalty",
     "logit_bias",
+    "tools",
+    "tool_choice",
+    "response_format",
 ];
 
 fn any_json() -> impl Strategy<Value = Value> {

@@ -296,6 +296,11 @@ async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
         b.to_string()
     };
     let chat = |messages: Value| json!({"model": "tiny", "messages": messages}).to_string();
+    let with_chat = |k: &str, v: Value| {
+        let mut b = json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2});
+        b[k] = v;
+        b.to_string()
+    };
     let table: Vec<(&str, String, u16, &str)> = vec![
         ("/v1/completions", "{not json".into(), 400, "not valid JSON"),
         ("/v1/completions", "[1, 2]".into(), 400, "JSON object"),
@@ -351,6 +356,12 @@ async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
             "logprobs must be true or false",
         ),
         ("/v1/infill", json!({"prompt": "a [MASK]", "logprobs": 2}).to_string(), 400, "infill does not return logprobs"),
+        ("/v1/chat/completions", with_chat("tools", json!([{"type": "function"}])), 400, "tool calls are not supported"),
+        ("/v1/chat/completions", with_chat("tool_choice", json!("auto")), 400, "tool calls"),
+        ("/v1/chat/completions", with_chat("functions", json!([{"name": "f"}])), 400, "function calls"),
+        ("/v1/chat/completions", with_chat("response_format", json!({"type": "json_object"})), 400, "JSON mode"),
+        ("/v1/chat/completions", with_chat("modalities", json!(["text", "audio"])), 400, "text modality"),
+        ("/v1/chat/completions", with_chat("audio", json!({"voice": "x"})), 400, "audio"),
         ("/v1/completions", with("presence_penalty", json!(0.5)), 400, "presence_penalty"),
         ("/v1/completions", with("stream", json!("yes")), 400, "stream"),
         ("/v1/completions", with("min_tokens", json!(9)), 400, "min_tokens"),
@@ -395,9 +406,13 @@ async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
     ensure!(r.status() == 405 && r.json::<Value>().await?["error"]["message"].is_string());
     let (code, _) = s.get("/nope").await?;
     ensure!(code == 404);
-    // The server still answers after all that.
+    // The server still answers after all that, and the "off" values of refused features pass.
     let (code, _) = s.post("/v1/completions", ok.to_string()).await?;
     ensure!(code == 200);
+    let off = json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "tools": [],
+                     "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"], "logprobs": false});
+    let (code, v) = s.post("/v1/chat/completions", off.to_string()).await?;
+    ensure!(code == 200, "{v}");
     s.stop().await
 }
 
