@@ -1,7 +1,9 @@
 //! Continuous batching: many requests decoding together, joining and leaving between steps.
 //!
 //! Each [`Engine::step`] first runs the prefill of every block that starts (alone, one forward
-//! each: the context and `<sop>`), then one decode step of every running row as one ragged batch
+//! each: the context and `<sop>`; blocks starting from the same context in the same step, such as
+//! the n choices of one prompt, share one and copy its cache), then one decode step of every
+//! running row as one ragged batch
 //! ([`Decoder::feed_batch`]: the weights are read once for the whole batch, attention runs per row
 //! over its own KV cache). A row's logits are exactly those it gets decoding alone, so a request
 //! gets the same tokens batched as alone, greedy or seeded.
@@ -84,6 +86,9 @@ pub struct EngineStats {
     pub batched_rows: u64,
     pub generated_tokens: u64,
     pub prefill_tokens: u64,
+    /// Blocks that started from another block's prefill of the same context (n choices of one
+    /// prompt) instead of running their own.
+    pub shared_prefills: u64,
     pub finished: u64,
     pub failed: u64,
     pub cancelled: u64,
@@ -257,8 +262,15 @@ impl<'m> Engine<'m> {
         }
         self.sweep();
         let gen = &self.gen;
-        for a in self.active.iter_mut().filter(|a| a.block.is_none()) {
-            match start_block(gen, a, &mut self.stats) {
+        // Blocks starting from the same context (n choices of one prompt) share one prefill: the
+        // first runs it, the others start from a copy of its cache and logits, which is exactly
+        // what their own prefill would have given.
+        let starting: Vec<Option<Start>> =
+            self.active.iter().map(|a| a.block.is_none().then(|| a.next_start()).flatten()).collect();
+        let mut prefilled: Vec<(Start, Decoder<'m>, Vec<f32>)> = Vec::new();
+        for (i, a) in self.active.iter_mut().enumerate().filter(|(_, a)| a.block.is_none()) {
+            let copies = starting[i].as_ref().map_or(0, |k| starting.iter().filter(|s| s.as_ref() == Some(k)).count());
+            match start_block(gen, a, &mut self.stats, &mut prefilled, copies > 1) {
                 Ok(Some(logits)) => advance(gen, a, logits, &mut self.stats),
                 Ok(None) => {}
                 Err(e) => fail(a, e, &mut self.stats),
@@ -316,7 +328,18 @@ fn stops<'r>(job: &Job, request: &'r Request) -> &'r [String] {
     }
 }
 
+/// What a block's prefill runs: its context and which blank it fills.
+type Start = (Vec<u32>, Blank);
+
 impl Active<'_> {
+    /// The context and blank of the request's next block (None when there is none left).
+    fn next_start(&self) -> Option<Start> {
+        match &self.job {
+            Job::Complete { context, .. } => Some((context.clone(), Blank::Gmask)),
+            Job::Fill(plan) => plan.next_blank().map(|(c, b)| (c.to_vec(), b)),
+        }
+    }
+
     /// The client left: the request ends without a word.
     fn cancel(&mut self, stats: &mut EngineStats) {
         self.over = true;
@@ -333,8 +356,15 @@ fn fail(a: &mut Active, e: Error, stats: &mut EngineStats) {
 }
 
 /// Prefill of the request's next block: its context and `<sop>`; returns the first logits (None
-/// when the block is empty by its limits and already finished).
-fn start_block<'m>(gen: &Generator<'m>, a: &mut Active<'m>, stats: &mut EngineStats) -> Result<Option<Vec<f32>>> {
+/// when the block is empty by its limits and already finished). A prefill of the same context in
+/// `prefilled` is copied instead of run; with `share`, this one's is kept there for the others.
+fn start_block<'m>(
+    gen: &Generator<'m>,
+    a: &mut Active<'m>,
+    stats: &mut EngineStats,
+    prefilled: &mut Vec<(Start, Decoder<'m>, Vec<f32>)>,
+    share: bool,
+) -> Result<Option<Vec<f32>>> {
     let (context, blank, left): (&[u32], Blank, &[u32]) = match &a.job {
         Job::Complete { prompt_ids, context, .. } => (context, Blank::Gmask, prompt_ids),
         Job::Fill(plan) => match plan.next_blank() {
@@ -342,15 +372,28 @@ fn start_block<'m>(gen: &Generator<'m>, a: &mut Active<'m>, stats: &mut EngineSt
             None => return Err(Error::Input("no blank left to fill".into())),
         },
     };
-    let mut dec = Decoder::new(gen.model(), context, blank)?;
     let stream = TextStream::new(gen.tokenizer(), left);
     if a.sampler.config().max_new_tokens == 0 {
+        let dec = Decoder::new(gen.model(), context, blank)?;
         a.block = Some(Block { dec, out: Vec::new(), stream, scored: Vec::new() });
         finish_block(gen, a, StopReason::MaxNewTokens, stats);
         return Ok(None);
     }
-    let logits = dec.feed(&[gen.sop()])?;
-    stats.prefill_tokens += context.len() as u64 + 1;
+    let (dec, logits) = match prefilled.iter().find(|((c, b), ..)| c == context && *b == blank) {
+        Some((_, dec, logits)) => {
+            stats.shared_prefills += 1;
+            (dec.fork()?, logits.clone())
+        }
+        None => {
+            let mut dec = Decoder::new(gen.model(), context, blank)?;
+            let logits = dec.feed(&[gen.sop()])?;
+            stats.prefill_tokens += context.len() as u64 + 1;
+            if share {
+                prefilled.push(((context.to_vec(), blank), dec.fork()?, logits.clone()));
+            }
+            (dec, logits)
+        }
+    };
     a.block = Some(Block { dec, out: Vec::new(), stream, scored: Vec::new() });
     Ok(Some(logits))
 }

@@ -330,3 +330,68 @@ fn logprobs_are_the_models_log_softmax_and_leave_the_draw_unchanged() -> Result<
     }
     Ok(())
 }
+
+#[test]
+fn choices_of_one_prompt_share_its_prefill_and_keep_their_tokens() -> Result<()> {
+    let tok = Tokenizer::default_glm()?;
+    for (name, m) in models()? {
+        let mut engine =
+            Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30 })?;
+        let prompt = "A prompt that four choices share, long enough to be worth sharing its prefill.";
+        let sampled =
+            |seed| SamplingConfig { seed, max_new_tokens: 10, min_new_tokens: 10, ..SamplingConfig::default() };
+        let mut reqs: Vec<Request> = (0..4)
+            .map(|seed| Request {
+                task: Task::Complete { prompt: prompt.into() },
+                sampling: sampled(seed),
+                stops: vec![],
+                deadline: None,
+                logprobs: None,
+            })
+            .collect();
+        let fill = Request {
+            task: Task::Fill { text: "The [MASK] sat on the [MASK].".into() },
+            sampling: SamplingConfig { min_new_tokens: 3, ..SamplingConfig::greedy(3) },
+            stops: vec![],
+            deadline: None,
+            logprobs: None,
+        };
+        reqs.extend([fill.clone(), fill]);
+        let sinks: Vec<Collect> = reqs.iter().map(|_| Collect::default()).collect();
+        for (r, s) in reqs.iter().zip(&sinks) {
+            let p = engine.prepare(r.clone())?;
+            engine.admit(p, Box::new(s.clone()));
+        }
+        run_all(&mut engine, &sinks)?;
+        let stats = engine.stats();
+        // 3 of the 4 choices, and the second fill's two blanks (the same greedy spans before them).
+        ensure!(stats.shared_prefills == 5, "{name}: {stats:?}");
+        // Each request's prefill tokens when it runs alone: the shared run saves three of the
+        // prompt's and one fill's.
+        let mut alone_prefill = Vec::new();
+        for r in &reqs {
+            let mut e =
+                Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 1, kv_budget_bytes: 1 << 30 })?;
+            let sink = Collect::default();
+            e.admit(e.prepare(r.clone())?, Box::new(sink.clone()));
+            run_all(&mut e, std::slice::from_ref(&sink))?;
+            ensure!(e.stats().shared_prefills == 0);
+            alone_prefill.push(e.stats().prefill_tokens);
+        }
+        let saved = 3 * alone_prefill[0] + alone_prefill[4];
+        ensure!(
+            stats.prefill_tokens + saved == alone_prefill.iter().sum::<u64>(),
+            "{name}: {stats:?}, alone {alone_prefill:?}"
+        );
+        let g = Generator::new(&m, &tok)?;
+        for (i, (r, s)) in reqs.iter().zip(&sinks).enumerate() {
+            let got = s.done().context("not done")?.0.map_err(anyhow::Error::msg)?;
+            let want = alone(&g, r)?;
+            ensure!(got.tokens == want.tokens && got.text == want.text, "{name} request {i}: {got:?} vs {want:?}");
+        }
+        let texts: Vec<String> =
+            sinks[..4].iter().filter_map(|s| s.done()).filter_map(|d| d.0.ok()).map(|g| g.text).collect();
+        ensure!(texts.windows(2).any(|w| w[0] != w[1]), "{name}: four seeds gave one text: {texts:?}");
+    }
+    Ok(())
+}

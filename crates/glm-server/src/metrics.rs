@@ -100,6 +100,11 @@ impl Metrics {
             ("glm_decode_steps_total", "Batched decode steps.", e.decode_steps),
             ("glm_decode_rows_total", "Rows over all decode steps (mean batch = rows / steps).", e.batched_rows),
             ("glm_prefill_tokens_total", "Context tokens run by prefills.", e.prefill_tokens),
+            (
+                "glm_prefill_shared_total",
+                "Blocks started from a copy of another's prefill (n choices).",
+                e.shared_prefills,
+            ),
             ("glm_requests_finished_total", "Requests the engine finished.", e.finished),
             ("glm_requests_failed_total", "Requests that ended in an error (time limit included).", e.failed),
             ("glm_requests_cancelled_total", "Requests dropped because the client left.", e.cancelled),
