@@ -39,6 +39,10 @@ pub struct ServerLimits {
     /// Time limit per request, from arrival to the last token, seconds.
     #[arg(long, default_value_t = 300.0)]
     timeout_s: f64,
+    /// Prefill work per engine step, in tokens: a longer prompt is prefilled a few layers per step
+    /// while the running requests keep decoding (0: each prompt whole, stalling them meanwhile).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
 }
 
 impl ServerLimits {
@@ -56,6 +60,7 @@ impl ServerLimits {
             max_prompt_tokens: self.max_prompt_tokens.unwrap_or(max_seq),
             max_tokens: self.max_tokens,
             request_timeout: Duration::from_secs_f64(self.timeout_s),
+            prefill_chunk: self.prefill_chunk,
             ..Options::new(name, max_seq)
         };
         opts.validate()?;
@@ -150,6 +155,11 @@ pub struct ServeBenchArgs {
     /// Skip the baseline: the same server with --max-batch 1 (requests one after another).
     #[arg(long)]
     no_baseline: bool,
+    /// Instead of the levels: the most streams of --streams decode while one more client sends
+    /// prompts of this many tokens back to back; reports the streams' gaps between tokens and the
+    /// long prompts' time to first token, with --prefill-chunk and with whole prefills (chunk 0).
+    #[arg(long, default_value_t = 0)]
+    long_prompt_tokens: usize,
     /// JSON lines instead of the table.
     #[arg(long)]
     json: bool,
@@ -164,7 +174,16 @@ const PROMPTS: [&str; 4] = [
     "To make a good cup of tea, first",
 ];
 
-/// Starts a server on a free local port, runs the load levels against it, stops it.
+/// What one load level measured: the streams, the long-prompt client if there was one, and the
+/// process's memory after it.
+struct Level {
+    streams: LoadReport,
+    long: Option<LoadReport>,
+    rss: u64,
+}
+
+/// Starts a server on a free local port, runs the load levels against it, stops it. With `long`,
+/// one more client sends that prompt back to back during each level (4 tokens each).
 fn measure(
     rt: &tokio::runtime::Runtime,
     model: Arc<Glm>,
@@ -172,7 +191,8 @@ fn measure(
     opts: Options,
     levels: &[usize],
     a: &ServeBenchArgs,
-) -> Result<Vec<(LoadReport, u64)>> {
+    long: Option<&str>,
+) -> Result<Vec<Level>> {
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
@@ -192,11 +212,21 @@ fn measure(
                 max_tokens: a.tokens,
                 prompts: PROMPTS.iter().map(|s| s.to_string()).collect(),
             };
-            let r = glm_server::loadgen::run(&o).await;
-            if r.errors > 0 {
-                bail!("{} of {} requests failed at {streams} streams: {:?}", r.errors, r.requests, r.first_error);
+            let side =
+                long.map(|p| LoadOptions { streams: 1, max_tokens: 4, prompts: vec![p.to_string()], ..o.clone() });
+            let (r, long) = match &side {
+                Some(side) => {
+                    let (r, l) = tokio::join!(glm_server::loadgen::run(&o), glm_server::loadgen::run(side));
+                    (r, Some(l))
+                }
+                None => (glm_server::loadgen::run(&o).await, None),
+            };
+            for r in std::iter::once(&r).chain(&long) {
+                if r.errors > 0 {
+                    bail!("{} of {} requests failed at {streams} streams: {:?}", r.errors, r.requests, r.first_error);
+                }
             }
-            out.push((r, crate::infer_cmd::proc_status_bytes("VmRSS:")));
+            out.push(Level { streams: r, long, rss: crate::infer_cmd::proc_status_bytes("VmRSS:") });
         }
         let _ = stop_tx.send(());
         server.await.context("server task")??;
@@ -205,6 +235,9 @@ fn measure(
 }
 
 pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
+    if a.long_prompt_tokens > 0 {
+        return bench_long_prompts(a);
+    }
     let rt = runtime()?;
     let mut rows = Vec::new();
     // Memory after each level (the process: server and clients): it should not grow with load.
@@ -215,15 +248,15 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
         let name = cfg.name.clone();
         let (model, tok) = (Arc::new(model), Arc::new(tok));
         let opts = a.limits.options(name.clone(), &model, None)?;
-        let batched = measure(&rt, model.clone(), tok.clone(), opts.clone(), &a.streams, &a)?;
-        for (r, rss) in batched {
-            rows.push((name.clone(), precision.clone(), format!("batch {}", opts.max_batch), r, rss));
+        let batched = measure(&rt, model.clone(), tok.clone(), opts.clone(), &a.streams, &a, None)?;
+        for l in batched {
+            rows.push((name.clone(), precision.clone(), format!("batch {}", opts.max_batch), l.streams, l.rss));
         }
         if !a.no_baseline {
             let top = a.streams.iter().copied().max().unwrap_or(1);
             let one = Options { max_batch: 1, ..opts.clone() };
-            for (r, rss) in measure(&rt, model.clone(), tok.clone(), one, &[top], &a)? {
-                rows.push((name.clone(), precision.clone(), "batch 1 (baseline)".to_string(), r, rss));
+            for l in measure(&rt, model.clone(), tok.clone(), one, &[top], &a, None)? {
+                rows.push((name.clone(), precision.clone(), "batch 1 (baseline)".to_string(), l.streams, l.rss));
             }
         }
     }
@@ -252,6 +285,60 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
             r.ttft_quantile(0.9) * 1e3,
             rss >> 20
         );
+    }
+    Ok(())
+}
+
+/// A prompt of exactly `n` tokens (a text repeated, its tokens cut at n and decoded).
+fn prompt_of(tok: &Tokenizer, n: usize) -> Result<String> {
+    let text = PROMPTS.join(" ");
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        ids.extend(tok.encode(&text));
+    }
+    ids.truncate(n);
+    let prompt = tok.decode(&ids)?;
+    let got = tok.encode(&prompt).len();
+    if got.abs_diff(n) > n / 20 + 2 {
+        bail!("a prompt of {n} tokens came back as {got}");
+    }
+    Ok(prompt)
+}
+
+/// The streams' gaps between tokens while long prompts keep arriving, with --prefill-chunk and
+/// with whole prefills (chunk 0) in the same run.
+fn bench_long_prompts(a: ServeBenchArgs) -> Result<()> {
+    let rt = runtime()?;
+    let streams = a.streams.iter().copied().max().unwrap_or(1);
+    let chunks = if a.limits.prefill_chunk == 0 { vec![0] } else { vec![a.limits.prefill_chunk, 0] };
+    println!(
+        "| model | precision | prefill chunk | streams | tokens/s (streams) | gap p50 | gap p99 | gap max | long prompts ({} tokens) | their TTFT p50 |",
+        a.long_prompt_tokens
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for precision in &a.precisions {
+        let bits = crate::infer_cmd::precision_bits(precision)?;
+        let (cfg, model) = crate::infer_cmd::bench_model(a.model.as_deref(), &a.arch, bits)?;
+        let (tok, _) = glm_data::load_tokenizer(None)?;
+        let long = prompt_of(&tok, a.long_prompt_tokens)?;
+        let (model, tok) = (Arc::new(model), Arc::new(tok));
+        for &chunk in &chunks {
+            let opts = Options { prefill_chunk: chunk, ..a.limits.options(cfg.name.clone(), &model, None)? };
+            for l in measure(&rt, model.clone(), tok.clone(), opts, &[streams], &a, Some(&long))? {
+                let (r, lp) = (&l.streams, l.long.unwrap_or_default());
+                println!(
+                    "| {} | {precision} | {} | {streams} | {:.1} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {:.0} ms |",
+                    cfg.name,
+                    if chunk == 0 { "0 (whole)".to_string() } else { chunk.to_string() },
+                    r.tokens_per_s(),
+                    r.itl_quantile(0.5) * 1e3,
+                    r.itl_quantile(0.99) * 1e3,
+                    r.itl_quantile(1.0) * 1e3,
+                    lp.requests,
+                    lp.ttft_quantile(0.5) * 1e3,
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -76,6 +76,9 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// KV cache all running requests may reserve together.
     pub kv_budget_bytes: u64,
+    /// Prefill work per step, in tokens run through every layer: a longer prefill is spread over
+    /// steps a few layers at a time, so the running rows keep decoding meanwhile (0: no bound).
+    pub prefill_chunk: usize,
 }
 
 /// Counters since the engine started.
@@ -120,6 +123,8 @@ enum Job {
 }
 
 struct Block<'m> {
+    /// What its prefill runs (other blocks starting from the same copy its result).
+    start: Start,
     dec: Decoder<'m>,
     out: Vec<u32>,
     stream: TextStream<'m>,
@@ -262,15 +267,32 @@ impl<'m> Engine<'m> {
         }
         self.sweep();
         let gen = &self.gen;
+        let mut budget = Budget::new(self.opts.prefill_chunk, gen.model().config().num_layers);
         // Blocks starting from the same context (n choices of one prompt) share one prefill: the
         // first runs it, the others start from a copy of its cache and logits, which is exactly
         // what their own prefill would have given.
-        let starting: Vec<Option<Start>> =
-            self.active.iter().map(|a| a.block.is_none().then(|| a.next_start()).flatten()).collect();
+        let mut waiting: Vec<Start> =
+            self.active.iter().filter(|a| a.block.is_none() && !a.over).filter_map(Active::next_start).collect();
         let mut prefilled: Vec<(Start, Decoder<'m>, Vec<f32>)> = Vec::new();
-        for (i, a) in self.active.iter_mut().enumerate().filter(|(_, a)| a.block.is_none()) {
-            let copies = starting[i].as_ref().map_or(0, |k| starting.iter().filter(|s| s.as_ref() == Some(k)).count());
-            match start_block(gen, a, &mut self.stats, &mut prefilled, copies > 1) {
+        // Prefills under way go on first, oldest first.
+        for a in self.active.iter_mut().filter(|a| a.block.as_ref().is_some_and(|b| b.dec.feed_layers_left() > 0)) {
+            match continue_prefill(a, &mut budget, &waiting, &mut prefilled) {
+                Ok(Some(logits)) => advance(gen, a, logits, &mut self.stats),
+                Ok(None) => {}
+                Err(e) => fail(a, e, &mut self.stats),
+            }
+        }
+        let mut under_way: Vec<Start> = self
+            .active
+            .iter()
+            .filter_map(|a| {
+                a.block.as_ref().filter(|b| b.dec.feed_layers_left() > 0 && !a.over).map(|b| b.start.clone())
+            })
+            .collect();
+        let mut starts =
+            Starts { budget: &mut budget, waiting: &mut waiting, prefilled: &mut prefilled, under_way: &mut under_way };
+        for a in self.active.iter_mut().filter(|a| a.block.is_none() && !a.over) {
+            match start_block(gen, a, &mut starts, &mut self.stats) {
                 Ok(Some(logits)) => advance(gen, a, logits, &mut self.stats),
                 Ok(None) => {}
                 Err(e) => fail(a, e, &mut self.stats),
@@ -355,47 +377,130 @@ fn fail(a: &mut Active, e: Error, stats: &mut EngineStats) {
     }
 }
 
-/// Prefill of the request's next block: its context and `<sop>`; returns the first logits (None
-/// when the block is empty by its limits and already finished). A prefill of the same context in
-/// `prefilled` is copied instead of run; with `share`, this one's is kept there for the others.
+/// Prefill work one step may still do, in token-layers (None: no bound).
+struct Budget {
+    left: Option<usize>,
+    ran: bool,
+}
+
+impl Budget {
+    /// `chunk` tokens through each of `layers` layers (0: no bound).
+    fn new(chunk: usize, layers: usize) -> Self {
+        Self { left: (chunk > 0).then_some(chunk * layers), ran: false }
+    }
+
+    /// Layers to run now of a `tokens`-token prefill with `remaining` left: as many as fit, and
+    /// at least one when no prefill ran yet this step, so prefills always move; 0: wait.
+    fn take(&mut self, tokens: usize, remaining: usize) -> usize {
+        let fit = self.left.map_or(remaining, |l| (l / tokens.max(1)).min(remaining));
+        let n = if fit == 0 && !self.ran { remaining.min(1) } else { fit };
+        if let Some(l) = self.left.as_mut() {
+            *l = l.saturating_sub(n * tokens);
+        }
+        self.ran |= n > 0;
+        n
+    }
+}
+
+/// What the blocks starting in one step share.
+struct Starts<'s, 'm> {
+    budget: &'s mut Budget,
+    /// The contexts of the blocks waiting to start (one entry each).
+    waiting: &'s mut Vec<Start>,
+    /// Prefills done this step that a waiting block can copy.
+    prefilled: &'s mut Vec<(Start, Decoder<'m>, Vec<f32>)>,
+    /// Contexts whose prefill is under way: blocks with them wait for it.
+    under_way: &'s mut Vec<Start>,
+}
+
+/// Removes one entry `k` of `v`.
+fn remove_one(v: &mut Vec<Start>, k: &Start) {
+    if let Some(i) = v.iter().position(|x| x == k) {
+        v.swap_remove(i);
+    }
+}
+
+/// A finished prefill's copy, kept for the waiting blocks with the same context.
+fn share<'m>(
+    b: &Block<'m>,
+    logits: &[f32],
+    waiting: &[Start],
+    prefilled: &mut Vec<(Start, Decoder<'m>, Vec<f32>)>,
+) -> Result<()> {
+    if waiting.contains(&b.start) && !prefilled.iter().any(|(k, ..)| *k == b.start) {
+        prefilled.push((b.start.clone(), b.dec.fork()?, logits.to_vec()));
+    }
+    Ok(())
+}
+
+/// More of a block's prefill under way, within the budget; its first logits once done.
+fn continue_prefill<'m>(
+    a: &mut Active<'m>,
+    budget: &mut Budget,
+    waiting: &[Start],
+    prefilled: &mut Vec<(Start, Decoder<'m>, Vec<f32>)>,
+) -> Result<Option<Vec<f32>>> {
+    let Some(b) = a.block.as_mut() else { return Ok(None) };
+    let n = budget.take(b.dec.tokens().len(), b.dec.feed_layers_left());
+    if n == 0 {
+        return Ok(None);
+    }
+    let logits = b.dec.continue_feed(n)?;
+    if let Some(l) = &logits {
+        share(b, l, waiting, prefilled)?;
+    }
+    Ok(logits)
+}
+
+/// Starts the request's next block: a copy of a prefill of the same context done this step, or
+/// its own prefill of the context and `<sop>` (as much of it as the budget allows; it waits when
+/// the budget is spent or the same context is being prefilled). Returns the first logits once
+/// there are any (None also when the block is empty by its limits and already finished).
 fn start_block<'m>(
     gen: &Generator<'m>,
     a: &mut Active<'m>,
+    st: &mut Starts<'_, 'm>,
     stats: &mut EngineStats,
-    prefilled: &mut Vec<(Start, Decoder<'m>, Vec<f32>)>,
-    share: bool,
 ) -> Result<Option<Vec<f32>>> {
-    let (context, blank, left): (&[u32], Blank, &[u32]) = match &a.job {
-        Job::Complete { prompt_ids, context, .. } => (context, Blank::Gmask, prompt_ids),
-        Job::Fill(plan) => match plan.next_blank() {
-            Some((context, blank)) => (context, blank, plan.left_of_next()),
-            None => return Err(Error::Input("no blank left to fill".into())),
-        },
+    let Some(start) = a.next_start() else { return Err(Error::Input("no blank left to fill".into())) };
+    let left = match &a.job {
+        Job::Complete { prompt_ids, .. } => prompt_ids.as_slice(),
+        Job::Fill(plan) => plan.left_of_next(),
     };
     let stream = TextStream::new(gen.tokenizer(), left);
+    let block = |dec, start| Block { start, dec, out: Vec::new(), stream, scored: Vec::new() };
     if a.sampler.config().max_new_tokens == 0 {
-        let dec = Decoder::new(gen.model(), context, blank)?;
-        a.block = Some(Block { dec, out: Vec::new(), stream, scored: Vec::new() });
+        a.block = Some(block(Decoder::new(gen.model(), &start.0, start.1)?, start));
         finish_block(gen, a, StopReason::MaxNewTokens, stats);
         return Ok(None);
     }
-    let (dec, logits) = match prefilled.iter().find(|((c, b), ..)| c == context && *b == blank) {
-        Some((_, dec, logits)) => {
-            stats.shared_prefills += 1;
-            (dec.fork()?, logits.clone())
-        }
-        None => {
-            let mut dec = Decoder::new(gen.model(), context, blank)?;
-            let logits = dec.feed(&[gen.sop()])?;
-            stats.prefill_tokens += context.len() as u64 + 1;
-            if share {
-                prefilled.push(((context.to_vec(), blank), dec.fork()?, logits.clone()));
-            }
-            (dec, logits)
-        }
-    };
-    a.block = Some(Block { dec, out: Vec::new(), stream, scored: Vec::new() });
-    Ok(Some(logits))
+    if let Some((_, dec, logits)) = st.prefilled.iter().find(|(k, ..)| *k == start) {
+        stats.shared_prefills += 1;
+        remove_one(st.waiting, &start);
+        let logits = logits.clone();
+        a.block = Some(block(dec.fork()?, start));
+        return Ok(Some(logits));
+    }
+    if st.under_way.contains(&start) {
+        return Ok(None); // copied when it is done
+    }
+    let tokens = start.0.len() + 1;
+    let layers = st.budget.take(tokens, gen.model().config().num_layers);
+    if layers == 0 {
+        return Ok(None);
+    }
+    remove_one(st.waiting, &start);
+    let mut dec = Decoder::new(gen.model(), &start.0, start.1)?;
+    dec.begin_feed(&[gen.sop()])?;
+    stats.prefill_tokens += tokens as u64;
+    let logits = dec.continue_feed(layers)?;
+    let b = block(dec, start);
+    match &logits {
+        Some(l) => share(&b, l, st.waiting, st.prefilled)?,
+        None => st.under_way.push(b.start.clone()),
+    }
+    a.block = Some(b);
+    Ok(logits)
 }
 
 /// Chooses the block's next token from `logits` and streams its text; ends the block when due.

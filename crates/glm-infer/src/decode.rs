@@ -8,7 +8,7 @@
 //! | 2-D      | (i, 0)           | (g, k + 1), g = the [gMASK] index c - 1 or the [MASK]'s m |
 
 use candle_core::{DType, Tensor};
-use glm_model::{Glm, KvCache, PositionEncoding, Sequence};
+use glm_model::{Glm, KvCache, Partial, PositionEncoding, Sequence};
 use glm_nn::AttnLayout;
 
 use crate::{Error, Result};
@@ -31,11 +31,16 @@ pub struct Decoder<'m> {
     tokens: Vec<u32>,
     cache: KvCache,
     layout: AttnLayout,
+    /// A feed begun and not finished ([`Decoder::begin_feed`]), with the row's length before it.
+    partial: Option<(Partial, usize)>,
 }
 
 impl<'m> Decoder<'m> {
-    /// An independent copy (its own cache), for beams.
+    /// An independent copy (its own cache), for beams. Not in the middle of a feed.
     pub fn fork(&self) -> Result<Self> {
+        if self.partial.is_some() {
+            return Err(Error::Input("cannot fork a row in the middle of a feed".into()));
+        }
         Ok(Self {
             model: self.model,
             blank: self.blank,
@@ -43,6 +48,7 @@ impl<'m> Decoder<'m> {
             tokens: self.tokens.clone(),
             cache: self.cache.fork()?,
             layout: self.layout.clone(),
+            partial: None,
         })
     }
 
@@ -67,6 +73,7 @@ impl<'m> Decoder<'m> {
             tokens: context.to_vec(),
             cache: KvCache::new(model.config()),
             layout: AttnLayout::prefix_lm(&[context.len()]),
+            partial: None,
         })
     }
 
@@ -83,24 +90,69 @@ impl<'m> Decoder<'m> {
     /// Appends `ids` to the row and runs every token not yet cached (on the first call, the whole
     /// context as well); returns the next-token logits after the last one, as f32.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.begin_feed(ids)?;
+        self.continue_feed(usize::MAX)?.ok_or_else(|| Error::Input("the feed did not finish".into()))
+    }
+
+    /// `feed`, begun and not run: [`Decoder::continue_feed`] runs it a few layers at a time, so a
+    /// long prefill can be spread over steps. The logits are the same as `feed`'s.
+    pub fn begin_feed(&mut self, ids: &[u32]) -> Result<()> {
+        if self.partial.is_some() {
+            return Err(Error::Input("a feed is already under way".into()));
+        }
         if ids.len() > self.room() {
             return Err(Error::TooLong { tokens: self.tokens.len() + ids.len(), max: self.model.config().max_seq_len });
         }
         let old_len = self.tokens.len();
+        let start = self.cache.len();
+        if start == old_len + ids.len() {
+            return Err(Error::Input(format!("nothing to run: all {start} row tokens are cached")));
+        }
         self.tokens.extend_from_slice(ids);
-        let (start, end) = (self.cache.len(), self.tokens.len());
-        if start == end {
-            return Err(Error::Input(format!("nothing to run: all {end} row tokens are cached")));
+        let positions = self.positions(start..self.tokens.len());
+        let mut seq = Sequence {
+            ids: &self.tokens[start..],
+            positions: &positions,
+            layout: &self.layout,
+            cache: &mut self.cache,
+        };
+        match self.model.begin(&mut seq) {
+            Ok(p) => {
+                self.partial = Some((p, old_len));
+                Ok(())
+            }
+            Err(e) => {
+                self.tokens.truncate(old_len);
+                Err(Error::from(e).context(format!("decoding row tokens {start}..{}", old_len + ids.len())))
+            }
         }
-        let mut cache = std::mem::take(&mut self.cache);
-        let out = self.run(start, Some(&mut cache));
-        self.cache = cache;
-        if out.is_err() {
-            // Some layers may have cached the new tokens: start over from the context next time.
-            self.cache.clear();
-            self.tokens.truncate(old_len);
+    }
+
+    /// Runs up to `layers` (at least one) more layers of the feed begun; its logits once the last
+    /// layer has run. On an error the row drops its cache and the fed tokens (the next `feed`
+    /// recomputes the row).
+    pub fn continue_feed(&mut self, layers: usize) -> Result<Option<Vec<f32>>> {
+        let Some((mut p, old_len)) = self.partial.take() else {
+            return Err(Error::Input("no feed under way".into()));
+        };
+        let out = self.model.advance(&mut p, &mut self.cache, layers).map_err(Error::from).and_then(|l| match l {
+            Some(l) => Ok(Some(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
+            None => Ok(None),
+        });
+        match out {
+            Ok(None) => self.partial = Some((p, old_len)),
+            Ok(Some(_)) => {}
+            Err(_) => {
+                self.cache.clear();
+                self.tokens.truncate(old_len);
+            }
         }
-        out.map_err(|e| e.context(format!("decoding row tokens {start}..{end}")))
+        out.map_err(|e| e.context(format!("decoding row tokens {old_len}..")))
+    }
+
+    /// Layers the feed under way has left (0: none under way).
+    pub fn feed_layers_left(&self) -> usize {
+        self.partial.as_ref().map_or(0, |(p, _)| p.layers_left(self.model))
     }
 
     /// `feed` of one token to each row, the rows run as one ragged batch (`Glm::forward_sequences`:
@@ -111,23 +163,16 @@ impl<'m> Decoder<'m> {
         if tokens.len() != rows.len() {
             return Err(Error::Input(format!("{} tokens for {} rows", tokens.len(), rows.len())));
         }
-        if let Some(d) = rows.iter().find(|d| d.room() == 0 || d.cache.len() != d.tokens.len() || d.cache.is_empty()) {
+        let unready =
+            |d: &Decoder| d.room() == 0 || d.partial.is_some() || d.cache.len() != d.tokens.len() || d.cache.is_empty();
+        if let Some(d) = rows.iter().find(|d| unready(d)) {
             return Err(Error::Input(format!(
                 "feed_batch needs rows with room whose tokens are all cached ({} of {} cached)",
                 d.cache.len(),
                 d.tokens.len()
             )));
         }
-        let positions: Vec<Vec<u32>> = rows
-            .iter()
-            .map(|d| {
-                let (p1, p2) = d.position(d.tokens.len());
-                match model.config().position_encoding {
-                    PositionEncoding::Rope1d => vec![p1],
-                    PositionEncoding::Rope2d => vec![p1, p2],
-                }
-            })
-            .collect();
+        let positions: Vec<Vec<u32>> = rows.iter().map(|d| d.positions(d.tokens.len()..d.tokens.len() + 1)).collect();
         let mut seqs: Vec<Sequence> = rows
             .iter_mut()
             .zip(tokens.chunks(1))
@@ -159,13 +204,23 @@ impl<'m> Decoder<'m> {
         let dev = self.model.device();
         let new = &self.tokens[start..];
         let ids = Tensor::new(new, dev)?.unsqueeze(0)?;
-        let (p1, p2): (Vec<u32>, Vec<u32>) = (start..self.tokens.len()).map(|i| self.position(i)).unzip();
+        let positions = Tensor::new(self.positions(start..self.tokens.len()), dev)?;
         let positions = match self.model.config().position_encoding {
-            PositionEncoding::Rope1d => Tensor::new(p1, dev)?.unsqueeze(0)?,
-            PositionEncoding::Rope2d => Tensor::new([p1, p2].concat(), dev)?.reshape((1, 2, new.len()))?,
+            PositionEncoding::Rope1d => positions.unsqueeze(0)?,
+            PositionEncoding::Rope2d => positions.reshape((1, 2, new.len()))?,
         };
         let logits = self.model.forward(&ids, &positions, &self.layout, cache)?; // (1, T, V)
         Ok(logits.get(0)?.get(new.len() - 1)?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+
+    /// Position ids of row tokens `range` as `Sequence` takes them: one per token, or for 2-D RoPE
+    /// the first dimension's then the second's.
+    fn positions(&self, range: std::ops::Range<usize>) -> Vec<u32> {
+        let (p1, p2): (Vec<u32>, Vec<u32>) = range.map(|i| self.position(i)).unzip();
+        match self.model.config().position_encoding {
+            PositionEncoding::Rope1d => p1,
+            PositionEncoding::Rope2d => [p1, p2].concat(),
+        }
     }
 
     /// (1-D position, 2-D block position) of row token i; the 1-D model uses the first.

@@ -119,9 +119,11 @@ fn alone(g: &Generator, r: &Request) -> Result<Generation> {
 #[test]
 fn batched_requests_get_the_tokens_they_get_alone() -> Result<()> {
     let tok = Tokenizer::default_glm()?;
-    for (name, m) in models()? {
-        let opts = EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30 };
-        let mut engine = Engine::new(Generator::new(&m, &tok)?, opts)?;
+    // Prefills whole, and spread over steps a few layers at a time (3 tokens' worth per step).
+    for ((name, m), chunk) in models()?.iter().flat_map(|m| [0, 3].map(|c| (m, c))) {
+        let name = format!("{name}, prefill chunk {chunk}");
+        let opts = EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30, prefill_chunk: chunk };
+        let mut engine = Engine::new(Generator::new(m, &tok)?, opts)?;
         let reqs = requests();
         let sinks: Vec<Collect> = reqs.iter().map(|_| Collect::default()).collect();
         // Half join at once, the rest while the first ones are decoding.
@@ -138,7 +140,7 @@ fn batched_requests_get_the_tokens_they_get_alone() -> Result<()> {
         let stats = engine.stats();
         ensure!(stats.batched_rows > 2 * stats.decode_steps, "{name}: little batching: {stats:?}");
         ensure!(engine.reserved() == 0, "{name}: reservations left after all finished");
-        let g = Generator::new(&m, &tok)?;
+        let g = Generator::new(m, &tok)?;
         for (i, (r, s)) in reqs.iter().zip(&sinks).enumerate() {
             let (got, streamed) = s.done().context("not done")?;
             let got = got.map_err(anyhow::Error::msg)?;
@@ -166,12 +168,15 @@ fn admission_follows_the_batch_size_and_the_kv_budget() -> Result<()> {
         logprobs: None,
     };
     let g = Generator::new(&m, &tok)?;
-    let probe = Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 4, kv_budget_bytes: u64::MAX })?;
+    let probe = Engine::new(
+        Generator::new(&m, &tok)?,
+        EngineOptions { max_batch: 4, kv_budget_bytes: u64::MAX, prefill_chunk: 0 },
+    )?;
     let per_token = probe.kv_bytes_per_token();
     // "Hello there" [gMASK] <sop> + 20 tokens < 32: each request reserves 32 tokens of cache.
     let one = probe.prepare(req(20))?.reserve();
     ensure!(one == 32 * per_token, "reserve {one}, per token {per_token}");
-    let mut engine = Engine::new(g, EngineOptions { max_batch: 3, kv_budget_bytes: 2 * one })?;
+    let mut engine = Engine::new(g, EngineOptions { max_batch: 3, kv_budget_bytes: 2 * one, prefill_chunk: 0 })?;
     let sinks: Vec<Collect> = (0..3).map(|_| Collect::default()).collect();
     let mut waiting: Vec<_> = (0..3).map(|_| engine.prepare(req(20))).collect::<Result<_, _>>()?;
     let mut peak = 0;
@@ -188,7 +193,10 @@ fn admission_follows_the_batch_size_and_the_kv_budget() -> Result<()> {
     ensure!(peak == 2, "budget for two, ran {peak} at once");
     ensure!(sinks.iter().all(|s| matches!(s.done(), Some((Ok(_), _)))));
     // A request bigger than the whole budget is refused with a clear error.
-    let small = Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 3, kv_budget_bytes: one / 2 })?;
+    let small = Engine::new(
+        Generator::new(&m, &tok)?,
+        EngineOptions { max_batch: 3, kv_budget_bytes: one / 2, prefill_chunk: 0 },
+    )?;
     let e = small.prepare(req(20)).err().context("should not fit")?;
     ensure!(e.to_string().contains("KV cache"), "{e}");
     // An empty prompt, and a fill without blanks, are refused before they run.
@@ -204,7 +212,10 @@ fn admission_follows_the_batch_size_and_the_kv_budget() -> Result<()> {
 fn cancelled_and_late_requests_leave_the_batch() -> Result<()> {
     let tok = Tokenizer::default_glm()?;
     let m = model(&Config::tiny(), &DenseFactory)?;
-    let mut engine = Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 4, kv_budget_bytes: 1 << 30 })?;
+    let mut engine = Engine::new(
+        Generator::new(&m, &tok)?,
+        EngineOptions { max_batch: 4, kv_budget_bytes: 1 << 30, prefill_chunk: 0 },
+    )?;
     let long = SamplingConfig { min_new_tokens: 60, ..SamplingConfig::greedy(60) };
     let req = |deadline| Request {
         task: Task::Complete { prompt: "Hi".into() },
@@ -257,8 +268,10 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 fn logprobs_are_the_models_log_softmax_and_leave_the_draw_unchanged() -> Result<()> {
     let tok = Tokenizer::default_glm()?;
     for (name, m) in models()? {
-        let mut engine =
-            Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30 })?;
+        let mut engine = Engine::new(
+            Generator::new(&m, &tok)?,
+            EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30, prefill_chunk: 0 },
+        )?;
         let reqs: Vec<Request> = requests().into_iter().map(|r| Request { logprobs: Some(5), ..r }).collect();
         let sinks: Vec<Collect> = reqs.iter().map(|_| Collect::default()).collect();
         for (r, s) in reqs.iter().zip(&sinks) {
@@ -334,9 +347,11 @@ fn logprobs_are_the_models_log_softmax_and_leave_the_draw_unchanged() -> Result<
 #[test]
 fn choices_of_one_prompt_share_its_prefill_and_keep_their_tokens() -> Result<()> {
     let tok = Tokenizer::default_glm()?;
-    for (name, m) in models()? {
-        let mut engine =
-            Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30 })?;
+    // With the prefill spread over steps, the other choices wait for it and then copy it.
+    for ((name, m), chunk) in models()?.iter().flat_map(|m| [0, 2].map(|c| (m, c))) {
+        let name = format!("{name}, prefill chunk {chunk}");
+        let opts = EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30, prefill_chunk: chunk };
+        let mut engine = Engine::new(Generator::new(m, &tok)?, opts)?;
         let prompt = "A prompt that four choices share, long enough to be worth sharing its prefill.";
         let sampled =
             |seed| SamplingConfig { seed, max_new_tokens: 10, min_new_tokens: 10, ..SamplingConfig::default() };
@@ -370,8 +385,10 @@ fn choices_of_one_prompt_share_its_prefill_and_keep_their_tokens() -> Result<()>
         // prompt's and one fill's.
         let mut alone_prefill = Vec::new();
         for r in &reqs {
-            let mut e =
-                Engine::new(Generator::new(&m, &tok)?, EngineOptions { max_batch: 1, kv_budget_bytes: 1 << 30 })?;
+            let mut e = Engine::new(
+                Generator::new(m, &tok)?,
+                EngineOptions { max_batch: 1, kv_budget_bytes: 1 << 30, prefill_chunk: 0 },
+            )?;
             let sink = Collect::default();
             e.admit(e.prepare(r.clone())?, Box::new(sink.clone()));
             run_all(&mut e, std::slice::from_ref(&sink))?;
@@ -383,7 +400,7 @@ fn choices_of_one_prompt_share_its_prefill_and_keep_their_tokens() -> Result<()>
             stats.prefill_tokens + saved == alone_prefill.iter().sum::<u64>(),
             "{name}: {stats:?}, alone {alone_prefill:?}"
         );
-        let g = Generator::new(&m, &tok)?;
+        let g = Generator::new(m, &tok)?;
         for (i, (r, s)) in reqs.iter().zip(&sinks).enumerate() {
             let got = s.done().context("not done")?.0.map_err(anyhow::Error::msg)?;
             let want = alone(&g, r)?;
@@ -392,6 +409,50 @@ fn choices_of_one_prompt_share_its_prefill_and_keep_their_tokens() -> Result<()>
         let texts: Vec<String> =
             sinks[..4].iter().filter_map(|s| s.done()).filter_map(|d| d.0.ok()).map(|g| g.text).collect();
         ensure!(texts.windows(2).any(|w| w[0] != w[1]), "{name}: four seeds gave one text: {texts:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_long_prefill_is_spread_over_steps_while_the_running_rows_go_on() -> Result<()> {
+    let tok = Tokenizer::default_glm()?;
+    let m = model(&Config::tiny(), &DenseFactory)?;
+    let layers = Config::tiny().num_layers;
+    let opts = EngineOptions { max_batch: 4, kv_budget_bytes: 1 << 30, prefill_chunk: 8 };
+    let mut engine = Engine::new(Generator::new(&m, &tok)?, opts)?;
+    let req = |prompt: String, n| Request {
+        task: Task::Complete { prompt },
+        sampling: SamplingConfig { min_new_tokens: n, ..SamplingConfig::greedy(n) },
+        stops: vec![],
+        deadline: None,
+        logprobs: None,
+    };
+    let (running, long) = (Collect::default(), Collect::default());
+    engine.admit(engine.prepare(req("Hi".into(), 40))?, Box::new(running.clone()));
+    engine.step();
+    let long_prompt = "A much longer prompt that takes a while to prefill. ".repeat(6);
+    let tokens = Generator::new(&m, &tok)?.gmask_context(&long_prompt)?.1.len() + 1;
+    ensure!(tokens > 8 * 4, "the prompt is short: {tokens} tokens");
+    engine.admit(engine.prepare(req(long_prompt, 4))?, Box::new(long.clone()));
+    // 8 tokens' worth per step of a prefill of `tokens`: one layer per step (at least one).
+    let texts =
+        |c: &Collect| c.events.lock().map_or(0, |e| e.iter().filter(|e| matches!(e, Event::Text { .. })).count());
+    let mut steps = 0;
+    while texts(&long) == 0 {
+        let made = engine.step();
+        steps += 1;
+        ensure!(made >= 1, "step {steps}: the running row stalled");
+        ensure!(steps <= layers, "the prefill took {steps} steps");
+    }
+    ensure!(steps == layers, "a {tokens}-token prefill with an 8-token budget took {steps} steps, not one per layer");
+    run_all(&mut engine, &[running.clone(), long.clone()])?;
+    let g = Generator::new(&m, &tok)?;
+    for (c, r) in [
+        (&running, req("Hi".into(), 40)),
+        (&long, req("A much longer prompt that takes a while to prefill. ".repeat(6), 4)),
+    ] {
+        let got = c.done().context("not done")?.0.map_err(anyhow::Error::msg)?;
+        ensure!(got.tokens == alone(&g, &r)?.tokens, "tokens differ from alone");
     }
     Ok(())
 }

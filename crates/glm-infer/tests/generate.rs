@@ -109,6 +109,40 @@ fn decoder_uses_the_training_layout() -> Result<()> {
 }
 
 #[test]
+fn a_feed_spread_over_steps_a_layer_at_a_time_gives_the_logits_of_one_feed() -> Result<()> {
+    let tok = tok()?;
+    let s = tok.specials();
+    let (gmask, sop) = (s.gmask.unwrap(), s.sop.unwrap());
+    let ctx: Vec<u32> =
+        tok.encode("A context long enough to be worth spreading over steps.").into_iter().chain([gmask]).collect();
+    for cfg in configs() {
+        let m = model(&cfg, 13)?;
+        let mut whole = Decoder::new(&m, &ctx, Blank::Gmask)?;
+        let mut spread = Decoder::new(&m, &ctx, Blank::Gmask)?;
+        let want = whole.feed(&[sop])?;
+        spread.begin_feed(&[sop])?;
+        ensure!(spread.feed_layers_left() == cfg.num_layers);
+        // A row in the middle of a feed can be neither fed, forked nor batched.
+        ensure!(spread.begin_feed(&[sop]).is_err() && spread.fork().is_err());
+        let mut steps = 0;
+        let got = loop {
+            steps += 1;
+            if let Some(l) = spread.continue_feed(1)? {
+                break l;
+            }
+            ensure!(Decoder::feed_batch(&mut [&mut spread], &[5]).is_err(), "batched mid-feed");
+        };
+        ensure!(steps == cfg.num_layers && spread.feed_layers_left() == 0, "{}: {steps} steps", cfg.name);
+        ensure!(got == want, "{}: spread over layers, the logits differ", cfg.name);
+        ensure!(spread.continue_feed(1).is_err(), "no feed under way");
+        // And the rows go on alike.
+        let (a, b) = (whole.feed(&[7])?, spread.feed(&[7])?);
+        ensure!(a == b, "{}: the next token's logits differ", cfg.name);
+    }
+    Ok(())
+}
+
+#[test]
 fn greedy_is_deterministic_and_the_argmax_of_recomputed_logits() -> Result<()> {
     let tok = tok()?;
     let s = tok.specials();

@@ -16,7 +16,7 @@ pub mod weights;
 pub use cache::KvCache;
 pub use config::{Config, FfnKind, PositionEncoding, SpecialTokens, PRESETS};
 pub use init::{init_weights, var_map};
-pub use model::{Glm, Sequence, TrainOptions};
+pub use model::{Glm, Partial, Sequence, TrainOptions};
 pub use weights::{
     param_count, param_table, save_weights, tensor_specs, var_tensors, weight_bytes, ParamKind, ParamSpec, WeightBytes,
 };

@@ -31,6 +31,7 @@ struct Step<'a> {
 }
 
 /// Tokens start..start + len of the input (dim 1), attending among themselves and their cache.
+#[derive(Clone)]
 struct Part {
     start: usize,
     len: usize,
@@ -50,6 +51,23 @@ pub struct Sequence<'a> {
     /// The sequence's layout (one row); the new tokens are its positions cache.len()...
     pub layout: &'a AttnLayout,
     pub cache: &'a mut KvCache,
+}
+
+/// A forward of one sequence run a few layers at a time ([`Glm::begin`], [`Glm::advance`]), so a
+/// long prefill can be spread over several steps of a server: the hidden states between layers.
+/// The ops are `forward_sequences`'s, so the logits are the same however the layers are split.
+pub struct Partial {
+    x: Tensor, // (1, T, H)
+    part: Part,
+    /// The next layer to run.
+    next: usize,
+}
+
+impl Partial {
+    /// Layers not run yet.
+    pub fn layers_left(&self, model: &Glm) -> usize {
+        model.layers.len().saturating_sub(self.next)
+    }
 }
 
 /// Layer `layer`'s cache slot of each part.
@@ -306,32 +324,61 @@ impl Glm {
         if seqs.is_empty() {
             return Err(Error::Input("empty batch: no sequences".into()));
         }
-        let (dev, parts_per_token) = (self.device(), self.cfg.rope_parts());
         let (mut parts, mut ids, mut last) = (Vec::with_capacity(seqs.len()), Vec::new(), Vec::new());
         for (s, seq) in seqs.iter_mut().enumerate() {
-            let t = seq.ids.len();
-            let bad = |what: String| Error::Input(format!("sequence {s} of the batch: {what}"));
-            if t == 0 || seq.positions.len() != parts_per_token * t || seq.layout.batch() != 1 {
-                return Err(bad(format!(
-                    "{t} tokens, {} position ids ({parts_per_token} per token wanted) and a layout of {} rows (1 wanted)",
-                    seq.positions.len(),
-                    seq.layout.batch()
-                )));
-            }
-            if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
-                return Err(bad(format!("token id {id} is outside the vocabulary (size {})", self.cfg.vocab_size)));
-            }
-            let past = seq.cache.prepare(&self.cfg, 1)?;
-            let positions = Tensor::new(seq.positions, dev)?.reshape((1, parts_per_token, t))?;
-            let positions = if parts_per_token == 1 { positions.squeeze(1)? } else { positions };
-            parts.push(self.part(ids.len(), t, &positions, seq.layout, past)?);
+            parts.push(self.sequence_part(s, seq, ids.len())?);
             ids.extend_from_slice(seq.ids);
             last.push((ids.len() - 1) as u32);
         }
+        let dev = self.device();
         let x = self.word_embeddings.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?.unsqueeze(0)?; // (1, T, H)
         let mut caches: Vec<Option<&mut KvCache>> = seqs.iter_mut().map(|s| Some(&mut *s.cache)).collect();
         let step = Step { rope: &self.rope, parts, train: None };
-        self.stack(x, &step, &mut caches, Some(&Tensor::new(last, dev)?))
+        let x = self.layers_between(x, &step, &mut caches, 0..self.layers.len())?;
+        self.head(&x, Some(&Tensor::new(last, dev)?))
+    }
+
+    /// `forward_sequences` of one sequence, begun: its tokens embedded, no layer run yet.
+    /// [`Glm::advance`] runs the layers.
+    pub fn begin(&self, seq: &mut Sequence) -> Result<Partial> {
+        let part = self.sequence_part(0, seq, 0)?;
+        let x = self.word_embeddings.index_select(&Tensor::new(seq.ids, self.device())?, 0)?.unsqueeze(0)?;
+        Ok(Partial { x, part, next: 0 })
+    }
+
+    /// Runs up to `layers` (at least one) more layers of `p`, appending to the sequence's `cache`;
+    /// once the last has run, the next-token logits [1, V] after its last token. On an error the
+    /// cache holds some of the tokens in some layers: clear it.
+    pub fn advance(&self, p: &mut Partial, cache: &mut KvCache, layers: usize) -> Result<Option<Tensor>> {
+        let end = (p.next + layers.max(1)).min(self.layers.len());
+        let step = Step { rope: &self.rope, parts: vec![p.part.clone()], train: None };
+        p.x = self.layers_between(p.x.clone(), &step, &mut [Some(cache)], p.next..end)?;
+        p.next = end;
+        if end < self.layers.len() {
+            return Ok(None);
+        }
+        let last = Tensor::new(&[(p.part.len - 1) as u32], self.device())?;
+        Ok(Some(self.head(&p.x, Some(&last))?))
+    }
+
+    /// Checks sequence `s` of a ragged batch; its part, at token `start` of the input.
+    fn sequence_part(&self, s: usize, seq: &mut Sequence, start: usize) -> Result<Part> {
+        let (t, parts_per_token) = (seq.ids.len(), self.cfg.rope_parts());
+        let bad = |what: String| Error::Input(format!("sequence {s} of the batch: {what}"));
+        if t == 0 || seq.positions.len() != parts_per_token * t || seq.layout.batch() != 1 {
+            return Err(bad(format!(
+                "{t} tokens, {} position ids ({parts_per_token} per token wanted) and a layout of {} rows (1 wanted)",
+                seq.positions.len(),
+                seq.layout.batch()
+            )));
+        }
+        if let Some(id) = seq.ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(bad(format!("token id {id} is outside the vocabulary (size {})", self.cfg.vocab_size)));
+        }
+        let past = seq.cache.prepare(&self.cfg, 1)?;
+        let positions = Tensor::new(seq.positions, self.device())?.reshape((1, parts_per_token, t))?;
+        let positions = if parts_per_token == 1 { positions.squeeze(1)? } else { positions };
+        self.part(start, t, &positions, seq.layout, past)
     }
 
     fn run(
@@ -369,18 +416,36 @@ impl Glm {
     /// or (N, V) at `rows` of the flattened positions.
     fn stack(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         step: &Step,
         caches: &mut [Option<&mut KvCache>],
         rows: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        for (i, layer) in self.layers.iter().enumerate() {
+        let x = self.layers_between(x, step, caches, 0..self.layers.len())?;
+        self.head(&x, rows)
+    }
+
+    /// Layers `layers` over x (B, T, H).
+    fn layers_between(
+        &self,
+        mut x: Tensor,
+        step: &Step,
+        caches: &mut [Option<&mut KvCache>],
+        layers: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        for (i, layer) in self.layers.iter().enumerate().skip(layers.start).take(layers.len()) {
             let mut slots: Slots =
                 caches.iter_mut().map(|c| c.as_deref_mut().and_then(|c| c.layers.get_mut(i))).collect();
             x = layer.forward(&x, step, i, &mut slots)?;
         }
-        let mut out = self.final_layernorm.forward(&x)?;
+        Ok(x)
+    }
+
+    /// The final LayerNorm and the head: logits (B, T, V), or (N, V) at `rows` of the flattened
+    /// positions.
+    fn head(&self, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let mut out = self.final_layernorm.forward(x)?;
         if let Some(r) = rows {
             out = out.reshape((b * t, ()))?.index_select(r, 0)?; // (N, H)
         }

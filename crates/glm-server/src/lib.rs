@@ -61,11 +61,13 @@ pub struct Options {
     pub max_tokens: usize,
     /// From arrival to the last token.
     pub request_timeout: Duration,
+    /// Prefill work per engine step, in tokens (`EngineOptions::prefill_chunk`; 0: no bound).
+    pub prefill_chunk: usize,
 }
 
 impl Options {
     /// Defaults for a model: 8 rows, 1 GiB of KV cache, 64 waiting, 1 MiB bodies, prompts up to
-    /// the model's max_seq_len, 1024 tokens, 5 minutes.
+    /// the model's max_seq_len, 1024 tokens, 5 minutes, prefill chunks of 256 tokens.
     pub fn new(model_name: impl Into<String>, max_seq_len: usize) -> Self {
         Self {
             model_name: model_name.into(),
@@ -77,6 +79,7 @@ impl Options {
             max_prompt_tokens: max_seq_len,
             max_tokens: 1024,
             request_timeout: Duration::from_secs(300),
+            prefill_chunk: 256,
         }
     }
 }
@@ -144,7 +147,11 @@ pub async fn serve(
     metrics.queue_capacity.store(opts.queue as u64, Relaxed);
     metrics.kv_budget_bytes.store(opts.kv_budget_bytes, Relaxed);
     metrics.max_batch.store(opts.max_batch as u64, Relaxed);
-    let engine_opts = EngineOptions { max_batch: opts.max_batch, kv_budget_bytes: opts.kv_budget_bytes };
+    let engine_opts = EngineOptions {
+        max_batch: opts.max_batch,
+        kv_budget_bytes: opts.kv_budget_bytes,
+        prefill_chunk: opts.prefill_chunk,
+    };
     let (m, t, mt) = (model.clone(), tok.clone(), metrics.clone());
     let engine =
         std::thread::Builder::new().name("glm-engine".into()).spawn(move || worker::run(m, t, engine_opts, rx, mt))?;

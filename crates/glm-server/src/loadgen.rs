@@ -1,6 +1,6 @@
 //! A load generator for the server: `streams` clients, each sending streamed completions one
 //! after another for a fixed time, checking every response's SSE framing. Used by the load test
-//! and by `glm bench serve` (aggregate tokens/s and time to first token).
+//! and by `glm bench serve` (aggregate tokens/s, time to first token, gaps between tokens).
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,8 @@ pub struct LoadReport {
     pub seconds: f64,
     /// Time to the first text chunk, per successful request, in seconds.
     pub ttft: Vec<f64>,
+    /// Gaps between consecutive text chunks of a request, over all successful requests, seconds.
+    pub itl: Vec<f64>,
 }
 
 impl LoadReport {
@@ -42,17 +44,34 @@ impl LoadReport {
 
     /// The q-quantile of the time to first token (q in [0, 1]), seconds.
     pub fn ttft_quantile(&self, q: f64) -> f64 {
-        let mut t = self.ttft.clone();
-        t.sort_by(f64::total_cmp);
-        match t.len() {
-            0 => f64::NAN,
-            n => t[((n - 1) as f64 * q).round() as usize],
-        }
+        quantile(&self.ttft, q)
+    }
+
+    /// The q-quantile of the gaps between tokens, seconds.
+    pub fn itl_quantile(&self, q: f64) -> f64 {
+        quantile(&self.itl, q)
     }
 }
 
-/// One streamed completion: (completion tokens, seconds to the first text), or what was wrong.
-async fn one(client: &reqwest::Client, o: &LoadOptions, prompt: &str) -> Result<(u64, f64), String> {
+/// The q-quantile (q in [0, 1], nearest rank) of `v`; NaN when empty.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut t = v.to_vec();
+    t.sort_by(f64::total_cmp);
+    match t.len() {
+        0 => f64::NAN,
+        n => t[((n - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize],
+    }
+}
+
+/// What one successful request saw.
+struct Seen {
+    tokens: u64,
+    ttft: f64,
+    gaps: Vec<f64>,
+}
+
+/// One streamed completion, or what was wrong.
+async fn one(client: &reqwest::Client, o: &LoadOptions, prompt: &str) -> Result<Seen, String> {
     let body = json!({"model": o.model, "prompt": prompt, "max_tokens": o.max_tokens, "min_tokens": o.max_tokens,
                       "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
     let mut req = client.post(format!("{}/v1/completions", o.base)).body(body.to_string());
@@ -69,6 +88,7 @@ async fn one(client: &reqwest::Client, o: &LoadOptions, prompt: &str) -> Result<
     }
     let (mut buf, mut stream) = (Vec::<u8>::new(), resp.bytes_stream());
     let (mut ttft, mut tokens, mut done, mut finished) = (None, None, false, false);
+    let (mut gaps, mut last_text) = (Vec::new(), None::<Instant>);
     while let Some(chunk) = stream.next().await {
         buf.extend_from_slice(&chunk.map_err(|e| format!("body: {e}"))?);
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
@@ -90,8 +110,12 @@ async fn one(client: &reqwest::Client, o: &LoadOptions, prompt: &str) -> Result<
                 tokens = Some(n);
             }
             let choice = v.pointer("/choices/0");
-            if choice.and_then(|c| c["text"].as_str()).is_some_and(|t| !t.is_empty()) && ttft.is_none() {
-                ttft = Some(start.elapsed().as_secs_f64());
+            if choice.and_then(|c| c["text"].as_str()).is_some_and(|t| !t.is_empty()) {
+                let now = Instant::now();
+                ttft.get_or_insert((now - start).as_secs_f64());
+                if let Some(t) = last_text.replace(now) {
+                    gaps.push((now - t).as_secs_f64());
+                }
             }
             finished |= choice.is_some_and(|c| c["finish_reason"].is_string());
         }
@@ -100,7 +124,7 @@ async fn one(client: &reqwest::Client, o: &LoadOptions, prompt: &str) -> Result<
         return Err(format!("incomplete stream (done {done}, finished {finished}, {} bytes left)", buf.len()));
     }
     let tokens = tokens.ok_or("no usage chunk")?;
-    Ok((tokens, ttft.unwrap_or_else(|| start.elapsed().as_secs_f64())))
+    Ok(Seen { tokens, ttft: ttft.unwrap_or_else(|| start.elapsed().as_secs_f64()), gaps })
 }
 
 /// Runs the load and reports it.
@@ -118,9 +142,10 @@ pub async fn run(o: &LoadOptions) -> LoadReport {
                 k += 1;
                 r.requests += 1;
                 match one(&client, &o, prompt).await {
-                    Ok((tokens, ttft)) => {
-                        r.tokens += tokens;
-                        r.ttft.push(ttft);
+                    Ok(seen) => {
+                        r.tokens += seen.tokens;
+                        r.ttft.push(seen.ttft);
+                        r.itl.extend(seen.gaps);
                     }
                     Err(e) => {
                         r.errors += 1;
@@ -138,6 +163,7 @@ pub async fn run(o: &LoadOptions) -> LoadReport {
         total.errors += p.errors;
         total.tokens += p.tokens;
         total.ttft.extend(p.ttft);
+        total.itl.extend(p.itl);
         if total.first_error.is_none() {
             total.first_error = p.first_error;
         }
