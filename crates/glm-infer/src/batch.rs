@@ -1,12 +1,14 @@
 //! Continuous batching: many requests decoding together, joining and leaving between steps.
 //!
-//! Each [`Engine::step`] first runs the prefill of every block that starts (alone, one forward
-//! each: the context and `<sop>`; blocks starting from the same context in the same step, such as
-//! the n choices of one prompt, share one and copy its cache), then one decode step of every
-//! running row as one ragged batch
-//! ([`Decoder::feed_batch`]: the weights are read once for the whole batch, attention runs per row
-//! over its own KV cache). A row's logits are exactly those it gets decoding alone, so a request
-//! gets the same tokens batched as alone, greedy or seeded.
+//! Each [`Engine::step`] first does prefill work, then one decode step of every running row as one
+//! ragged batch ([`Decoder::feed_batch`]: the weights are read once for the whole batch, attention
+//! runs per row over its own KV cache). A block's prefill (its context and `<sop>`) runs alone;
+//! a step does at most `prefill_chunk` tokens' worth of it (tokens x layers), so a long one is
+//! spread over steps a few layers at a time ([`Decoder::continue_feed`]) while the other rows keep
+//! decoding. Blocks that start from the same context (the n choices of one prompt) share one
+//! prefill and copy its cache. A row's logits are exactly those it gets decoding alone, however
+//! the prefill was split or shared, so a request gets the same tokens batched as alone, greedy or
+//! seeded.
 //!
 //! Admission is bounded by a batch size and a KV-cache budget: a request reserves the cache its
 //! longest row can grow to (buffers grow by doubling, so the next power of two of its tokens) and
