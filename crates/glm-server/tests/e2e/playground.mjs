@@ -455,6 +455,37 @@ async function main() {
       return note;
     });
 
+    await check('i. Token probabilities: each generated token is a span with its probability and alternatives, and the text is the same', async () => {
+      assert(streamedOutput !== null, 'check b did not finish');
+      await setMode(page, 'complete');
+      await page.fill('#prompt', PROMPT);
+      await setParams(page, { maxTokens: 8, greedy: true, stream: true });
+      await page.check('#logprobs');
+      try {
+        const r = await run(page, { path: '/v1/completions' });
+        await expectDone(page, r, 'streamed completion with token probabilities');
+        const req = r.resp.request;
+        assert(req.logprobs === 5, `the page sent logprobs ${JSON.stringify(req.logprobs)}`);
+        const out = await page.textContent('#output');
+        assert(out === streamedOutput, `with probabilities the output is ${show(out)}, without ${show(streamedOutput)}`);
+        const cont = await page.textContent('#output .completion');
+        const spans = await page.$$eval('#output .completion span.tok',
+          (xs) => xs.map((x) => ({ text: x.textContent, title: x.title, lp: Number(x.dataset.logprob) })));
+        assert(spans.length >= 1 && spans.map((x) => x.text).join('') === cont,
+          `${spans.length} token spans spelling ${show(spans.map((x) => x.text).join(''))}, continuation ${show(cont)}`);
+        assert(spans.every((x) => /: \d+(\.\d+)?% \(logprob -?\d/.test(x.title) && x.lp <= 0),
+          `a span without its probability: ${show(JSON.stringify(spans.find((x) => !/%/.test(x.title)) || spans[0]))}`);
+        assert(spans.some((x) => x.title.includes('likeliest:')), 'no span lists the likeliest alternatives');
+        const events = sseEvents((await replay('/v1/completions', req)).text);
+        const tokens = events.flatMap((e) => (e.choices && e.choices[0] && e.choices[0].logprobs && e.choices[0].logprobs.tokens) || []);
+        assert(tokens.length >= spans.length, `${spans.length} spans for ${tokens.length} tokens`);
+        noPageErrors(page);
+        return `${spans.length} token spans for ${tokens.length} tokens; first title ${show(spans[0].title)}`;
+      } finally {
+        await page.uncheck('#logprobs');
+      }
+    });
+
     if (shotPath) {
       await setMode(page, 'fill');
       await page.screenshot({ path: shotPath, fullPage: true });
