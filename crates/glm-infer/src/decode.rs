@@ -194,23 +194,20 @@ impl<'m> Decoder<'m> {
     }
 
     /// The next-token logits after the last token, recomputed over the whole row without the
-    /// cache (the reference `feed` must match).
+    /// cache by `Glm::forward` (the reference `feed` must match).
     pub fn recompute(&self) -> Result<Vec<f32>> {
-        self.run(0, None).map_err(|e| e.context(format!("recomputing {} row tokens", self.tokens.len())))
-    }
-
-    /// Forward of row tokens start.. (continuing `cache`), last token's logits.
-    fn run(&self, start: usize, cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
-        let dev = self.model.device();
-        let new = &self.tokens[start..];
-        let ids = Tensor::new(new, dev)?.unsqueeze(0)?;
-        let positions = Tensor::new(self.positions(start..self.tokens.len()), dev)?;
-        let positions = match self.model.config().position_encoding {
-            PositionEncoding::Rope1d => positions.unsqueeze(0)?,
-            PositionEncoding::Rope2d => positions.reshape((1, 2, new.len()))?,
+        let run = || -> Result<Vec<f32>> {
+            let (dev, n) = (self.model.device(), self.tokens.len());
+            let ids = Tensor::new(self.tokens.as_slice(), dev)?.unsqueeze(0)?;
+            let positions = Tensor::new(self.positions(0..n), dev)?;
+            let positions = match self.model.config().position_encoding {
+                PositionEncoding::Rope1d => positions.unsqueeze(0)?,
+                PositionEncoding::Rope2d => positions.reshape((1, 2, n))?,
+            };
+            let logits = self.model.forward(&ids, &positions, &self.layout, None)?; // (1, T, V)
+            Ok(logits.get(0)?.get(n - 1)?.to_dtype(DType::F32)?.to_vec1()?)
         };
-        let logits = self.model.forward(&ids, &positions, &self.layout, cache)?; // (1, T, V)
-        Ok(logits.get(0)?.get(new.len() - 1)?.to_dtype(DType::F32)?.to_vec1()?)
+        run().map_err(|e| e.context(format!("recomputing {} row tokens", self.tokens.len())))
     }
 
     /// Position ids of row tokens `range` as `Sequence` takes them: one per token, or for 2-D RoPE
