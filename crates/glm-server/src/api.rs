@@ -60,13 +60,16 @@ pub struct Limits {
     pub max_tokens: usize,
     /// Most choices (`n`) per request.
     pub max_n: usize,
+    /// Most choices over all prompts (prompts x n) per request: the queue's size.
+    pub max_choices: usize,
 }
 
 /// A request read and checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Parsed {
     pub model: Option<String>,
-    pub task: Task,
+    /// One per prompt (completions take a list); choice k is generated from tasks[k / n].
+    pub tasks: Vec<Task>,
     pub sampling: SamplingConfig,
     /// Choices: choice i is generated with seed + i.
     pub n: usize,
@@ -179,26 +182,37 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
         ));
     }
 
-    let (task, suffix) = match endpoint {
+    let (tasks, suffix) = match endpoint {
         Endpoint::Completions => {
-            let prompt = r.prompt()?;
+            let prompts = r.prompts()?;
+            if prompts.len() * n > limits.max_choices {
+                return Err(ApiError::param(
+                    "prompt",
+                    format!(
+                        "{} prompts x n = {n} is {} choices, over this server's limit of {} per request",
+                        prompts.len(),
+                        prompts.len() * n,
+                        limits.max_choices
+                    ),
+                ));
+            }
             match r.string("suffix")? {
                 Some(suffix) if !suffix.is_empty() => {
                     if echo {
                         return Err(ApiError::param("echo", "echo cannot be combined with suffix"));
                     }
-                    (Task::Fill { text: format!("{prompt}[MASK]{suffix}") }, true)
+                    (prompts.into_iter().map(|p| Task::Fill { text: format!("{p}[MASK]{suffix}") }).collect(), true)
                 }
-                _ => (Task::Complete { prompt }, false),
+                _ => (prompts.into_iter().map(|prompt| Task::Complete { prompt }).collect(), false),
             }
         }
-        Endpoint::Chat => (Task::Complete { prompt: r.messages()? }, false),
+        Endpoint::Chat => (vec![Task::Complete { prompt: r.messages()? }], false),
         Endpoint::Infill => {
             let text = r.string("prompt")?.ok_or_else(|| ApiError::param("prompt", "prompt (a string) is required"))?;
             if !stops.is_empty() {
                 return Err(ApiError::param("stop", "infill takes no stop strings"));
             }
-            (Task::Fill { text }, false)
+            (vec![Task::Fill { text }], false)
         }
     };
     if suffix && !stops.is_empty() {
@@ -218,7 +232,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
     }
     Ok(Parsed {
         model,
-        task,
+        tasks,
         sampling,
         n,
         seeded: seed.is_some(),
@@ -358,15 +372,21 @@ impl Reader<'_> {
         Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
     }
 
-    fn prompt(&self) -> Result<String, ApiError> {
+    /// A string, or an array of strings (a batch of prompts).
+    fn prompts(&self) -> Result<Vec<String>, ApiError> {
         match self.get("prompt") {
-            Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Array(a)) => match a.as_slice() {
-                [Value::String(s)] => Ok(s.clone()),
-                [] => Err(ApiError::param("prompt", "prompt is an empty array")),
-                [Value::String(_), ..] => Err(ApiError::param("prompt", "only one prompt per request is supported")),
-                _ => Err(ApiError::param("prompt", "prompts as token ids are not supported; send text")),
-            },
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            Some(Value::Array(a)) if a.is_empty() => Err(ApiError::param("prompt", "prompt is an empty array")),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|p| match p {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Number(_) | Value::Array(_) => {
+                        Err(ApiError::param("prompt", "prompts as token ids are not supported; send text"))
+                    }
+                    _ => Err(ApiError::param("prompt", "prompt must be a string or an array of strings")),
+                })
+                .collect(),
             None => Err(ApiError::param("prompt", "prompt is required")),
             Some(_) => Err(ApiError::param("prompt", "prompt must be a string")),
         }

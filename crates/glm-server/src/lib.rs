@@ -317,7 +317,8 @@ pub(crate) struct Answer {
     pub created: u64,
     pub model: String,
     pub arrived: Instant,
-    pub prompt: String,
+    /// The text of each prompt (choice k is from prompts[k / n]).
+    pub prompts: Vec<String>,
     pub tok: Arc<Tokenizer>,
 }
 
@@ -336,22 +337,32 @@ async fn generate(
         };
         ApiError::new(if status == 413 { 413 } else { 400 }, "invalid_request_error", msg)
     })?;
-    let parsed = api::parse(ep, &body, &Limits { max_tokens: s.opts.max_tokens, max_n: s.opts.max_batch })?;
+    let limits = Limits { max_tokens: s.opts.max_tokens, max_n: s.opts.max_batch, max_choices: s.opts.queue };
+    let parsed = api::parse(ep, &body, &limits)?;
     if let Some(m) = parsed.model.as_deref().filter(|m| *m != s.opts.model_name) {
         return Err(model_not_found(s, m));
     }
-    let (prompt, param) = match &parsed.task {
-        Task::Complete { prompt } => (prompt.clone(), if ep == Endpoint::Chat { "messages" } else { "prompt" }),
-        Task::Fill { text } => (text.clone(), "prompt"),
-    };
-    let n = s.tok.encode(&prompt).len();
-    if n > s.opts.max_prompt_tokens {
-        let msg = format!("the prompt has {n} tokens, over this server's limit of {}", s.opts.max_prompt_tokens);
-        return Err(ApiError::param(param, msg).code("context_length_exceeded"));
-    }
-    if n + 2 > s.max_seq_len {
-        let msg = format!("the prompt has {n} tokens; with [gMASK] and <sop> it is over the model's {}", s.max_seq_len);
-        return Err(ApiError::param(param, msg).code("context_length_exceeded"));
+    let param = if ep == Endpoint::Chat { "messages" } else { "prompt" };
+    let prompts: Vec<String> = parsed
+        .tasks
+        .iter()
+        .map(|t| match t {
+            Task::Complete { prompt } => prompt.clone(),
+            Task::Fill { text } => text.clone(),
+        })
+        .collect();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let which = if prompts.len() > 1 { format!("prompt {i}") } else { "the prompt".to_string() };
+        let n = s.tok.encode(prompt).len();
+        if n > s.opts.max_prompt_tokens {
+            let msg = format!("{which} has {n} tokens, over this server's limit of {}", s.opts.max_prompt_tokens);
+            return Err(ApiError::param(param, msg).code("context_length_exceeded"));
+        }
+        if n + 2 > s.max_seq_len {
+            let msg =
+                format!("{which} has {n} tokens; with [gMASK] and <sop> it is over the model's {}", s.max_seq_len);
+            return Err(ApiError::param(param, msg).code("context_length_exceeded"));
+        }
     }
     let serial = s.next_id.fetch_add(1, Relaxed);
     let mut sampling = parsed.sampling;
@@ -359,13 +370,13 @@ async fn generate(
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         sampling.seed = (serial << 32) ^ nanos as u64 ^ 0x9e37_79b9_7f4a_7c15;
     }
-    // One job per choice, choice i with seed + i. If the queue cannot take them all, the ones
-    // queued are dropped with their receivers (the engine skips closed requests).
-    let mut receivers = Vec::with_capacity(parsed.n);
+    // One job per choice: choice k = prompt k / n with seed + k % n. If the queue cannot take them
+    // all, the ones queued are dropped with their receivers (the engine skips closed requests).
+    let mut receivers = Vec::with_capacity(parsed.tasks.len() * parsed.n);
     let mut sent = Ok(());
-    for i in 0..parsed.n {
+    for (task, i) in parsed.tasks.iter().flat_map(|t| (0..parsed.n).map(move |i| (t, i))) {
         let request = Request {
-            task: parsed.task.clone(),
+            task: task.clone(),
             sampling: glm_infer::SamplingConfig { seed: sampling.seed.wrapping_add(i as u64), ..sampling },
             stops: parsed.stops.clone(),
             deadline: Some(arrived + s.opts.request_timeout),
@@ -405,7 +416,7 @@ async fn generate(
         created: unix_now(),
         model: s.opts.model_name.clone(),
         arrived,
-        prompt,
+        prompts,
         tok: s.tok.clone(),
     };
     if answer.parsed.stream {
@@ -413,9 +424,11 @@ async fn generate(
     }
     let results = futures_util::future::join_all(receivers.into_iter().map(|rx| collect(rx, arrived))).await;
     let (mut generations, mut prompt_tokens, mut ttft) = (Vec::new(), 0, None::<Duration>);
-    for r in results {
+    for (k, r) in results.into_iter().enumerate() {
         let Collected { generation: g, prompt_tokens: n, first_text: t, logprobs } = r?;
-        prompt_tokens = n;
+        if answer.first_of_prompt(k) {
+            prompt_tokens += n;
+        }
         ttft = match (ttft, t) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -468,17 +481,28 @@ impl Answer {
         v
     }
 
-    /// The returned text: the continuation (after the prompt when echoing), or the suffix blank.
-    fn text(&self, g: &Generation) -> String {
+    /// The prompt of choice k.
+    pub(crate) fn prompt_of(&self, k: usize) -> &str {
+        self.prompts.get(k / self.parsed.n.max(1)).map_or("", String::as_str)
+    }
+
+    /// Whether choice k is its prompt's first (usage counts each prompt once).
+    pub(crate) fn first_of_prompt(&self, k: usize) -> bool {
+        k.is_multiple_of(self.parsed.n.max(1))
+    }
+
+    /// The returned text of choice k: the continuation (after the prompt when echoing), or the
+    /// suffix blank.
+    fn text(&self, k: usize, g: &Generation) -> String {
         let span = g.spans.first().map(|s| s.text.clone()).unwrap_or_default();
         if self.parsed.echo {
-            format!("{}{span}", self.prompt)
+            format!("{}{span}", self.prompt_of(k))
         } else {
             span
         }
     }
 
-    /// Usage of a request: the prompt once, the tokens of every choice.
+    /// Usage of a request: each prompt once, the tokens of every choice.
     pub(crate) fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
         let c = completion_tokens;
         json!({"prompt_tokens": prompt_tokens, "completion_tokens": c, "total_tokens": prompt_tokens + c})
@@ -501,9 +525,11 @@ impl Answer {
                 let finish = api::finish_reason(g.stop);
                 let logprobs = self.logprobs(scored, &mut 0);
                 match chat {
-                    true => json!({"index": i, "message": {"role": "assistant", "content": self.text(g)},
+                    true => json!({"index": i, "message": {"role": "assistant", "content": self.text(i, g)},
                                    "logprobs": logprobs, "finish_reason": finish}),
-                    false => json!({"index": i, "text": self.text(g), "logprobs": logprobs, "finish_reason": finish}),
+                    false => {
+                        json!({"index": i, "text": self.text(i, g), "logprobs": logprobs, "finish_reason": finish})
+                    }
                 }
             };
             gens.iter().enumerate().map(choice).collect()
@@ -515,7 +541,7 @@ impl Answer {
             (Endpoint::Chat, _) => self.envelope("chat.completion", json!({"choices": choices(true), "usage": usage})),
             (Endpoint::Infill, None) => ApiError::new(500, "server_error", "no filling").body(),
             (Endpoint::Infill, Some(g)) => {
-                let masks = mask_names(&self.prompt);
+                let masks = mask_names(self.prompt_of(0));
                 let blanks: Vec<Value> = g
                     .spans
                     .iter()

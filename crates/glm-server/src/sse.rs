@@ -84,7 +84,7 @@ impl Stream {
                 Some(sse_event(&a.envelope(self.object(), json!({"choices": [choice]}))).into())
             }
             _ if a.parsed.echo => {
-                let prompt = a.prompt.clone();
+                let prompt = a.prompt_of(index).to_string();
                 Some(sse_event(&self.chunk(index, Some(&prompt), None, None)).into())
             }
             _ => None,
@@ -123,7 +123,9 @@ impl Stream {
         loop {
             let bytes = match self.events.next().await {
                 Some((i, Event::Started { prompt_tokens })) => {
-                    self.prompt_tokens = prompt_tokens;
+                    if self.answer.first_of_prompt(i) {
+                        self.prompt_tokens += prompt_tokens;
+                    }
                     match self.opening(i) {
                         Some(b) => b,
                         None => continue,

@@ -54,7 +54,7 @@ fn any_json() -> impl Strategy<Value = Value> {
 }
 
 fn check(ep: Endpoint, body: &[u8]) {
-    match parse(ep, body, &Limits { max_tokens: 512, max_n: 8 }) {
+    match parse(ep, body, &Limits { max_tokens: 512, max_n: 8, max_choices: 64 }) {
         Ok(p) => {
             assert!(p.sampling.max_new_tokens <= 512);
             assert!(p.sampling.min_new_tokens <= p.sampling.max_new_tokens);
@@ -91,7 +91,7 @@ proptest! {
 
 #[test]
 fn valid_requests_parse() {
-    let l = Limits { max_tokens: 512, max_n: 8 };
+    let l = Limits { max_tokens: 512, max_n: 8, max_choices: 64 };
     let p = parse(
         Endpoint::Completions,
         br#"{"model":"m","prompt":["Hi"],"max_tokens":5.0,"temperature":0,"stop":"\n","seed":-1}"#,
@@ -99,6 +99,12 @@ fn valid_requests_parse() {
     );
     let p = p.expect("valid");
     assert_eq!(p.sampling.max_new_tokens, 5);
+    // A batch of prompts: one task each, within prompts x n <= max_choices.
+    let batch = parse(Endpoint::Completions, br#"{"model":"m","prompt":["a","b","c"],"n":2}"#, &l).expect("batch");
+    assert_eq!((batch.tasks.len(), batch.n), (3, 2));
+    let over = Limits { max_choices: 5, ..l };
+    let e = parse(Endpoint::Completions, br#"{"model":"m","prompt":["a","b","c"],"n":2}"#, &over).err();
+    assert!(e.is_some_and(|e| e.status == 400 && e.message.contains("6 choices")));
     assert!(p.sampling.is_greedy() && p.seeded && p.stops == vec!["\n".to_string()]);
     let p = parse(
         Endpoint::Chat,

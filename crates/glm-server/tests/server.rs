@@ -310,7 +310,10 @@ async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
         ("/v1/completions", with("prompt", json!(null)), 400, "prompt is required"),
         ("/v1/completions", with("prompt", json!(7)), 400, "prompt must be a string"),
         ("/v1/completions", with("prompt", json!([1, 2, 3])), 400, "token ids"),
-        ("/v1/completions", with("prompt", json!(["a", "b"])), 400, "one prompt"),
+        ("/v1/completions", with("prompt", json!(vec!["a"; 65])), 400, "65 choices, over this server's limit of 64"),
+        ("/v1/completions", with("prompt", json!(["a", 5])), 400, "token ids"),
+        ("/v1/completions", with("prompt", json!(["a", null])), 400, "array of strings"),
+        ("/v1/completions", with("prompt", json!(["a", "word ".repeat(80)])), 400, "prompt 1 has"),
         ("/v1/completions", with("prompt", json!("")), 400, "empty prompt"),
         ("/v1/completions", with("prompt", json!("word ".repeat(80))), 400, "over this server's limit"),
         ("/v1/completions", with("max_tokens", json!(-1)), 400, "max_tokens"),
@@ -566,6 +569,40 @@ async fn n_choices_are_the_requests_with_seeds_seed_plus_i() -> Result<()> {
         ensure!(mine.iter().filter(|e| e["choices"][0]["finish_reason"].is_string()).count() == 1);
     }
     ensure!(events.last().is_some_and(|e| e["usage"]["completion_tokens"] == 30));
+    // A batch of prompts: choice k is prompt k / n with seed + k % n, whole and streamed; usage
+    // counts each prompt once.
+    let batch = |stream: bool| {
+        json!({"model": "tiny", "prompt": ["Once upon a time", "The weather today"], "max_tokens": 6, "min_tokens": 6,
+               "temperature": 1.0, "seed": 5, "n": 2, "stream": stream, "stream_options": {"include_usage": true}})
+    };
+    let (code, whole) = s.post("/v1/completions", batch(false).to_string()).await?;
+    ensure!(code == 200, "{whole}");
+    let choices = whole["choices"].as_array().context("choices")?;
+    ensure!(choices.len() == 4 && whole["usage"]["completion_tokens"] == 24, "{whole}");
+    let mut prompt_tokens = 0;
+    for (k, c) in choices.iter().enumerate() {
+        let prompt = ["Once upon a time", "The weather today"][k / 2];
+        let one = json!({"model": "tiny", "prompt": prompt, "max_tokens": 6, "min_tokens": 6, "temperature": 1.0,
+                         "seed": 5 + (k % 2) as u64});
+        let (_, one) = s.post("/v1/completions", one.to_string()).await?;
+        ensure!(c["index"] == k && c["text"] == one["choices"][0]["text"], "choice {k}: {c} vs {one}");
+        if k % 2 == 0 {
+            prompt_tokens += one["usage"]["prompt_tokens"].as_u64().context("usage")?;
+        }
+    }
+    ensure!(whole["usage"]["prompt_tokens"] == prompt_tokens, "{whole}: prompt tokens {prompt_tokens}");
+    let (_, events) = stream(&s, "/v1/completions", batch(true)).await?;
+    for (k, c) in choices.iter().enumerate() {
+        let text: String = events
+            .iter()
+            .filter(|e| e["choices"][0]["index"] == k)
+            .filter_map(|e| e["choices"][0]["text"].as_str())
+            .collect();
+        ensure!(json!(text) == c["text"], "streamed choice {k}: {text:?}");
+    }
+    ensure!(events
+        .last()
+        .is_some_and(|e| e["usage"]["prompt_tokens"] == prompt_tokens && e["usage"]["completion_tokens"] == 24));
     // Chat with n = 2: a role chunk per choice.
     let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 2, "stream": true});
     let (_, events) = stream(&s, "/v1/chat/completions", chat).await?;

@@ -252,7 +252,7 @@ def main():
         expect(chat[0] == chat[1], f"chat with seed 7 gave {short(chat[0])} and then {short(chat[1])}")
         return f"text {short(texts[0])}"
 
-    @check("n=3 gives three choices, choice i as the request with seed 7+i")
+    @check("n=3 gives three choices, choice i as the request with seed 7+i; a list of 2 prompts with n=2 gives 4")
     def _():
         r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=1, seed=7, n=3)
         expect([c.index for c in r.choices] == [0, 1, 2], f"choice indices {[c.index for c in r.choices]}")
@@ -260,7 +260,14 @@ def main():
             one = client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=1,
                                             seed=7 + c.index).choices[0].text
             expect(c.text == one, f"choice {c.index}: {short(c.text)} vs seed {7 + c.index} alone: {short(one)}")
-        return f"{len(r.choices)} choices, usage {r.usage.completion_tokens} tokens"
+        prompts = ["Once upon a time", "Hello"]
+        b = client.completions.create(model=model, prompt=prompts, max_tokens=4, temperature=1, seed=3, n=2)
+        expect([c.index for c in b.choices] == [0, 1, 2, 3], f"batch choice indices {[c.index for c in b.choices]}")
+        for c in b.choices:
+            one = client.completions.create(model=model, prompt=prompts[c.index // 2], max_tokens=4, temperature=1,
+                                            seed=3 + c.index % 2).choices[0].text
+            expect(c.text == one, f"batch choice {c.index}: {short(c.text)} vs its prompt alone: {short(one)}")
+        return f"{len(r.choices)} choices, usage {r.usage.completion_tokens} tokens; batch of 2 prompts: {len(b.choices)} choices"
 
     @check("logprobs parse into the client's types (completions logprobs=2, chat logprobs + top_logprobs=2, streamed chat)")
     def _():
