@@ -29,6 +29,11 @@ fn models() -> Result<Vec<(&'static str, Glm)>> {
     ])
 }
 
+/// An engine over `m` with a 1 GiB KV-cache budget.
+fn new_engine<'m>(m: &'m Glm, tok: &'m Tokenizer, max_batch: usize, prefill_chunk: usize) -> Result<Engine<'m>> {
+    Ok(Engine::new(Generator::new(m, tok)?, EngineOptions { max_batch, kv_budget_bytes: 1 << 30, prefill_chunk })?)
+}
+
 /// Collects a request's events; `closed` plays a client that left.
 #[derive(Clone, Default)]
 struct Collect {
@@ -122,8 +127,7 @@ fn batched_requests_get_the_tokens_they_get_alone() -> Result<()> {
     // Prefills whole, and spread over steps a few layers at a time (3 tokens' worth per step).
     for ((name, m), chunk) in models()?.iter().flat_map(|m| [0, 3].map(|c| (m, c))) {
         let name = format!("{name}, prefill chunk {chunk}");
-        let opts = EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30, prefill_chunk: chunk };
-        let mut engine = Engine::new(Generator::new(m, &tok)?, opts)?;
+        let mut engine = new_engine(m, &tok, 8, chunk)?;
         let reqs = requests();
         let sinks: Vec<Collect> = reqs.iter().map(|_| Collect::default()).collect();
         // Half join at once, the rest while the first ones are decoding.
@@ -212,10 +216,7 @@ fn admission_follows_the_batch_size_and_the_kv_budget() -> Result<()> {
 fn cancelled_and_late_requests_leave_the_batch() -> Result<()> {
     let tok = Tokenizer::default_glm()?;
     let m = model(&Config::tiny(), &DenseFactory)?;
-    let mut engine = Engine::new(
-        Generator::new(&m, &tok)?,
-        EngineOptions { max_batch: 4, kv_budget_bytes: 1 << 30, prefill_chunk: 0 },
-    )?;
+    let mut engine = new_engine(&m, &tok, 4, 0)?;
     let long = SamplingConfig { min_new_tokens: 60, ..SamplingConfig::greedy(60) };
     let req = |deadline| Request {
         task: Task::Complete { prompt: "Hi".into() },
@@ -268,10 +269,7 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 fn logprobs_are_the_models_log_softmax_and_leave_the_draw_unchanged() -> Result<()> {
     let tok = Tokenizer::default_glm()?;
     for (name, m) in models()? {
-        let mut engine = Engine::new(
-            Generator::new(&m, &tok)?,
-            EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30, prefill_chunk: 0 },
-        )?;
+        let mut engine = new_engine(&m, &tok, 8, 0)?;
         let reqs: Vec<Request> = requests().into_iter().map(|r| Request { logprobs: Some(5), ..r }).collect();
         let sinks: Vec<Collect> = reqs.iter().map(|_| Collect::default()).collect();
         for (r, s) in reqs.iter().zip(&sinks) {
@@ -350,8 +348,7 @@ fn choices_of_one_prompt_share_its_prefill_and_keep_their_tokens() -> Result<()>
     // With the prefill spread over steps, the other choices wait for it and then copy it.
     for ((name, m), chunk) in models()?.iter().flat_map(|m| [0, 2].map(|c| (m, c))) {
         let name = format!("{name}, prefill chunk {chunk}");
-        let opts = EngineOptions { max_batch: 8, kv_budget_bytes: 1 << 30, prefill_chunk: chunk };
-        let mut engine = Engine::new(Generator::new(m, &tok)?, opts)?;
+        let mut engine = new_engine(m, &tok, 8, chunk)?;
         let prompt = "A prompt that four choices share, long enough to be worth sharing its prefill.";
         let sampled =
             |seed| SamplingConfig { seed, max_new_tokens: 10, min_new_tokens: 10, ..SamplingConfig::default() };
@@ -385,10 +382,7 @@ fn choices_of_one_prompt_share_its_prefill_and_keep_their_tokens() -> Result<()>
         // prompt's and one fill's.
         let mut alone_prefill = Vec::new();
         for r in &reqs {
-            let mut e = Engine::new(
-                Generator::new(m, &tok)?,
-                EngineOptions { max_batch: 1, kv_budget_bytes: 1 << 30, prefill_chunk: 0 },
-            )?;
+            let mut e = new_engine(m, &tok, 1, 0)?;
             let sink = Collect::default();
             e.admit(e.prepare(r.clone())?, Box::new(sink.clone()));
             run_all(&mut e, std::slice::from_ref(&sink))?;
@@ -418,8 +412,7 @@ fn a_long_prefill_is_spread_over_steps_while_the_running_rows_go_on() -> Result<
     let tok = Tokenizer::default_glm()?;
     let m = model(&Config::tiny(), &DenseFactory)?;
     let layers = Config::tiny().num_layers;
-    let opts = EngineOptions { max_batch: 4, kv_budget_bytes: 1 << 30, prefill_chunk: 8 };
-    let mut engine = Engine::new(Generator::new(&m, &tok)?, opts)?;
+    let mut engine = new_engine(&m, &tok, 4, 8)?;
     let req = |prompt: String, n| Request {
         task: Task::Complete { prompt },
         sampling: SamplingConfig { min_new_tokens: n, ..SamplingConfig::greedy(n) },
