@@ -469,7 +469,7 @@ fn start_block<'m>(
         Job::Complete { prompt_ids, .. } => prompt_ids.as_slice(),
         Job::Fill(plan) => plan.left_of_next(),
     };
-    let stream = TextStream::new(gen.tokenizer(), left);
+    let stream = TextStream::new(gen.tokenizer(), left)?;
     let block = |dec, start| Block { start, dec, out: Vec::new(), stream, scored: Vec::new() };
     if a.sampler.config().max_new_tokens == 0 {
         a.block = Some(block(Decoder::new(gen.model(), &start.0, start.1)?, start));

@@ -126,7 +126,7 @@ impl<'a> Generator<'a> {
     ) -> Result<Generation> {
         let mut sampler = Sampler::new(cfg)?;
         let (ids, context) = self.gmask_context(prompt)?;
-        let mut stream = TextStream::new(self.tok, &ids);
+        let mut stream = TextStream::new(self.tok, &ids)?;
         let mut failure = None;
         let mut go = |gen: &[u32]| match stream.push(gen, stops, false) {
             Ok((delta, stop)) => {
@@ -316,13 +316,17 @@ impl<'a> Generator<'a> {
 
     /// `generated` as the tokenizer writes it after `left` (a leading space of its first token shows).
     pub fn continuation(&self, left: &[u32], generated: &[u32]) -> Result<String> {
-        let before = self.tok.decode(left)?;
-        let joined: Vec<u32> = left.iter().chain(generated).copied().collect();
-        let all = self.tok.decode(&joined)?;
-        match all.strip_prefix(before.as_str()) {
-            Some(rest) => Ok(rest.to_string()),
-            None => Ok(self.tok.decode(generated)?),
-        }
+        text_after(self.tok, left, &self.tok.decode(left)?, generated)
+    }
+}
+
+/// `generated` as the tokenizer writes it after `left`, whose text is `before`.
+fn text_after(tok: &Tokenizer, left: &[u32], before: &str, generated: &[u32]) -> Result<String> {
+    let joined: Vec<u32> = left.iter().chain(generated).copied().collect();
+    let all = tok.decode(&joined)?;
+    match all.strip_prefix(before) {
+        Some(rest) => Ok(rest.to_string()),
+        None => Ok(tok.decode(generated)?),
     }
 }
 
@@ -331,22 +335,21 @@ impl<'a> Generator<'a> {
 pub struct TextStream<'t> {
     tok: &'t Tokenizer,
     left: Vec<u32>,
+    /// The text of `left`, decoded once.
+    before: String,
     /// The text released so far.
     pub text: String,
 }
 
 impl<'t> TextStream<'t> {
-    pub fn new(tok: &'t Tokenizer, left: &[u32]) -> Self {
-        Self { tok, left: left.to_vec(), text: String::new() }
+    pub fn new(tok: &'t Tokenizer, left: &[u32]) -> Result<Self> {
+        Ok(Self { tok, left: left.to_vec(), before: tok.decode(left)?, text: String::new() })
     }
 
     /// With `generated` the whole block so far: (new text to show, whether a stop string ended it).
     /// `last` releases a trailing incomplete character too.
     pub fn push(&mut self, generated: &[u32], stops: &[String], last: bool) -> Result<(String, bool)> {
-        let before = self.tok.decode(&self.left)?;
-        let joined: Vec<u32> = self.left.iter().chain(generated).copied().collect();
-        let all = self.tok.decode(&joined)?;
-        let mut full = all.strip_prefix(before.as_str()).map(str::to_string).unwrap_or(self.tok.decode(generated)?);
+        let mut full = text_after(self.tok, &self.left, &self.before, generated)?;
         // A byte-fallback character still missing bytes decodes to U+FFFD at the end: hold it back.
         let mut hold = full.len();
         while !last && full[..hold].ends_with('\u{FFFD}') {

@@ -326,7 +326,7 @@ fn streaming_releases_whole_characters_and_stops_at_stop_strings() -> Result<()>
     let tok = tok()?;
     // Byte-fallback pieces of one emoji: nothing is released until the character is complete.
     let ids = tok.encode("😀");
-    let mut s = glm_infer::TextStream::new(&tok, &tok.encode("Hi"));
+    let mut s = glm_infer::TextStream::new(&tok, &tok.encode("Hi"))?;
     let mut shown = String::new();
     for i in 1..=ids.len() {
         let (delta, stop) = s.push(&ids[..i], &[], false)?;
