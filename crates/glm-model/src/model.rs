@@ -334,8 +334,7 @@ impl Glm {
         let x = self.word_embeddings.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?.unsqueeze(0)?; // (1, T, H)
         let mut caches: Vec<Option<&mut KvCache>> = seqs.iter_mut().map(|s| Some(&mut *s.cache)).collect();
         let step = Step { rope: &self.rope, parts, train: None };
-        let x = self.layers_between(x, &step, &mut caches, 0..self.layers.len())?;
-        self.head(&x, Some(&Tensor::new(last, dev)?))
+        self.stack(x, &step, &mut caches, Some(&Tensor::new(last, dev)?))
     }
 
     /// `forward_sequences` of one sequence, begun: its tokens embedded, no layer run yet.
