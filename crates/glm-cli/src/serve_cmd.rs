@@ -234,6 +234,14 @@ fn measure(
     })
 }
 
+/// The benchmark's model at `precision` (`infer_cmd::bench_model`) and the default tokenizer.
+fn bench_setup(a: &ServeBenchArgs, precision: &str) -> Result<(glm_model::Config, Arc<Glm>, Arc<Tokenizer>)> {
+    let bits = crate::infer_cmd::precision_bits(precision)?;
+    let (cfg, model) = crate::infer_cmd::bench_model(a.model.as_deref(), &a.arch, bits)?;
+    let (tok, _) = glm_data::load_tokenizer(None)?;
+    Ok((cfg, Arc::new(model), Arc::new(tok)))
+}
+
 pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     if a.long_prompt_tokens > 0 {
         return bench_long_prompts(a);
@@ -242,11 +250,8 @@ pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     // Memory after each level (the process: server and clients): it should not grow with load.
     for precision in &a.precisions {
-        let bits = crate::infer_cmd::precision_bits(precision)?;
-        let (cfg, model) = crate::infer_cmd::bench_model(a.model.as_deref(), &a.arch, bits)?;
-        let (tok, _) = glm_data::load_tokenizer(None)?;
+        let (cfg, model, tok) = bench_setup(&a, precision)?;
         let name = cfg.name.clone();
-        let (model, tok) = (Arc::new(model), Arc::new(tok));
         let opts = a.limits.options(name.clone(), &model, None)?;
         let batched = measure(&rt, model.clone(), tok.clone(), opts.clone(), &a.streams, &a, None)?;
         for l in batched {
@@ -317,11 +322,8 @@ fn bench_long_prompts(a: ServeBenchArgs) -> Result<()> {
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for precision in &a.precisions {
-        let bits = crate::infer_cmd::precision_bits(precision)?;
-        let (cfg, model) = crate::infer_cmd::bench_model(a.model.as_deref(), &a.arch, bits)?;
-        let (tok, _) = glm_data::load_tokenizer(None)?;
+        let (cfg, model, tok) = bench_setup(&a, precision)?;
         let long = prompt_of(&tok, a.long_prompt_tokens)?;
-        let (model, tok) = (Arc::new(model), Arc::new(tok));
         for &chunk in &chunks {
             let opts = Options { prefill_chunk: chunk, ..a.limits.options(cfg.name.clone(), &model, None)? };
             for l in measure(&rt, model.clone(), tok.clone(), opts, &[streams], &a, Some(&long))? {
