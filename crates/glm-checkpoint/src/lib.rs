@@ -1,6 +1,13 @@
 //! Safetensors checkpoints. Owns: opening a file with errors that name it, checking every expected
 //! tensor (name, shape) before anything is built, loading tensors, and atomic saving (temp file in the
 //! same folder, fsync, rename) so that a crash mid-write never leaves a half-written checkpoint.
+//! `torch` reads and writes torch.save files (the released GLM-130B and ChatGLM-6B checkpoints)
+//! on its own `pickle` and `zip` readers.
+
+pub mod pickle;
+pub mod raw;
+pub mod torch;
+pub mod zip;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
