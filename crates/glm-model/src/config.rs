@@ -75,6 +75,14 @@ pub struct Config {
     /// GLM-130B ties the output head to the word embedding; ChatGLM-6B has its own `lm_head`.
     pub tie_word_embeddings: bool,
     pub special_tokens: SpecialTokens,
+    /// DeepNorm's residual scale when it is not sqrt(2L): ChatGLM-6B's Hugging Face code uses
+    /// sqrt(2 * 28) whatever its layer count (its `GLMBlock` default `num_layers=28` is never
+    /// overridden), so a ChatGLM imported with another depth carries it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_alpha: Option<f64>,
+    /// RoPE's inverse frequencies rounded to f16, as ChatGLM-6B's Hugging Face code keeps them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rope_f16_inv_freq: bool,
 }
 
 pub const PRESETS: [&str; 6] = ["tiny", "small", "base", "1b", "chatglm-6b", "glm-130b"];
@@ -95,6 +103,8 @@ impl Config {
             ffn: FfnKind::GeGlu,
             position_encoding: PositionEncoding::Rope1d,
             tie_word_embeddings: true,
+            residual_alpha: None,
+            rope_f16_inv_freq: false,
             // Small presets: 64 ids at the top of the vocabulary are reserved, specials first.
             special_tokens: SpecialTokens::from(vocab.saturating_sub(64) as u32),
         }
@@ -140,6 +150,8 @@ impl Config {
             position_encoding: PositionEncoding::Rope2d,
             tie_word_embeddings: false,
             special_tokens: SpecialTokens::from(130000),
+            residual_alpha: None,
+            rope_f16_inv_freq: false,
         }
     }
 
@@ -186,9 +198,9 @@ impl Config {
         self.hidden_size / self.num_heads
     }
 
-    /// DeepNorm residual scale alpha = (2L)^(1/2).
+    /// DeepNorm residual scale alpha = (2L)^(1/2), unless the config fixes it (`residual_alpha`).
     pub fn deepnorm_alpha(&self) -> f64 {
-        (2.0 * self.num_layers as f64).sqrt()
+        self.residual_alpha.unwrap_or_else(|| (2.0 * self.num_layers as f64).sqrt())
     }
 
     /// DeepNorm init gain beta = (2L)^(-1/2), on the FFN, v and out projections.
@@ -242,6 +254,9 @@ impl Config {
         }
         if !(self.layernorm_eps > 0.0 && self.layernorm_eps.is_finite()) {
             return bad(format!("layernorm_eps must be a positive number, got {}", self.layernorm_eps));
+        }
+        if let Some(a) = self.residual_alpha.filter(|a| !(*a > 0.0 && a.is_finite())) {
+            return bad(format!("residual_alpha must be a positive number, got {a}"));
         }
         if !(self.rope_base > 1.0 && self.rope_base.is_finite()) {
             return bad(format!("rope_base must be > 1, got {}", self.rope_base));
@@ -297,5 +312,14 @@ mod tests {
         assert_eq!(c.head_dim(), 128);
         assert!((c.deepnorm_alpha() - 140f64.sqrt()).abs() < 1e-12);
         assert!((c.deepnorm_beta() - 0.0845).abs() < 1e-4);
+        let fixed = Config { residual_alpha: Some(56f64.sqrt()), ..Config::tiny() };
+        assert_eq!(fixed.deepnorm_alpha(), 56f64.sqrt());
+        assert!(fixed.validate().is_ok());
+        assert!(Config { residual_alpha: Some(0.0), ..Config::tiny() }.validate().is_err());
+        // Configs saved before the field existed still load.
+        let mut j: serde_json::Value = serde_json::from_str(&Config::tiny().to_json()).unwrap();
+        assert!(j.get("residual_alpha").is_none());
+        j.as_object_mut().unwrap().remove("residual_alpha");
+        assert_eq!(Config::from_json(&j.to_string()).unwrap(), Config::tiny());
     }
 }

@@ -251,7 +251,10 @@ impl Glm {
             layers,
             final_layernorm: LayerNorm::load(tf.pp(FINAL_LAYERNORM), h, cfg.layernorm_eps)?,
             lm_head: if cfg.tie_word_embeddings { None } else { Some(vb.pp(LM_HEAD).get((v, h), "weight")?) },
-            rope: Rope::new(cfg.head_dim(), cfg.rope_parts(), cfg.rope_base, vb.device())?,
+            rope: match Rope::new(cfg.head_dim(), cfg.rope_parts(), cfg.rope_base, vb.device())? {
+                rope if cfg.rope_f16_inv_freq => rope.with_f16_inv_freq()?,
+                rope => rope,
+            },
         })
     }
 

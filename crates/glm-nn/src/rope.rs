@@ -25,6 +25,13 @@ impl Rope {
         Ok(Self { inv_freq: Tensor::new(inv, device)?, parts })
     }
 
+    /// The same with each inv_freq rounded to f16, as ChatGLM-6B's Hugging Face code stores them
+    /// (`inv_freq.half()`), so its positions turn by exactly its angles.
+    pub fn with_f16_inv_freq(self) -> Result<Self> {
+        let inv_freq = self.inv_freq.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+        Ok(Self { inv_freq, ..self })
+    }
+
     pub fn parts(&self) -> usize {
         self.parts
     }
