@@ -2,7 +2,9 @@
 //! (`__metadata__`: `format = glm-quant`, `bits`, the model `config` as JSON), holding
 //!
 //! - each block linear's weight as `U8` bytes, `[rows, cols]` (INT8) or `[rows, cols / 2]` (INT4,
-//!   GLM-130B's nibble order), beside `<name>_scale`, f16 `[rows]` (GLM-130B's quantized layout);
+//!   GLM-130B's nibble order), beside `<name>_scale`, f16 `[rows]` (GLM-130B's quantized layout)
+//!   or `[rows, G]` (one scale per row per input group of `cols / G` columns: row-parallel layers
+//!   quantized rank by rank, as GLM-130B's `convert_tp.py` does, then merged);
 //! - every other tensor (embeddings, LayerNorms, biases) in f16, as GLM-130B keeps them.
 //!
 //! Loading memory-maps the file and copies each quantized weight once into its packed form: the
@@ -15,10 +17,10 @@ use std::sync::Arc;
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use glm_model::weights::{param_table, ParamKind};
+use glm_model::weights::param_table;
 use glm_model::{Config, Glm};
 use half::f16;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
 
 use crate::linear::QuantFactory;
 use crate::{Bits, Error, QuantMatrix, Result};
@@ -52,15 +54,15 @@ pub fn quantize_checkpoint(
 }
 
 /// Quantize the tensors `load` gives by name (each of `cfg`'s parameter table, as f32) into `out`,
-/// written atomically: a dense checkpoint file, or weights already in memory.
+/// written atomically: a dense checkpoint file, or weights already in memory. The block linears get
+/// per-row scales (`QuantMatrix::quantize`), the rest is kept in f16.
 pub fn quantize_tensors(
     cfg: &Config,
     load: impl Fn(&str) -> std::result::Result<Tensor, String>,
     bits: Bits,
     out: &Path,
 ) -> Result<QuantReport> {
-    let mut blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let (mut quantized, mut kept) = (0, 0);
+    let (mut quantized, mut dense) = (HashMap::new(), HashMap::new());
     for p in param_table(cfg) {
         let t = load(&p.name).map_err(|e| Error::Format(format!("{}: {e}", p.name)))?;
         let v: Vec<f32> = t
@@ -71,27 +73,140 @@ pub fn quantize_tensors(
         if v.len() != p.numel() as usize {
             return Err(Error::Shape(format!("{}: {} values, the model's table says {:?}", p.name, v.len(), p.shape)));
         }
-        if matches!(p.kind, ParamKind::QkvWeight | ParamKind::LinearWeight) {
+        if p.kind.quantizable() {
             let (rows, cols) = (p.shape[0], p.shape[1]);
             let q =
                 QuantMatrix::quantize(&v, rows, cols, bits).map_err(|e| Error::Format(format!("{}: {e}", p.name)))?;
-            let data: Vec<u8> = q.data.iter().map(|&b| b as u8).collect();
-            blobs.push((p.name.clone(), Dtype::U8, vec![rows, bits.row_bytes(cols)], data));
-            let scales: Vec<u8> = q.scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-            blobs.push((format!("{}{SCALE_SUFFIX}", p.name), Dtype::F16, vec![rows], scales));
-            quantized += 1;
+            quantized.insert(p.name, q);
         } else {
-            let data: Vec<u8> = v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect();
-            blobs.push((p.name.clone(), Dtype::F16, p.shape.clone(), data));
-            kept += 1;
+            // Kept as the f16 the file stores, so the weights held until writing are the file's size.
+            let t = Tensor::from_vec(v, p.shape.clone(), &Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F16))
+                .map_err(|e| Error::Format(format!("{}: {e}", p.name)))?;
+            dense.insert(p.name, t);
         }
     }
-    let views = blobs
-        .iter()
-        .map(|(n, dt, shape, data)| {
-            TensorView::new(*dt, shape.clone(), data).map(|v| (n.clone(), v)).map_err(|e| io(out, e))
+    write_quant_checkpoint(cfg, bits, &quantized, &dense, out)
+}
+
+/// One tensor of the file: its bytes are made when they are written.
+enum Entry<'a> {
+    Weight(&'a QuantMatrix),
+    Scales(&'a QuantMatrix),
+    Dense(&'a Tensor),
+}
+
+impl Entry<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            Self::Weight(_) => Dtype::U8,
+            Self::Scales(_) | Self::Dense(_) => Dtype::F16,
+        }
+    }
+
+    /// The stored shape: `[rows, row bytes]`, scales `[rows]` (one per row, GLM-130B's layout) or
+    /// `[rows, groups]`, dense tensors as they are.
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            Self::Weight(m) => vec![m.rows, m.bits.row_bytes(m.cols)],
+            Self::Scales(m) if m.groups == 1 => vec![m.rows],
+            Self::Scales(m) => vec![m.rows, m.groups],
+            Self::Dense(t) => t.dims().to_vec(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Weight(m) => m.data.len(),
+            Self::Scales(m) => 2 * m.scales.len(),
+            Self::Dense(t) => 2 * t.elem_count(),
+        }
+    }
+
+    fn bytes(&self) -> candle_core::Result<Vec<u8>> {
+        Ok(match self {
+            Self::Weight(m) => m.data.iter().map(|&b| b as u8).collect(),
+            Self::Scales(m) => m.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            Self::Dense(t) => {
+                let v: Vec<f16> = t.to_device(&Device::Cpu)?.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
+                v.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
         })
-        .collect::<Result<Vec<_>>>()?;
+    }
+}
+
+/// Write a quantized checkpoint of `cfg` from weights already quantized (`quantized`: the block
+/// linears by tensor name, any scale groups) and the other tensors (`dense`: embeddings, LayerNorms,
+/// biases; stored in f16), atomically. Every tensor of the model's table must be in the map its
+/// kind says, with its shape (and the matrices at `bits`), and nothing else: all is checked before
+/// a byte is written. The file is written tensor by tensor, never built whole in memory.
+pub fn write_quant_checkpoint(
+    cfg: &Config,
+    bits: Bits,
+    quantized: &HashMap<String, QuantMatrix>,
+    dense: &HashMap<String, Tensor>,
+    out: &Path,
+) -> Result<QuantReport> {
+    let table = param_table(cfg);
+    let mut entries: Vec<(String, Entry)> = Vec::with_capacity(table.len() + 4 * cfg.num_layers);
+    for p in &table {
+        if p.kind.quantizable() {
+            let m = quantized.get(&p.name).ok_or_else(|| {
+                let also = if dense.contains_key(&p.name) { " (it is among the dense tensors)" } else { "" };
+                Error::Format(format!("{}: missing from the quantized weights{also}", p.name))
+            })?;
+            m.validate().map_err(|e| Error::Format(format!("{}: {e}", p.name)))?;
+            if [m.rows, m.cols] != p.shape[..] || m.bits != bits {
+                return Err(Error::Shape(format!(
+                    "{}: a {}-bit [{}, {}] matrix, the checkpoint is {}-bit and the model's table says {:?}",
+                    p.name,
+                    m.bits.bits(),
+                    m.rows,
+                    m.cols,
+                    bits.bits(),
+                    p.shape
+                )));
+            }
+            entries.push((p.name.clone(), Entry::Weight(m)));
+            entries.push((format!("{}{SCALE_SUFFIX}", p.name), Entry::Scales(m)));
+        } else {
+            let t = dense.get(&p.name).ok_or_else(|| {
+                let also = if quantized.contains_key(&p.name) { " (it is among the quantized weights)" } else { "" };
+                Error::Format(format!("{}: missing from the dense tensors{also}", p.name))
+            })?;
+            if t.dims() != p.shape {
+                return Err(Error::Shape(format!(
+                    "{}: shape {:?}, the model's table says {:?}",
+                    p.name,
+                    t.dims(),
+                    p.shape
+                )));
+            }
+            entries.push((p.name.clone(), Entry::Dense(t)));
+        }
+    }
+    let known: std::collections::HashSet<&str> = table.iter().map(|p| p.name.as_str()).collect();
+    let mut extra: Vec<&str> =
+        quantized.keys().chain(dense.keys()).map(String::as_str).filter(|n| !known.contains(n)).collect();
+    if !extra.is_empty() {
+        extra.sort_unstable();
+        return Err(Error::Format(format!("tensors the model does not have: {}", extra.join(", "))));
+    }
+    let quantized_count = table.iter().filter(|p| p.kind.quantizable()).count();
+    let kept = table.len() - quantized_count;
+
+    // safetensors' own order (wider dtypes first, then by name, so every f16 lands aligned), offsets
+    // and header padding.
+    entries.sort_by(|(a, x), (b, y)| y.dtype().cmp(&x.dtype()).then(a.cmp(b)));
+    let mut offset = 0;
+    let infos = entries
+        .iter()
+        .map(|(name, e)| {
+            let info = TensorInfo { dtype: e.dtype(), shape: e.shape(), data_offsets: (offset, offset + e.len()) };
+            offset += e.len();
+            (name.clone(), info)
+        })
+        .collect();
     let meta: HashMap<String, String> = [
         ("format".to_string(), FORMAT.to_string()),
         ("bits".to_string(), bits.bits().to_string()),
@@ -99,9 +214,23 @@ pub fn quantize_tensors(
     ]
     .into_iter()
     .collect();
-    let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| io(out, e))?;
-    glm_checkpoint::write_atomic(out, &bytes).map_err(|e| io(out, e))?;
-    Ok(QuantReport { quantized, kept, bytes: bytes.len() as u64 })
+    let header = Metadata::new(Some(meta), infos).map_err(|e| io(out, e))?;
+    let mut header = serde_json::to_string(&header).map_err(|e| io(out, e))?.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let bytes = (8 + header.len() + offset) as u64;
+    glm_checkpoint::write_atomic_with(out, |f| {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
+        f.write_all(&(header.len() as u64).to_le_bytes())?;
+        f.write_all(&header)?;
+        for (name, e) in &entries {
+            let data = e.bytes().map_err(|err| std::io::Error::other(format!("{name}: {err}")))?;
+            f.write_all(&data)?;
+        }
+        f.flush()
+    })
+    .map_err(|e| io(out, e))?;
+    Ok(QuantReport { quantized: quantized_count, kept, bytes })
 }
 
 /// The JSON header of a safetensors file (at most 100 MiB), read without its tensors.
@@ -117,6 +246,26 @@ fn header(path: &Path) -> Option<serde_json::Value> {
     let mut buf = vec![0u8; n as usize];
     f.read_exact(&mut buf).ok()?;
     serde_json::from_slice(&buf).ok()
+}
+
+/// The scale groups per row a `<name>_scale` tensor of `dtype` and `shape` gives a quantized weight
+/// of `rows` rows and `cols` columns, or why it does not fit.
+fn scale_groups(
+    bits: Bits,
+    rows: usize,
+    cols: usize,
+    dtype: Dtype,
+    shape: &[usize],
+) -> std::result::Result<usize, String> {
+    if dtype != Dtype::F16 {
+        return Err(format!("scales are {dtype:?}, not F16"));
+    }
+    let groups = match *shape {
+        [r] if r == rows => 1,
+        [r, g] if r == rows => g,
+        _ => return Err(format!("its first dimension must be the {rows} rows, and it has 1 or 2 dimensions")),
+    };
+    crate::group_width(bits, cols, groups).map(|_| groups).map_err(|e| e.to_string())
 }
 
 /// A loaded quantized checkpoint.
@@ -184,18 +333,22 @@ impl QuantCheckpoint {
                 Bits::Int8 => row_bytes,
                 Bits::Int4 => 2 * row_bytes,
             };
-            if sv.dtype() != Dtype::F16 || sv.shape() != [rows] {
-                return Err(io(
+            let groups = scale_groups(bits, rows, cols, sv.dtype(), sv.shape()).map_err(|why| {
+                io(
                     path,
                     format!(
-                        "{scale_name} is {:?} {:?}; the weight's {rows} rows need f16 [{rows}]",
+                        "{scale_name} is {:?} {:?}; the weight {name} {:?} ({rows} rows of {cols} {}-bit columns) needs \
+                         F16 [{rows}] or [{rows}, G]: {why}",
                         sv.dtype(),
-                        sv.shape()
+                        sv.shape(),
+                        view.shape(),
+                        bits.bits()
                     ),
-                ));
-            }
+                )
+            })?;
             let scales: Vec<f16> = sv.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
-            let m = QuantMatrix { bits, rows, cols, data: view.data().iter().map(|&b| b as i8).collect(), scales };
+            let data = view.data().iter().map(|&b| b as i8).collect();
+            let m = QuantMatrix { bits, rows, cols, groups, data, scales };
             m.validate().map_err(|e| io(path, format!("{name}: {e}")))?;
             release(view.data());
             quant.insert(name, Arc::new(m));
@@ -214,6 +367,16 @@ impl QuantCheckpoint {
         let factory = QuantFactory::stored(self.quant.clone());
         Glm::new(&self.config, VarBuilder::from_tensors(dense, dtype, device), &factory)
             .map_err(|e| Error::Format(e.to_string()))
+    }
+
+    /// The quantized block linears, by tensor name.
+    pub fn quantized(&self) -> &HashMap<String, Arc<QuantMatrix>> {
+        &self.quant
+    }
+
+    /// The other tensors (embeddings, LayerNorms, biases) as stored, by name.
+    pub fn dense(&self) -> &HashMap<String, Tensor> {
+        &self.dense
     }
 
     /// Bytes of the packed weights and scales held.

@@ -162,7 +162,7 @@ fn every_kernel_build_agrees_with_the_portable_one() {
             // Seven rows (a group of four, then three single ones), every byte value present.
             let stride = bits.row_bytes(cols);
             let w: Vec<i8> = (0..7 * stride).map(|i| (i * 37 % 256) as u8 as i8).collect();
-            let m = QuantMatrix { bits, rows: 7, cols, data: w, scales: vec![f16::ONE; 7] };
+            let m = QuantMatrix { bits, rows: 7, cols, groups: 1, data: w, scales: vec![f16::ONE; 7] };
             let results: Vec<Vec<f32>> = builds
                 .iter()
                 .map(|k| {
@@ -201,4 +201,262 @@ fn every_kernel_build_agrees_with_the_portable_one() {
             }
         }
     }
+}
+
+/// How far `matmul_with(k, ..)` may be from `matvec_ref` for row r of a grouped matrix: per scale
+/// group, each activation moves by at most half its block's fixed-point step (the blocks start
+/// again at each group), times that weight and the group's scale, plus f32 rounding.
+fn grouped_bound(m: &QuantMatrix, k: &kernels::Kernels, x: &[f32], r: usize) -> f32 {
+    let (width, q) = (m.group_cols(), m.row_q(r));
+    (0..m.groups)
+        .map(|g| {
+            let (xg, qg) = (&x[g * width..(g + 1) * width], &q[g * width..(g + 1) * width]);
+            let a = kernels::Activations::new(xg, m.bits, k.layout);
+            let moved: f32 = qg[..a.fast]
+                .iter()
+                .enumerate()
+                .map(|(j, &q)| (q as f32).abs() * a.scales[j / kernels::XBLOCK] * 0.5)
+                .sum();
+            let magnitude: f32 = qg.iter().zip(xg).map(|(&q, &x)| (q as f32 * x).abs()).sum();
+            m.scales[r * m.groups + g].to_f32() * (moved * 1.001 + magnitude * 2e-6)
+        })
+        .sum()
+}
+
+#[test]
+fn quantize_grouped_gives_each_group_its_own_absmax_scale() -> Result<()> {
+    let (rows, cols) = (9, 48);
+    let mut w = randoms(rows * cols, 21);
+    w[2 * cols + 12..2 * cols + 24].iter_mut().for_each(|v| *v = 0.0); // an all-zero group
+    w[4 * cols + 30] = 40.0; // one group's outlier leaves the others' scales alone
+    for bits in [Bits::Int8, Bits::Int4] {
+        for groups in [1, 2, 4] {
+            let m = QuantMatrix::quantize_grouped(&w, rows, cols, bits, groups)?;
+            m.validate()?;
+            assert_eq!((m.groups, m.scales.len(), m.data.len()), (groups, rows * groups, rows * bits.row_bytes(cols)));
+            let width = cols / groups;
+            for r in 0..rows {
+                for g in 0..groups {
+                    let part: Vec<f32> = w[r * cols + g * width..r * cols + (g + 1) * width].to_vec();
+                    let absmax = part.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    assert_eq!(
+                        m.scales[r * groups + g],
+                        f16::from_f32(absmax / bits.qmax()),
+                        "{bits:?} G{groups} [{r}, {g}]"
+                    );
+                    // The group is exactly what `quantize` makes of it alone: same scale, same rounding.
+                    let alone = QuantMatrix::quantize(&part, 1, width, bits)?;
+                    assert_eq!(
+                        m.row_q(r)[g * width..(g + 1) * width],
+                        alone.row_q(0)[..],
+                        "{bits:?} G{groups} [{r}, {g}]"
+                    );
+                }
+            }
+            if groups == 1 {
+                assert_eq!(m, QuantMatrix::quantize(&w, rows, cols, bits)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn grouped_matrices_dequantize_with_their_group_scales() -> Result<()> {
+    let (rows, cols, groups) = (5, 40, 4);
+    for bits in [Bits::Int8, Bits::Int4] {
+        let m = QuantMatrix::quantize_grouped(&randoms(rows * cols, 4), rows, cols, bits, groups)?;
+        let d = m.dequantize();
+        for r in 0..rows {
+            let q = m.row_q(r);
+            for c in 0..cols {
+                let s = m.scales[r * groups + c / 10].to_f32();
+                assert_eq!(d[r * cols + c].to_bits(), (q[c] as f32 * s).to_bits(), "{bits:?} [{r}, {c}]");
+            }
+        }
+        assert_eq!(m.dequantize_rows(1, 4), d[cols..4 * cols]);
+    }
+    Ok(())
+}
+
+#[test]
+fn row_parallel_ranks_concatenate_into_the_grouped_quantization() -> Result<()> {
+    // convert_tp.py quantizes each row-parallel rank's column slice on its own: merged with
+    // concat_cols, that is quantize_grouped of the whole matrix, byte for byte and scale for scale.
+    for bits in [Bits::Int8, Bits::Int4] {
+        for (rows, cols, ranks) in [(6, 64, 2), (70, 520, 4), (3, 12, 3)] {
+            let w = randoms(rows * cols, (cols + ranks) as u64);
+            let width = cols / ranks;
+            let parts: Vec<QuantMatrix> = (0..ranks)
+                .map(|g| {
+                    let slice: Vec<f32> =
+                        (0..rows).flat_map(|r| w[r * cols + g * width..r * cols + (g + 1) * width].to_vec()).collect();
+                    QuantMatrix::quantize(&slice, rows, width, bits)
+                })
+                .collect::<Result<_>>()?;
+            let merged = QuantMatrix::concat_cols(&parts.iter().collect::<Vec<_>>())?;
+            assert_eq!(
+                merged,
+                QuantMatrix::quantize_grouped(&w, rows, cols, bits, ranks)?,
+                "{bits:?} {rows}x{cols}/{ranks}"
+            );
+            // ... and cut back into exactly the ranks.
+            for (g, p) in parts.iter().enumerate() {
+                assert_eq!(&merged.slice_cols(g * width, (g + 1) * width)?, p);
+            }
+            // The merged product is the ranks' partial products summed (the row-parallel all-reduce),
+            // bit for bit: each group runs exactly the rank's own kernel.
+            let x = randoms(2 * cols, 5);
+            let mut y = vec![0f32; 2 * rows];
+            merged.matmul(&x, &mut y)?;
+            let mut sum = vec![0f32; 2 * rows];
+            for (g, p) in parts.iter().enumerate() {
+                let xg: Vec<f32> =
+                    (0..2).flat_map(|t| x[t * cols + g * width..t * cols + (g + 1) * width].to_vec()).collect();
+                let mut part = vec![0f32; 2 * rows];
+                p.matmul(&xg, &mut part)?;
+                if g == 0 {
+                    sum = part;
+                } else {
+                    sum.iter_mut().zip(&part).for_each(|(s, p)| *s += p);
+                }
+            }
+            assert_eq!(
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                sum.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn slices_and_concatenations_round_trip_exactly() -> Result<()> {
+    let (rows, cols) = (13, 96);
+    for bits in [Bits::Int8, Bits::Int4] {
+        for groups in [1, 2, 4] {
+            let m = QuantMatrix::quantize_grouped(&randoms(rows * cols, 8), rows, cols, bits, groups)?;
+            // Rows: column-parallel ranks, uneven cuts included.
+            let cuts = [0, 4, 5, 13];
+            let parts: Vec<QuantMatrix> = cuts.windows(2).map(|c| m.slice_rows(c[0], c[1])).collect::<Result<_>>()?;
+            assert_eq!(QuantMatrix::concat_rows(&parts.iter().collect::<Vec<_>>())?, m);
+            assert_eq!(m.slice_rows(0, rows)?, m);
+            assert_eq!(m.slice_rows(3, 3)?.rows, 0);
+            // Columns on group boundaries: one rank per group, or two groups per rank.
+            let width = cols / groups;
+            let per_group: Vec<QuantMatrix> =
+                (0..groups).map(|g| m.slice_cols(g * width, (g + 1) * width)).collect::<Result<_>>()?;
+            assert!(per_group.iter().all(|p| p.groups == 1 && p.cols == width));
+            assert_eq!(QuantMatrix::concat_cols(&per_group.iter().collect::<Vec<_>>())?, m);
+            assert_eq!(m.slice_cols(0, cols)?, m);
+            if groups == 4 {
+                let halves = [m.slice_cols(0, 48)?, m.slice_cols(48, 96)?];
+                assert_eq!(halves[0].groups, 2);
+                assert_eq!(QuantMatrix::concat_cols(&[&halves[0], &halves[1]])?, m);
+            }
+            // Inside one group: that group's scales, the same dequantized values.
+            let inner = m.slice_cols(width / 2 - 4, width / 2 + 6)?;
+            assert_eq!((inner.groups, inner.cols), (1, 10));
+            let (d, di) = (m.dequantize(), inner.dequantize());
+            for r in 0..rows {
+                assert_eq!(di[r * 10..(r + 1) * 10], d[r * cols + width / 2 - 4..r * cols + width / 2 + 6]);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn restructuring_refuses_what_it_cannot_do_exactly() -> Result<()> {
+    let m4 = QuantMatrix::quantize_grouped(&randoms(4 * 32, 2), 4, 32, Bits::Int4, 4)?; // groups of 8
+    let err = |r: Result<QuantMatrix>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err(m4.slice_cols(4, 12)).contains("scale groups"), "{}", err(m4.slice_cols(4, 12))); // straddles two groups
+    assert!(err(m4.slice_cols(8, 20)).contains("scale groups")); // one whole group and part of the next
+    assert!(err(m4.slice_cols(1, 4)).contains("pair")); // INT4 cut inside a byte
+    assert!(m4.slice_cols(2, 6).is_ok() && m4.slice_cols(8, 24).is_ok());
+    assert!(err(m4.slice_cols(4, 4)).contains("4..4")); // empty
+    assert!(err(m4.slice_cols(0, 34)).contains("32 columns"));
+    assert!(err(m4.slice_rows(2, 5)).contains("4 rows"));
+    assert!(err(m4.slice_rows(3, 2)).contains("4 rows"));
+    assert!(QuantMatrix::concat_rows(&[]).is_err() && QuantMatrix::concat_cols(&[]).is_err());
+    let m8 = QuantMatrix::quantize_grouped(&randoms(4 * 32, 2), 4, 32, Bits::Int8, 4)?;
+    assert!(err(QuantMatrix::concat_rows(&[&m4, &m8])).contains("part 1 is 8-bit"));
+    assert!(err(QuantMatrix::concat_cols(&[&m4, &m8])).contains("part 1 is 8-bit"));
+    let two = QuantMatrix::quantize_grouped(&randoms(4 * 32, 2), 4, 32, Bits::Int4, 2)?; // groups of 16
+    assert!(err(QuantMatrix::concat_rows(&[&m4, &two])).contains("in 2 scale group"));
+    assert!(err(QuantMatrix::concat_cols(&[&m4, &two])).contains("groups of 16"));
+    let taller = QuantMatrix::quantize_grouped(&randoms(5 * 32, 2), 5, 32, Bits::Int4, 4)?;
+    assert!(err(QuantMatrix::concat_cols(&[&m4, &taller])).contains("[5, 32]"));
+    assert!(QuantMatrix::concat_rows(&[&m4, &taller])?.rows == 9);
+    // Shapes that cannot be grouped.
+    assert!(err(QuantMatrix::quantize_grouped(&[1.0; 24], 2, 12, Bits::Int8, 5)).contains("5 equal scale groups"));
+    assert!(err(QuantMatrix::quantize_grouped(&[1.0; 24], 2, 12, Bits::Int4, 4)).contains("odd 3"));
+    assert!(QuantMatrix::quantize_grouped(&[1.0; 24], 2, 12, Bits::Int8, 0).is_err());
+    assert!(QuantMatrix::quantize_grouped(&[1.0; 24], 2, 12, Bits::Int8, 4).is_ok());
+    let mut bad = m4.clone();
+    bad.groups = 3;
+    assert!(bad.validate().is_err());
+    let mut x = vec![0f32; 4];
+    assert!(bad.matvec(&[0.0; 32], &mut x).is_err() && bad.slice_rows(0, 1).is_err());
+    bad.groups = 2; // divides, but the scales are for 4
+    assert!(err(QuantMatrix::from_parts(bad.bits, 4, 32, 2, bad.data.clone(), bad.scales.clone()))
+        .contains("needs 64 bytes and 8 scales"));
+    assert!(QuantMatrix::from_parts(m4.bits, 4, 32, 4, m4.data.clone(), m4.scales.clone())? == m4);
+    Ok(())
+}
+
+#[test]
+fn grouped_matmul_of_every_kernel_build_matches_the_reference() -> Result<()> {
+    // Group widths that are and are not multiples of the kernels' 32/64-column chunks and of the
+    // 128-column activation blocks; rows past the 4-row kernel groups and the 64-row work units;
+    // one token and several; big enough matrices for the parallel path.
+    let builds = kernels::available();
+    let mut checked = 0;
+    for groups in [1, 2, 4] {
+        for width in [96, 128, 130, 4096 / groups, 2] {
+            let (rows, cols) = (if width >= 1024 { 70 } else { 133 }, width * groups);
+            let w = randoms(rows * cols, (width * groups) as u64);
+            for bits in [Bits::Int8, Bits::Int4] {
+                let m = QuantMatrix::quantize_grouped(&w, rows, cols, bits, groups)?;
+                for tokens in [1, 3] {
+                    let mut x = randoms(tokens * cols, 17 + tokens as u64);
+                    x[cols / 3] *= 40.0; // an outlier: only its own group's block gets a coarser step
+                    let mut want = vec![0f32; tokens * rows];
+                    for (x, y) in x.chunks_exact(cols).zip(want.chunks_exact_mut(rows)) {
+                        m.matvec_ref(x, y)?;
+                    }
+                    for k in &builds {
+                        let mut got = vec![0f32; tokens * rows];
+                        m.matmul_with(k, &x, &mut got)?;
+                        for t in 0..tokens {
+                            let xt = &x[t * cols..(t + 1) * cols];
+                            for r in 0..rows {
+                                let (a, b) = (got[t * rows + r], want[t * rows + r]);
+                                let bound = grouped_bound(&m, k, xt, r);
+                                assert!(
+                                    (a - b).abs() <= bound,
+                                    "{} {bits:?} G{groups} width {width} token {t} row {r}: {a} vs {b} (bound {bound})",
+                                    k.name
+                                );
+                            }
+                            if tokens > 1 {
+                                // Several tokens: each is exactly its own matvec.
+                                let mut one = vec![0f32; rows];
+                                m.matmul_with(k, xt, &mut one)?;
+                                assert_eq!(
+                                    got[t * rows..(t + 1) * rows],
+                                    one[..],
+                                    "{} {bits:?} G{groups} {width}",
+                                    k.name
+                                );
+                            }
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{checked} grouped products on {:?}", builds.iter().map(|k| k.name).collect::<Vec<_>>());
+    Ok(())
 }
