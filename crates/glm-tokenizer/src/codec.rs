@@ -3,10 +3,12 @@
 //! and runs of spaces; plain SentencePiece encoding and decoding for `.model` files.
 
 use crate::blank_name;
+use crate::chatglm::UNK_SURFACE;
 use crate::{parse_byte_name, PieceKind, Result, Surface, Tokenizer, TokenizerError, MAX_BLANK, NEWLINE, SPACE, TAB};
 
 impl Tokenizer {
     /// GLM encoding: specials split the text; each segment is encoded on its own (spec section 9).
+    /// ChatGLM tokenizers (`from_chatglm*`) give the official `encode(text, add_special_tokens=False)`.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3 + 4);
         self.encode_into(text, &mut out);
@@ -14,6 +16,9 @@ impl Tokenizer {
     }
 
     pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
+        if let Some(cg) = &self.chatglm {
+            return self.encode_chatglm(cg, text, out);
+        }
         let mut rest = text;
         while let Some((at, s, id)) = self.find_special(rest) {
             self.encode_segment(&rest[..at], out);
@@ -49,7 +54,7 @@ impl Tokenizer {
         None
     }
 
-    fn encode_segment(&self, seg: &str, out: &mut Vec<u32>) {
+    pub(crate) fn encode_segment(&self, seg: &str, out: &mut Vec<u32>) {
         if seg.is_empty() {
             return;
         }
@@ -162,8 +167,12 @@ impl Tokenizer {
         self.lattice().segment(&normalized, out);
     }
 
-    /// GLM decoding, the inverse of `encode` (exact for tokenizers trained here).
+    /// GLM decoding, the inverse of `encode` (exact for tokenizers trained here). ChatGLM
+    /// tokenizers give the official `tokenizer.decode(ids)`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        if let Some(cg) = &self.chatglm {
+            return self.decode_chatglm(cg, ids);
+        }
         let mut bytes = Vec::with_capacity(ids.len() * 4);
         let mut seg_start = true;
         for &id in ids {
@@ -175,6 +184,9 @@ impl Tokenizer {
     /// The bytes token `id` writes in the middle of a text (its leading space kept): what an API
     /// shows as the token. A byte-fallback piece is one byte, maybe part of a character.
     pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>> {
+        if let Some(cg) = &self.chatglm {
+            return self.token_bytes_chatglm(cg, id);
+        }
         let mut bytes = Vec::new();
         self.push_surface(id, false, &mut bytes)?;
         Ok(bytes)
@@ -204,31 +216,91 @@ impl Tokenizer {
     }
 
     /// Python sentencepiece's `sp.decode(ids)`: user-defined pieces verbatim, control pieces dropped,
-    /// one dummy-prefix space removed at the start.
+    /// the dummy-prefix space removed at the start.
     pub fn decode_sp(&self, ids: &[u32]) -> Result<String> {
-        let mut bytes = Vec::with_capacity(ids.len() * 4);
-        let mut bos = self.normalizer.add_dummy_prefix;
-        for &id in ids {
-            let p = self
-                .pieces
-                .get(id as usize)
-                .ok_or_else(|| TokenizerError::Input(format!("token id {id} is outside the vocabulary")))?;
-            let before = bytes.len();
-            match p.kind {
-                PieceKind::Control | PieceKind::Unused => {}
-                PieceKind::Unknown => bytes.extend_from_slice(" \u{2047} ".as_bytes()),
-                PieceKind::Byte => bytes.extend(parse_byte_name(&p.text)),
-                PieceKind::Normal | PieceKind::UserDefined => {
-                    let t = if bos { p.text.strip_prefix(SPACE).unwrap_or(&p.text) } else { &p.text };
-                    bytes.extend_from_slice(t.replace(SPACE, " ").as_bytes());
+        self.check_ids(ids)?;
+        Ok(self.sp_decode(ids.iter().copied()))
+    }
+
+    /// An error naming the first id outside the vocabulary.
+    pub(crate) fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&id| id as usize >= self.pieces.len()) {
+            Some(id) => Err(TokenizerError::Input(format!(
+                "token id {id} is outside the vocabulary ({} pieces)",
+                self.pieces.len()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// sentencepiece's `Decode` (as of 0.1.99): control pieces write nothing, `<unk>` writes " ⁇ ",
+    /// a run of byte pieces is read as UTF-8 with one U+FFFD per invalid byte, and at the start
+    /// the "▁" of the first pieces is dropped (of all leading ones while nothing is written, when
+    /// the model removes extra whitespace). Ids outside the vocabulary are skipped (`check_ids`).
+    pub(crate) fn sp_decode(&self, ids: impl IntoIterator<Item = u32>) -> String {
+        let n = &self.normalizer;
+        let strip_bos = n.add_dummy_prefix || n.remove_extra_whitespaces;
+        let mut text = String::new();
+        let mut pending = Vec::new();
+        let (mut is_bos_ws, mut bos_ws_seen) = (true, false);
+        for id in ids {
+            let Some(p) = self.pieces.get(id as usize) else { continue };
+            if p.kind == PieceKind::Byte {
+                if let Some(b) = parse_byte_name(&p.text) {
+                    pending.push(b);
+                    continue;
                 }
             }
-            if bytes.len() > before {
-                bos = false;
+            flush_utf8(&mut pending, &mut text);
+            if bos_ws_seen || !text.is_empty() {
+                is_bos_ws = false;
+            }
+            bos_ws_seen = false;
+            match p.kind {
+                PieceKind::Control => {}
+                PieceKind::Unknown => text.push_str(UNK_SURFACE),
+                _ => {
+                    let mut piece = p.text.as_str();
+                    if is_bos_ws && strip_bos {
+                        if let Some(rest) = piece.strip_prefix(SPACE) {
+                            piece = rest;
+                            bos_ws_seen = !n.remove_extra_whitespaces;
+                        }
+                    }
+                    text.extend(piece.chars().map(|c| if c == SPACE { ' ' } else { c }));
+                }
             }
         }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        flush_utf8(&mut pending, &mut text);
+        text
     }
+}
+
+/// Appends byte-fallback bytes as sentencepiece reads them: each valid UTF-8 character as is,
+/// each byte that does not start one as U+FFFD.
+fn flush_utf8(pending: &mut Vec<u8>, text: &mut String) {
+    let b = pending.as_slice();
+    let mut i = 0;
+    while i < b.len() {
+        let len = match b[i] {
+            0..=0x7f => 1,
+            x if x & 0xe0 == 0xc0 => 2,
+            x if x & 0xf0 == 0xe0 => 3,
+            x if x & 0xf8 == 0xf0 => 4,
+            _ => 0,
+        };
+        match b.get(i..i + len).filter(|_| len > 0).and_then(|s| std::str::from_utf8(s).ok()) {
+            Some(s) => {
+                text.push_str(s);
+                i += len;
+            }
+            None => {
+                text.push('\u{FFFD}');
+                i += 1;
+            }
+        }
+    }
+    pending.clear();
 }
 
 enum Run {

@@ -1,17 +1,50 @@
 //! GLM's bilingual tokenizer.
 //!
 //! A SentencePiece-style unigram model with byte fallback, plus GLM's conventions on top
-//! (spec section 9): special tokens ([MASK], [gMASK], [sMASK], <eod>, <sop>, <eop>) are matched in
-//! the raw text and split it into segments that are encoded separately, each with SentencePiece's
+//! (spec section 9): special tokens (`[MASK]`, `[gMASK]`, `[sMASK]`, `<eod>`, `<sop>`, `<eop>`) are
+//! matched in the raw text and split it into segments that are encoded separately, each with SentencePiece's
 //! dummy "▁" prefix; icetk's marks replace "\n" (`<n>`), "\t" (`<|tab|>`) and runs of 2..80 spaces
 //! (`<|blank_k|>`, longest first).
 //!
-//! Two sources of models:
+//! Three sources of models:
 //! * tokenizers trained here (`train`), saved as a Hugging Face `tokenizer.json`. They normalize
 //!   nothing, so every UTF-8 string round-trips exactly (a literal "▁" is byte-encoded).
 //! * SentencePiece `.model` files (the format of `ice_text.model`), read with their NFKC charsmap,
 //!   whitespace rules and user-defined symbols; `encode_sp` gives the ids of Python sentencepiece.
+//! * ChatGLM-6B's tokenizer (`Tokenizer::from_chatglm_dir`, `from_chatglm`): `ice_text.model`
+//!   under the rules of THUDM/chatglm-6b's `tokenization_chatglm.py` (transformers 4.27.1), so
+//!   `encode` gives the official `encode(text, add_special_tokens=False)` and `decode` the
+//!   official `decode` (fixtures/chatglm-tokenizer, checked line by line).
+//!
+//! # ChatGLM-6B's two vocabulary layouts
+//!
+//! `tokenizer_config.json` selects the layout ([`ChatGlmLayout`]):
+//!
+//! | | pre-2023-04 (`Icetk`) | v1.1 (`V1_1`, 2023-04-06 on) |
+//! |---|---|---|
+//! | config | no `num_image_tokens` | `"num_image_tokens": 0` |
+//! | ice_text.model | icetk's plain text model (130,000 pieces) | the same + the appended pieces (130,344) |
+//! | appended in code | `[MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK>` (control), `<\|tab\|>`, `<\|blank_2..80\|>` (user-defined), `<0x00>..<0xFF>` (byte), byte fallback on | nothing |
+//! | ids | text id + 20,000 (icetk's image tokens): `[MASK]` 150000, `[gMASK]` 150001, `<sop>` 150004, `<eop>` 150005, `<pad>` 20003 | text id: `[MASK]` 130000, `[gMASK]` 130001, `<sop>` 130004, `<eop>` 130005, `<pad>` 3 |
+//! | `eos_token` | `</s>` | `<eop>` |
+//! | model input (`ChatGlm::build_inputs`) | `text [gMASK] <sop>`; with a `[MASK]`/`[gMASK]` in the text: `text </s> <sop>`, or `text <sop>` when it ends with one | always `text [gMASK] <sop>` |
+//! | decode | sentencepiece + icetk marks | the same, then Hugging Face's `clean_up_tokenization` (`" ,"` -> `","`, `" n't"` -> `"n't"`, ...) |
+//!
+//! Here the 20,000 image ids are placeholder pieces `<image_i>` (kind `Unused`) in front of the
+//! text pieces, so every id is an index into `pieces()`; decoding drops them (old layout).
+//! Common to both: Hugging Face cuts the text at the special tokens of the config (`<sop>`,
+//! `<eop>` or `</s>`, `<unk>`, `<pad>`, `[MASK]`) and strips whitespace (Python's `str.isspace`)
+//! on both sides of each; `[gMASK]` and `[sMASK]` written in text are *not* special and encode as
+//! characters, so a generator appends them itself (`specials()` has their ids, `eod` =
+//! `<unused_0>`). Each piece of text is then preprocessed (`\n` -> `<n>`, `\t` -> `<|tab|>`,
+//! runs of 80..2 spaces -> `<|blank_k|>`) and encoded by sentencepiece with its own dummy prefix.
+//! Decoding drops pad ids and control pieces, reads byte pieces as UTF-8 (one U+FFFD per invalid
+//! byte) and writes `<n>`, `<|tab|>` and `<|blank_k|>` back as characters, wherever they appear in
+//! the decoded string. `token_bytes` gives each id's text in the middle of a sequence (marks as
+//! characters, controls empty), so the token texts join to the decoded text up to the leading
+//! dummy-prefix space and the v1.1 clean-up.
 
+mod chatglm;
 mod codec;
 mod hf;
 mod normalize;
@@ -22,6 +55,7 @@ mod unigram;
 use std::collections::HashMap;
 use std::path::Path;
 
+pub use chatglm::{ChatGlm, ChatGlmLayout, CHATGLM_SPECIALS, ICETK_IMAGE_TOKENS};
 pub use normalize::{CharsMap, Normalizer, SPACE};
 pub use train::{train, TrainOptions, TrainReport};
 use unigram::{Lattice, Trie};
@@ -130,6 +164,8 @@ pub struct Tokenizer {
     /// Trained here: icetk marks are structural (a literal "<n>" in text stays text) and a literal
     /// "▁" is byte-encoded, so decode(encode(s)) == s for every s.
     lossless: bool,
+    /// ChatGLM-6B's official tokenizer code (`from_chatglm*`): its encode and decode rules.
+    chatglm: Option<ChatGlm>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -138,6 +174,7 @@ impl std::fmt::Debug for Tokenizer {
             .field("pieces", &self.pieces.len())
             .field("specials", &self.specials)
             .field("lossless", &self.lossless)
+            .field("chatglm", &self.chatglm.as_ref().map(|c| (c.layout(), c.image_tokens())))
             .finish()
     }
 }
@@ -173,14 +210,7 @@ impl Tokenizer {
     /// A SentencePiece unigram `.model`. icetk marks are used when the model has `<n>`.
     pub fn from_sp_bytes(bytes: &[u8]) -> Result<Self> {
         let m = sp::SpModel::from_bytes(bytes)?;
-        let charsmap =
-            if m.precompiled_charsmap.is_empty() { None } else { Some(CharsMap::from_blob(&m.precompiled_charsmap)?) };
-        let normalizer = Normalizer {
-            charsmap,
-            add_dummy_prefix: m.add_dummy_prefix,
-            remove_extra_whitespaces: m.remove_extra_whitespaces,
-            escape_whitespaces: m.escape_whitespaces,
-        };
+        let normalizer = chatglm::normalizer_of(&m)?;
         let pieces = m.pieces.into_iter().map(|p| Piece { text: p.piece, score: p.score, kind: p.kind }).collect();
         Self::build(pieces, normalizer, false)
     }
@@ -308,6 +338,7 @@ impl Tokenizer {
             specials,
             ice,
             lossless,
+            chatglm: None,
         })
     }
 
