@@ -11,16 +11,19 @@ use glm_quant::{Bits, QuantCheckpoint};
 use crate::ModelArgs;
 
 /// Where a model comes from: a training checkpoint directory (`runs/x/checkpoints/step-N`, config in
-/// its state.json), a quantized checkpoint (config in its header), or a dense safetensors file
-/// (config from --preset/--config).
+/// its state.json), a quantized checkpoint (config in its header), a dense safetensors file (config
+/// in its header when `glm convert` wrote it, else from --preset/--config), or a released checkpoint
+/// read in place: a GLM-130B SAT folder or a ChatGLM-6B Hugging Face folder (glm-convert).
 #[derive(Args)]
 pub struct ModelSource {
-    /// Checkpoint: a training checkpoint directory, a quantized .safetensors, or a dense .safetensors.
+    /// Checkpoint: a training checkpoint directory, a .safetensors (dense or quantized), a GLM-130B
+    /// SAT folder (latest + mp_rank files) or a ChatGLM-6B Hugging Face folder.
     #[arg(long)]
     pub(crate) model: PathBuf,
     #[command(flatten)]
     pub(crate) arch: ModelArgs,
-    /// tokenizer.json or SentencePiece .model (default: the embedded tokenizer).
+    /// tokenizer.json, a SentencePiece .model, or a ChatGLM folder with ice_text.model (default: the
+    /// model folder's ice_text.model if it has one, else the embedded tokenizer).
     #[arg(long)]
     pub(crate) tokenizer: Option<PathBuf>,
 }
@@ -37,6 +40,14 @@ pub(crate) fn dense_source(path: &Path, arch: &ModelArgs) -> Result<(PathBuf, Co
             .with_context(|| format!("{}: no model config", state.display()))?;
         check_arch(&cfg, arch, path)?;
         return Ok((path.join("model.safetensors"), cfg));
+    }
+    // A file `glm convert` wrote says which model it holds.
+    if let Ok(st) = glm_checkpoint::raw::SafetensorsFile::open(path) {
+        if let Some(text) = st.metadata().get("config") {
+            let cfg = Config::from_json(text).with_context(|| format!("{}: config in the header", path.display()))?;
+            check_arch(&cfg, arch, path)?;
+            return Ok((path.to_path_buf(), cfg));
+        }
     }
     Ok((path.to_path_buf(), arch.resolve()?))
 }
@@ -61,11 +72,57 @@ fn check_arch(cfg: &Config, arch: &ModelArgs, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A released checkpoint's tokenizer: `--tokenizer` (a file, or a folder with ice_text.model), else
+/// the model folder's own ice_text.model (ChatGLM-6B ships it), else the embedded one.
+fn tokenizer_for(model: &Path, given: Option<&Path>) -> Result<glm_tokenizer::Tokenizer> {
+    let dir = match given {
+        Some(p) if p.is_dir() => Some(p),
+        Some(p) => return Ok(glm_data::load_tokenizer(Some(p))?.0),
+        None => Some(model).filter(|m| m.is_dir() && m.join("ice_text.model").is_file()),
+    };
+    Ok(match dir {
+        Some(d) => glm_tokenizer::Tokenizer::from_chatglm_dir(d)?,
+        None => glm_data::load_tokenizer(None)?.0,
+    })
+}
+
+/// A released model's special tokens are the ones its tokenizer must produce.
+fn check_specials(cfg: &Config, tok: &glm_tokenizer::Tokenizer, model: &Path) -> Result<()> {
+    let (s, t) = (cfg.special_tokens, tok.specials());
+    for (name, want, got) in
+        [("[gMASK]", s.gmask, t.gmask), ("[MASK]", s.mask, t.mask), ("<sop>", s.sop, t.sop), ("<eop>", s.eop, t.eop)]
+    {
+        if got != Some(want) {
+            bail!(
+                "{} uses {name} = {want}, but the tokenizer has {}: pass its tokenizer with --tokenizer \
+                 (ChatGLM-6B: the folder with ice_text.model; GLM-130B: icetk's ice_text.model)",
+                model.display(),
+                got.map_or("none".to_string(), |g| g.to_string())
+            );
+        }
+    }
+    Ok(())
+}
+
 impl ModelSource {
     pub fn load(&self) -> Result<(Glm, glm_tokenizer::Tokenizer)> {
-        let (tok, _) = glm_data::load_tokenizer(self.tokenizer.as_deref())?;
+        use glm_convert::Format;
         let dev = candle_core::Device::Cpu;
-        let model = if !self.model.is_dir() && QuantCheckpoint::is_quantized(&self.model) {
+        let format = Format::detect(&self.model).with_context(|| format!("opening {}", self.model.display()))?;
+        if matches!(format, Format::Sat | Format::HuggingFace | Format::Torch) {
+            let arch = if self.arch.preset.is_some() || self.arch.config.is_some() {
+                Some(self.arch.resolve()?)
+            } else {
+                None
+            };
+            let src = glm_convert::open(&self.model, arch.as_ref())?;
+            let tok = tokenizer_for(&self.model, self.tokenizer.as_deref())?;
+            check_specials(src.config(), &tok, &self.model)?;
+            let model = glm_convert::load_model(src.as_ref(), candle_core::DType::F32, &dev)?;
+            return Ok((model, tok));
+        }
+        let (tok, _) = glm_data::load_tokenizer(self.tokenizer.as_deref())?;
+        let model = if format == Format::GlmQuant {
             let q = QuantCheckpoint::open(&self.model)?;
             check_arch(&q.config, &self.arch, &self.model)?;
             q.model(candle_core::DType::F32, &dev)?
@@ -563,13 +620,16 @@ pub struct ChatArgs {
 }
 
 /// `glm chat`: read a question per line, stream the answer, keep the conversation as context
-/// (`问：... 答：...` turns, ChatGLM's format; older turns drop out when the context is full).
+/// (in the model's chat format: ChatGLM-6B's `[Round i]` turns for its tokenizer, `问：... 答：...`
+/// otherwise; older turns drop out when the context is full).
 pub fn chat(a: ChatArgs) -> Result<()> {
     use std::io::{BufRead, Write};
     let (model, tok) = a.source.load()?;
     let g = Generator::new(&model, &tok)?;
     let budget = model.config().max_seq_len.saturating_sub(a.max_tokens + 8);
-    let mut turns: Vec<String> = Vec::new();
+    // (question, answer) turns, in the model's own chat format.
+    let mut turns: Vec<(String, String)> = Vec::new();
+    let template = glm_infer::ChatTemplate::for_tokenizer(&tok);
     let stdin = std::io::stdin();
     eprintln!("glm chat: one question per line; end with Ctrl-D.");
     for (i, line) in stdin.lock().lines().enumerate() {
@@ -577,12 +637,20 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         if q.trim().is_empty() {
             continue;
         }
-        turns.push(glm_infer::chat_prompt([("user", q.as_str())]));
+        turns.push((q, String::new()));
         // Drop the oldest turns until the prompt fits.
-        while turns.len() > 1 && tok.encode(&turns.concat()).len() > budget {
+        let prompt_of = |turns: &[(String, String)]| {
+            let n = turns.len();
+            let msgs = turns.iter().enumerate().flat_map(|(i, (q, a))| {
+                let answer = (i + 1 < n).then_some(("assistant", a.as_str()));
+                std::iter::once(("user", q.as_str())).chain(answer)
+            });
+            template.prompt(msgs)
+        };
+        while turns.len() > 1 && tok.encode(&prompt_of(&turns)).len() > budget {
             turns.remove(0);
         }
-        let prompt = turns.concat();
+        let prompt = prompt_of(&turns);
         let cfg = SamplingConfig { max_new_tokens: a.max_tokens, seed: a.seed + i as u64, ..SamplingConfig::default() };
         let stops = [glm_infer::CHAT_STOP.to_string()];
         let out = g.complete_stream(&prompt, &cfg, &stops, &mut |t| {
@@ -593,8 +661,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             Ok(out) => {
                 println!();
                 if let Some(last) = turns.last_mut() {
-                    last.push_str(out.spans.first().map(|s| s.text.trim()).unwrap_or(""));
-                    last.push('\n');
+                    last.1 = out.spans.first().map(|s| s.text.trim().to_string()).unwrap_or_default();
                 }
             }
             Err(e) => {

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use glm_model::{param_count, weight_bytes, Config, PRESETS};
 
+mod convert_cmd;
 mod data_cmd;
 mod eval_cmd;
 mod infer_cmd;
@@ -54,6 +55,10 @@ enum Cmd {
     Data(data_cmd::DataCmd),
     /// Pretrain with the GLM-130B recipe (default: `tiny` on the embedded corpus).
     Train(train_cmd::TrainArgs),
+    /// Convert released checkpoints: GLM-130B SAT folders (any TP, fp16/INT8/INT4) and ChatGLM-6B
+    /// Hugging Face folders to our safetensors, or any model to a SAT folder at any TP; `--check` a
+    /// download without loading it.
+    Convert(convert_cmd::ConvertArgs),
     /// Quantize a checkpoint's block linears to INT8 or INT4 (GLM-130B's format).
     Quantize(infer_cmd::QuantizeArgs),
     /// Continue a prompt ([gMASK] ... <sop>) with a checkpoint (dense or quantized).
@@ -104,6 +109,9 @@ enum BenchCmd {
     /// Batch-1 prefill and decode tokens/s for f32, INT8 and INT4 beside the memory-bandwidth floor,
     /// with each one's peak RSS.
     Decode(infer_cmd::DecodeBenchArgs),
+    /// `glm convert` merging and splitting a 1-2 GB SAT checkpoint beside GLM-130B's convert_tp.py
+    /// (PyTorch): wall time, MB/s, peak RSS; and `glm serve --model <SAT folder>` to first token.
+    Convert(convert_cmd::ConvertBenchArgs),
     /// `glm serve` under 1, 2, 4, 8 concurrent streaming clients: aggregate tokens/s and time to
     /// first token, beside the same server decoding one request at a time.
     Serve(serve_cmd::ServeBenchArgs),
@@ -269,9 +277,11 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Train(a)) => a.run()?,
         Cmd::Bench(BenchCmd::Decode(a)) => infer_cmd::bench_decode(a)?,
         Cmd::Bench(BenchCmd::Serve(a)) => serve_cmd::bench_serve(a)?,
+        Cmd::Bench(BenchCmd::Convert(a)) => convert_cmd::bench_convert(a)?,
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
         Cmd::Data(c) => data_cmd::run_data(c)?,
         Cmd::Train(a) => train_cmd::run(a)?,
+        Cmd::Convert(a) => convert_cmd::convert(a)?,
         Cmd::Quantize(a) => infer_cmd::quantize(a)?,
         Cmd::Generate(a) => infer_cmd::generate(a, false)?,
         Cmd::Fill(a) => infer_cmd::generate(a, true)?,

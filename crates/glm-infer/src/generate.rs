@@ -478,9 +478,75 @@ impl FillPlan {
     }
 }
 
-/// A conversation as one prompt in ChatGLM's turn format: `问：question\n答：answer\n` per turn,
-/// ending with an open `答：` for the reply; system text first, on its own line. Generation stops
-/// at [`CHAT_STOP`] (the model starting the next question itself).
+/// How a conversation becomes one prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChatTemplate {
+    /// `问：question\n答：answer\n` per turn, ending with an open `答：` for the reply; system text
+    /// first, on its own line (the models trained here).
+    #[default]
+    Glm,
+    /// ChatGLM-6B's own (its `modeling_chatglm.py` `chat()`): a lone question as it is; with
+    /// history, `[Round i]\n问：q\n答：a\n` per earlier turn and `[Round n]\n问：q\n答：` for the
+    /// last. ChatGLM-6B has no system role: system text goes first, on its own line.
+    ChatGlm,
+}
+
+impl ChatTemplate {
+    /// ChatGLM-6B's template for its own tokenizer, ours otherwise.
+    pub fn for_tokenizer(tok: &Tokenizer) -> Self {
+        if tok.chatglm().is_some() {
+            Self::ChatGlm
+        } else {
+            Self::Glm
+        }
+    }
+
+    /// The prompt for `(role, content)` messages (roles: system, user, assistant).
+    pub fn prompt<'s>(self, messages: impl IntoIterator<Item = (&'s str, &'s str)>) -> String {
+        match self {
+            Self::Glm => chat_prompt(messages),
+            Self::ChatGlm => {
+                let mut system = String::new();
+                // (question, answer) rounds; an answer without a question gets an empty one.
+                let mut rounds: Vec<(&str, Option<&str>)> = Vec::new();
+                for (role, content) in messages {
+                    match role {
+                        "system" => {
+                            system.push_str(content.trim());
+                            system.push('\n');
+                        }
+                        "assistant" => match rounds.last_mut() {
+                            Some((_, a @ None)) => *a = Some(content.trim()),
+                            _ => rounds.push(("", Some(content.trim()))),
+                        },
+                        _ => rounds.push((content.trim(), None)),
+                    }
+                }
+                if let [(q, None)] = rounds.as_slice() {
+                    return system + q;
+                }
+                let mut out = system;
+                let last = rounds.len().saturating_sub(1);
+                for (i, (q, a)) in rounds.iter().enumerate() {
+                    out.push_str(&format!("[Round {i}]\n问：{q}\n答："));
+                    if let Some(a) = a {
+                        out.push_str(a);
+                        // A conversation ending with an answer continues that answer.
+                        if i < last {
+                            out.push('\n');
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// A conversation as one prompt in the `问：... 答：` turn format ([`ChatTemplate::Glm`]):
+/// `问：question\n答：answer\n` per turn, ending with an open `答：` for the reply; system text
+/// first, on its own line. Generation stops at [`CHAT_STOP`] (the model starting the next question
+/// itself).
 pub fn chat_prompt<'s>(messages: impl IntoIterator<Item = (&'s str, &'s str)>) -> String {
     let mut out = String::new();
     for (role, content) in messages {

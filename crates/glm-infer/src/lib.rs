@@ -32,7 +32,9 @@ pub mod sampling;
 
 pub use beam::{BeamConfig, Hypothesis};
 pub use decode::{block_position, Blank, Decoder};
-pub use generate::{chat_prompt, FillPlan, Generation, Generator, Next, Span, StopReason, TextStream, CHAT_STOP};
+pub use generate::{
+    chat_prompt, ChatTemplate, FillPlan, Generation, Generator, Next, Span, StopReason, TextStream, CHAT_STOP,
+};
 pub use logprobs::TokenLogprob;
 pub use sampling::{Sampler, SamplingConfig};
 

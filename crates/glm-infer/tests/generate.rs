@@ -359,3 +359,27 @@ fn streaming_releases_whole_characters_and_stops_at_stop_strings() -> Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn chat_templates_write_each_model_s_own_format() {
+    use glm_infer::ChatTemplate;
+    let one = [("user", "你好")];
+    assert_eq!(ChatTemplate::Glm.prompt(one), "问：你好\n答：");
+    // ChatGLM-6B's chat(): a lone question as it is, history as [Round i] turns.
+    assert_eq!(ChatTemplate::ChatGlm.prompt(one), "你好");
+    let conv = [("user", "你好"), ("assistant", "你好！有什么可以帮你？"), ("user", " 讲个笑话 ")];
+    assert_eq!(
+        ChatTemplate::ChatGlm.prompt(conv),
+        "[Round 0]\n问：你好\n答：你好！有什么可以帮你？\n[Round 1]\n问：讲个笑话\n答："
+    );
+    assert_eq!(ChatTemplate::Glm.prompt(conv), "问：你好\n答：你好！有什么可以帮你？\n问：讲个笑话\n答：");
+    // System text first; a conversation ending with an answer continues it.
+    let sys = [("system", "Be brief."), ("user", "Hi")];
+    assert_eq!(ChatTemplate::ChatGlm.prompt(sys), "Be brief.\nHi");
+    assert_eq!(ChatTemplate::ChatGlm.prompt([("user", "Hi"), ("assistant", "Hel")]), "[Round 0]\n问：Hi\n答：Hel");
+    let tok = glm_tokenizer::Tokenizer::default_glm().unwrap();
+    assert_eq!(ChatTemplate::for_tokenizer(&tok), ChatTemplate::Glm);
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/chatglm-tokenizer/v1.1");
+    let tok = glm_tokenizer::Tokenizer::from_chatglm_dir(&dir).unwrap();
+    assert_eq!(ChatTemplate::for_tokenizer(&tok), ChatTemplate::ChatGlm);
+}

@@ -62,6 +62,8 @@ pub struct Limits {
     pub max_n: usize,
     /// Most choices over all prompts (prompts x n) per request: the queue's size.
     pub max_choices: usize,
+    /// How chat messages become a prompt (the model's own format).
+    pub chat_template: glm_infer::ChatTemplate,
 }
 
 /// A request read and checked.
@@ -206,7 +208,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
                 _ => (prompts.into_iter().map(|prompt| Task::Complete { prompt }).collect(), false),
             }
         }
-        Endpoint::Chat => (vec![Task::Complete { prompt: r.messages()? }], false),
+        Endpoint::Chat => (vec![Task::Complete { prompt: r.messages(limits.chat_template)? }], false),
         Endpoint::Infill => {
             let text = r.string("prompt")?.ok_or_else(|| ApiError::param("prompt", "prompt (a string) is required"))?;
             if !stops.is_empty() {
@@ -392,8 +394,8 @@ impl Reader<'_> {
         }
     }
 
-    /// The conversation as one prompt (`glm_infer::chat_prompt`).
-    fn messages(&self) -> Result<String, ApiError> {
+    /// The conversation as one prompt in the model's chat format.
+    fn messages(&self, template: glm_infer::ChatTemplate) -> Result<String, ApiError> {
         let Some(Value::Array(msgs)) = self.get("messages") else {
             return Err(ApiError::param("messages", "messages must be an array of {role, content}"));
         };
@@ -423,6 +425,6 @@ impl Reader<'_> {
             };
             turns.push((if role == "developer" { "system" } else { role }, content));
         }
-        Ok(glm_infer::chat_prompt(turns.iter().map(|(r, c)| (*r, c.as_str()))))
+        Ok(template.prompt(turns.iter().map(|(r, c)| (*r, c.as_str()))))
     }
 }

@@ -337,7 +337,12 @@ async fn generate(
         };
         ApiError::new(if status == 413 { 413 } else { 400 }, "invalid_request_error", msg)
     })?;
-    let limits = Limits { max_tokens: s.opts.max_tokens, max_n: s.opts.max_batch, max_choices: s.opts.queue };
+    let limits = Limits {
+        max_tokens: s.opts.max_tokens,
+        max_n: s.opts.max_batch,
+        max_choices: s.opts.queue,
+        chat_template: glm_infer::ChatTemplate::for_tokenizer(&s.tok),
+    };
     let parsed = api::parse(ep, &body, &limits)?;
     if let Some(m) = parsed.model.as_deref().filter(|m| *m != s.opts.model_name) {
         return Err(model_not_found(s, m));

@@ -54,7 +54,7 @@ fn any_json() -> impl Strategy<Value = Value> {
 }
 
 fn check(ep: Endpoint, body: &[u8]) {
-    match parse(ep, body, &Limits { max_tokens: 512, max_n: 8, max_choices: 64 }) {
+    match parse(ep, body, &Limits { max_tokens: 512, max_n: 8, max_choices: 64, chat_template: Default::default() }) {
         Ok(p) => {
             assert!(p.sampling.max_new_tokens <= 512);
             assert!(p.sampling.min_new_tokens <= p.sampling.max_new_tokens);
@@ -91,7 +91,7 @@ proptest! {
 
 #[test]
 fn valid_requests_parse() {
-    let l = Limits { max_tokens: 512, max_n: 8, max_choices: 64 };
+    let l = Limits { max_tokens: 512, max_n: 8, max_choices: 64, chat_template: Default::default() };
     let p = parse(
         Endpoint::Completions,
         br#"{"model":"m","prompt":["Hi"],"max_tokens":5.0,"temperature":0,"stop":"\n","seed":-1}"#,
