@@ -163,13 +163,14 @@ fn writer_roundtrips_and_is_atomic() {
 }
 
 /// torch.load reads what the writer wrote (skipped, with a note, without a Python that has torch;
-/// `GLM_TORCH_PYTHON` names one, default python3).
+/// `GLM_SAT_PYTHON` names one, default python3; `GLM_REQUIRE_SAT=1` makes a missing one a failure).
 #[test]
 fn torch_loads_what_we_write() {
-    let py = std::env::var("GLM_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let py = std::env::var("GLM_SAT_PYTHON").unwrap_or_else(|_| "python3".into());
     let has_torch =
         std::process::Command::new(&py).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
     if !has_torch {
+        assert!(std::env::var("GLM_REQUIRE_SAT").is_err(), "GLM_REQUIRE_SAT=1 but {py} has no torch");
         eprintln!("note: no torch in {py}; torch.load of our files not checked");
         return;
     }

@@ -121,7 +121,7 @@ impl ModelSource {
             let model = glm_convert::load_model(src.as_ref(), candle_core::DType::F32, &dev)?;
             return Ok((model, tok));
         }
-        let (tok, _) = glm_data::load_tokenizer(self.tokenizer.as_deref())?;
+        let tok = tokenizer_for(&self.model, self.tokenizer.as_deref())?;
         let model = if format == Format::GlmQuant {
             let q = QuantCheckpoint::open(&self.model)?;
             check_arch(&q.config, &self.arch, &self.model)?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use glm_checkpoint::raw::{open_store, sha256_range, SafetensorsFile, DATA_SHA256};
 
-use crate::hf::weight_files;
+use crate::hf::named_weight_files;
 use crate::sat::{rank_file, LATEST};
 use crate::source::Format;
 use crate::{Error, Result};
@@ -136,7 +136,7 @@ pub fn check(path: &Path, arch: Option<&glm_model::Config>, sha: &BTreeMap<Strin
         }
         Ok(Format::HuggingFace) => {
             files.push(file_check_plain(path, "config.json", sha.get("config.json")));
-            match weight_files(path) {
+            match named_weight_files(path) {
                 Ok(ws) => {
                     for w in ws {
                         files.push(file_check(path, &w, &[], sha.get(&w)));

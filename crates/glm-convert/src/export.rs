@@ -19,8 +19,8 @@ use crate::sat::{model_config_json, rank_file, rank_quant, LATEST, MODEL_CONFIG}
 use crate::source::{convert_bytes, glm_metadata, is_quant, packed_shape, to_f32, Source, SCALE_SUFFIX};
 use crate::{Error, Result};
 
-/// Rows are read this many bytes at a time.
-const BLOCK_BYTES: usize = 64 << 20;
+/// Rows are read this many bytes at a time: peak memory is a few blocks, whatever the model.
+const BLOCK_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -105,9 +105,9 @@ impl<'a> Rows<'a> {
         match &self.quant {
             Some(q) => {
                 let v: Vec<u8> = q.dequantize_rows(r0, r1).iter().flat_map(|x| x.to_le_bytes()).collect();
-                convert_bytes(TorchDtype::F32, out, &v, &self.p.name)
+                convert_bytes(TorchDtype::F32, out, v, &self.p.name)
             }
-            None => convert_bytes(self.stored()?, out, &self.src.read_rows(&self.p.name, r0, r1)?, &self.p.name),
+            None => convert_bytes(self.stored()?, out, self.src.read_rows(&self.p.name, r0, r1)?, &self.p.name),
         }
     }
 

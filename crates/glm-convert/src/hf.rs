@@ -172,6 +172,23 @@ fn index_map(dir: &Path) -> Result<Option<Vec<(String, String)>>> {
     Ok(None)
 }
 
+/// The weight files a folder should hold: the shards its index names, or its single file.
+pub fn named_weight_files(dir: &Path) -> Result<Vec<String>> {
+    if let Some(map) = index_map(dir)? {
+        let shards: BTreeSet<String> = map.into_iter().map(|(_, f)| f).collect();
+        return Ok(shards.into_iter().collect());
+    }
+    for single in ["model.safetensors", "pytorch_model.bin"] {
+        if dir.join(single).is_file() {
+            return Ok(vec![single.to_string()]);
+        }
+    }
+    Err(Error::Input(format!(
+        "{}: no weights (model.safetensors[.index.json] or pytorch_model.bin[.index.json])",
+        dir.display()
+    )))
+}
+
 /// The weight files of a folder, every shard the index names present.
 pub fn weight_files(dir: &Path) -> Result<Vec<String>> {
     if let Some(map) = index_map(dir)? {

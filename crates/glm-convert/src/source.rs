@@ -54,12 +54,23 @@ pub fn read_f32(src: &dyn Source, p: &ParamSpec) -> Result<Vec<f32>> {
     to_f32(src.dtype(&p.name)?, &bytes, &p.name)
 }
 
-/// Decodes float bytes to f32.
+/// Decodes float bytes to f32 (16-bit floats through half's vector conversion, in parallel).
 pub fn to_f32(dtype: TorchDtype, b: &[u8], name: &str) -> Result<Vec<f32>> {
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    fn halves<T: Copy + Send + Sync>(b: &[u8], from: fn([u8; 2]) -> T, conv: fn(&[T], &mut [f32])) -> Vec<f32> {
+        let mut out = vec![0f32; b.len() / 2];
+        out.par_chunks_mut(CHUNK).zip(b.par_chunks(2 * CHUNK)).for_each(|(o, b)| {
+            let h: Vec<T> = b.chunks_exact(2).map(|c| from([c[0], c[1]])).collect();
+            conv(&h, o);
+        });
+        out
+    }
     Ok(match dtype {
         TorchDtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        TorchDtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        TorchDtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        TorchDtype::F16 => halves(b, f16::from_le_bytes, |h: &[f16], o| h.convert_to_f32_slice(o)),
+        TorchDtype::BF16 => halves(b, half::bf16::from_le_bytes, |h: &[half::bf16], o| h.convert_to_f32_slice(o)),
         TorchDtype::F64 => b
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
@@ -68,12 +79,12 @@ pub fn to_f32(dtype: TorchDtype, b: &[u8], name: &str) -> Result<Vec<f32>> {
     })
 }
 
-/// Float bytes from one dtype to another (round to nearest even).
-pub fn convert_bytes(from: TorchDtype, to: TorchDtype, b: &[u8], name: &str) -> Result<Vec<u8>> {
+/// Float bytes from one dtype to another (round to nearest even); the same dtype passes through.
+pub fn convert_bytes(from: TorchDtype, to: TorchDtype, b: Vec<u8>, name: &str) -> Result<Vec<u8>> {
     if from == to {
-        return Ok(b.to_vec());
+        return Ok(b);
     }
-    let v = to_f32(from, b, name)?;
+    let v = to_f32(from, &b, name)?;
     Ok(match to {
         TorchDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TorchDtype::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
@@ -432,7 +443,12 @@ pub fn load_model(src: &dyn Source, dtype: DType, device: &Device) -> Result<Glm
         let stored = src.dtype(&p.name)?;
         let dt = stored.candle().ok_or_else(|| Error::Input(format!("{}: {stored:?} has no candle type", p.name)))?;
         let bytes = src.read_rows(&p.name, 0, p.shape[0])?;
-        let t = Tensor::from_raw_buffer(&bytes, dt, &p.shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let t = if dtype == DType::F32 {
+            Tensor::from_vec(to_f32(stored, &bytes, &p.name)?, p.shape.as_slice(), &Device::Cpu)?
+        } else {
+            Tensor::from_raw_buffer(&bytes, dt, &p.shape, &Device::Cpu)?.to_dtype(dtype)?
+        };
+        let t = t.to_device(device)?;
         dense.insert(p.name, t);
     }
     let vb = VarBuilder::from_tensors(dense, dtype, device);

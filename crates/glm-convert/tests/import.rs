@@ -370,3 +370,61 @@ fn released_configs_map_to_ours() -> Result<()> {
     ensure!(glm_convert::hf::config_from_hf(&bad, p).is_err());
     Ok(())
 }
+
+/// GLM-130B's own code serves what we export: a model made here, written as a SAT folder, loaded
+/// by SwissArmyTransformer's `load_checkpoint` into its `GLM130B` (scripts/sat_logits.py), gives
+/// the logits we give. Needs a Python with torch (`GLM_SAT_PYTHON`) and SAT 0.4.12
+/// (`GLM_SAT_SITE`, a `pip install --target` folder); skipped with a note without them, unless
+/// `GLM_REQUIRE_SAT=1` (CI) makes that a failure.
+#[test]
+fn official_sat_code_serves_our_export() -> Result<()> {
+    let (Ok(py), Ok(site)) = (std::env::var("GLM_SAT_PYTHON"), std::env::var("GLM_SAT_SITE")) else {
+        ensure!(
+            std::env::var("GLM_REQUIRE_SAT").is_err(),
+            "GLM_REQUIRE_SAT=1 but GLM_SAT_PYTHON / GLM_SAT_SITE are not set"
+        );
+        eprintln!("note: GLM_SAT_PYTHON / GLM_SAT_SITE not set; the official SAT code was not run on our export");
+        return Ok(());
+    };
+    let d = tmp("official");
+    let cfg = sat_config();
+    // A model made here (DeepNorm init), its weights rounded to fp16 as a SAT folder holds them.
+    let w = glm_model::init_weights(&cfg, 11, &Device::Cpu)?;
+    let w: std::collections::HashMap<String, Tensor> =
+        w.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F16)?.to_dtype(DType::F32)?))).collect::<Result<_>>()?;
+    let file = d.join("model.safetensors");
+    glm_model::save_weights(&cfg, &file, &w)?;
+    let src = open(&file, Some(&cfg))?;
+    let sat = d.join("sat");
+    convert(src.as_ref(), &Target::Sat { dir: sat.clone(), tp: 1, quantize: None, overwrite: false }, &mut |_| {})?;
+    let out = d.join("official.safetensors");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/sat_logits.py");
+    let run = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(&sat)
+        .arg(fixtures().join("sat.io.safetensors"))
+        .arg(&out)
+        .env("PYTHONPATH", &site)
+        .env("OMP_NUM_THREADS", "1")
+        .output()?;
+    ensure!(run.status.success(), "sat_logits.py failed: {}", String::from_utf8_lossy(&run.stderr));
+    // Ours, from the same SAT folder.
+    let model = load_model(open(&sat, None)?.as_ref(), DType::F32, &Device::Cpu)?;
+    let io = Io::open("sat.io.safetensors")?;
+    let official = SafetensorsFile::open(&out)?;
+    for case in CASES {
+        let ids = io.get(&format!("input_ids.{case}"), DType::U32)?;
+        let pos = io.get(&format!("position_ids.{case}"), DType::U32)?;
+        let prefix: Vec<i64> = io.get(&format!("prefix_len.{case}"), DType::I64)?.to_vec1()?;
+        let layout = AttnLayout::prefix_lm(&prefix.iter().map(|&p| p as usize).collect::<Vec<_>>());
+        let ours = model.forward(&ids, &pos, &layout, None)?;
+        let key = format!("logits.{case}");
+        let info = official.info(&key).ok_or_else(|| anyhow!("no {key}"))?;
+        let theirs =
+            Tensor::from_raw_buffer(&official.read_rows(&key, 0, info.rows())?, DType::F32, &info.shape, &Device::Cpu)?;
+        let err = rel_err(&ours, &theirs)?;
+        println!("official SAT code on our export, {case}: rel err {err:.2e}");
+        ensure!(err < 1e-5, "{case}: the official code's logits differ by {err:.3e}");
+    }
+    Ok(())
+}
