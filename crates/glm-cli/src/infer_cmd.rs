@@ -72,11 +72,24 @@ fn check_arch(cfg: &Config, arch: &ModelArgs, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A released checkpoint's tokenizer: `--tokenizer` (a file, or a folder with ice_text.model), else
-/// the model folder's own ice_text.model (ChatGLM-6B ships it), else the embedded one.
+/// A checkpoint's tokenizer: `--tokenizer` (a file, or a folder with ice_text.model), else the model
+/// folder's own ice_text.model (ChatGLM-6B ships it), else the embedded one. A file named
+/// `ice_text.model` is icetk's (GLM-130B, ChatGLM-6B): read in ChatGLM's layout, from its folder's
+/// tokenizer_config.json when there is one, else in icetk's own (ids offset by 20000 image tokens).
 fn tokenizer_for(model: &Path, given: Option<&Path>) -> Result<glm_tokenizer::Tokenizer> {
     let dir = match given {
         Some(p) if p.is_dir() => Some(p),
+        Some(p) if p.file_name().is_some_and(|n| n == "ice_text.model") => {
+            let folder = p.parent().filter(|d| d.join("tokenizer_config.json").is_file());
+            return Ok(match folder {
+                Some(d) => glm_tokenizer::Tokenizer::from_chatglm_dir(d)?,
+                None => {
+                    let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                    glm_tokenizer::Tokenizer::from_chatglm(&bytes, None)
+                        .with_context(|| format!("{}: not icetk's text model", p.display()))?
+                }
+            });
+        }
         Some(p) => return Ok(glm_data::load_tokenizer(Some(p))?.0),
         None => Some(model).filter(|m| m.is_dir() && m.join("ice_text.model").is_file()),
     };
@@ -117,11 +130,23 @@ impl ModelSource {
             };
             let src = glm_convert::open(&self.model, arch.as_ref())?;
             let tok = tokenizer_for(&self.model, self.tokenizer.as_deref())?;
-            check_specials(src.config(), &tok, &self.model)?;
+            if src.released() {
+                check_specials(src.config(), &tok, &self.model)?;
+            }
             let model = glm_convert::load_model(src.as_ref(), candle_core::DType::F32, &dev)?;
             return Ok((model, tok));
         }
         let tok = tokenizer_for(&self.model, self.tokenizer.as_deref())?;
+        // A file converted from a released model says so: its special ids are fixed.
+        if let Ok(st) = glm_checkpoint::raw::SafetensorsFile::open(&self.model) {
+            if st.metadata().get(glm_convert::source::RELEASED).is_some_and(|v| v == "true") {
+                let cfg = match format {
+                    Format::GlmQuant => QuantCheckpoint::config_of(&self.model)?,
+                    _ => dense_source(&self.model, &self.arch)?.1,
+                };
+                check_specials(&cfg, &tok, &self.model)?;
+            }
+        }
         let model = if format == Format::GlmQuant {
             let q = QuantCheckpoint::open(&self.model)?;
             check_arch(&q.config, &self.arch, &self.model)?;

@@ -168,6 +168,9 @@ fn hugging_face_folders_generate_serve_and_convert() {
     // Converted to our file, with the folder's tokenizer: the same greedy continuation.
     ok(&["convert", &d("hf"), &d("chat.safetensors")]);
     assert_eq!(greedy(&d("chat.safetensors"), &["--tokenizer", &d("hf")]), a);
+    // The file remembers it holds a released model: without its tokenizer, an error, not garbage.
+    let (fine, _, err) = glm(&["generate", "--model", &d("chat.safetensors"), "Hi"]);
+    assert!(!fine && err.contains("--tokenizer"), "{err}");
     // The embedded tokenizer's special ids are not ChatGLM's: a clear error, not garbage.
     let (fine, _, err) = glm(&[
         "generate",
@@ -256,4 +259,45 @@ fn conversions_stream_in_bounded_memory() {
         x[8 + n..].to_vec()
     };
     assert!(data(&a) == data(&b), "SAT round trip changed the weights");
+}
+
+/// GLM-130B ships no tokenizer: `--tokenizer ice_text.model` (icetk's text model alone) is read in
+/// icetk's layout, ids offset by 20000 image tokens and the specials after the text pieces, which
+/// is where a GLM-130B-style checkpoint has them.
+#[test]
+fn sat_folder_with_icetk_s_ice_text_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_string_lossy().to_string();
+    // icetk's layout over the fixture's text model: [MASK] at 24000, 24344 ids in all.
+    let cfg = Config {
+        max_seq_len: 128,
+        special_tokens: SpecialTokens::from(24000),
+        ..Config::glm_arch("icetk-sat", 2, 64, 4, 128, 24352)
+    };
+    let meta: BTreeMap<String, String> =
+        [("format".to_string(), "glm".to_string()), ("config".to_string(), cfg.to_json())].into();
+    write_random(&cfg, &[dir.path().join("m.safetensors")], &meta, 5);
+    ok(&["convert", &d("m.safetensors"), &d("sat"), "--to", "sat", "--tp", "2"]);
+    // As released: no model_config.json, so the config comes from --config (GLM-130B's own
+    // shapes need none).
+    std::fs::remove_file(dir.path().join("sat/model_config.json")).unwrap();
+    std::fs::write(d("c.json"), cfg.to_json()).unwrap();
+    std::fs::copy(fixture("chatglm-tokenizer/old/ice_text.model"), dir.path().join("ice_text.model")).unwrap();
+    let a = greedy(&d("sat"), &["--tokenizer", &d("ice_text.model"), "--config", &d("c.json")]);
+    assert!(a["text"].as_str().unwrap().starts_with("The whale"), "{a}");
+    assert_eq!(greedy(&d("m.safetensors"), &["--tokenizer", &d("ice_text.model")]), a);
+    // Without it, the embedded tokenizer's specials are not the checkpoint's.
+    let (fine, _, err) = glm(&["generate", "--model", &d("sat"), "--config", &d("c.json"), "Hi"]);
+    assert!(!fine && err.contains("[gMASK] = 24001"), "{err}");
+    // A model made here is no release: its config's special ids are not checked (a preset's are
+    // not its tokenizer's), before or after a trip through SAT.
+    let mine = Config { special_tokens: SpecialTokens::from(8000), ..Config::glm_arch("mine", 2, 64, 4, 128, 8192) };
+    let meta: BTreeMap<String, String> =
+        [("format".to_string(), "glm".to_string()), ("config".to_string(), mine.to_json())].into();
+    write_random(&mine, &[dir.path().join("mine.safetensors")], &meta, 9);
+    ok(&["convert", &d("mine.safetensors"), &d("mine-sat"), "--to", "sat"]);
+    ok(&["convert", &d("mine-sat"), &d("mine2.safetensors")]);
+    for m in ["mine.safetensors", "mine-sat", "mine2.safetensors"] {
+        assert!(greedy(&d(m), &[])["text"].as_str().unwrap().starts_with("The whale"), "{m}");
+    }
 }

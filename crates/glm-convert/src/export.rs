@@ -135,7 +135,7 @@ fn write_dense(
     };
     let entries: Vec<(String, TorchDtype, Vec<usize>)> =
         table.iter().map(|p| Ok((p.name.clone(), out_dtype(p)?, p.shape.clone()))).collect::<Result<_>>()?;
-    let mut w = SafetensorsWriter::create(path, &entries, &glm_metadata(cfg, &src.describe()), true)?;
+    let mut w = SafetensorsWriter::create(path, &entries, &glm_metadata(src), true)?;
     let mut bytes = 0;
     for (p, (_, dt, _)) in table.iter().zip(&entries) {
         let rows = Rows::new(src, p)?;
@@ -209,7 +209,7 @@ fn write_quantized(src: &dyn Source, path: &Path, bits: Bits, progress: &mut dyn
             entries.push((p.name.clone(), TorchDtype::F16, p.shape.clone()));
         }
     }
-    let mut meta = glm_metadata(cfg, &src.describe());
+    let mut meta = glm_metadata(src);
     meta.insert("format".into(), glm_quant::checkpoint::FORMAT.into());
     meta.insert("bits".into(), bits.bits().to_string());
     let mut w = SafetensorsWriter::create(path, &entries, &meta, true)?;
@@ -283,7 +283,7 @@ fn write_sat(
     let result = (|| -> Result<Report> {
         let report = write_sat_ranks(src, &tmp.join(&iteration), tp, bits, progress)?;
         std::fs::write(tmp.join(LATEST), &iteration).map_err(|e| io(&tmp, e))?;
-        std::fs::write(tmp.join(MODEL_CONFIG), model_config_json(cfg, tp)).map_err(|e| io(&tmp, e))?;
+        std::fs::write(tmp.join(MODEL_CONFIG), model_config_json(cfg, tp, src.released())).map_err(|e| io(&tmp, e))?;
         // Replace the destination only now that the new folder is whole.
         if dir.exists() {
             let old = tmp.with_extension("old");

@@ -144,7 +144,7 @@ pub fn open(dir: &Path, arch: Option<&Config>) -> Result<Flat> {
         if files.len() == 1 { "" } else { "s" },
         bits.map_or(String::new(), |b| format!(", INT{}", b.bits()))
     );
-    Flat::new(cfg, bits, what, stores, alias)
+    Ok(Flat::new(cfg, bits, what, stores, alias)?.released(true))
 }
 
 /// `weight_map` of the folder's index file, if any (safetensors first, as transformers prefers).

@@ -38,6 +38,8 @@ pub struct Sat {
     cfg: Config,
     bits: Option<Bits>,
     bytes: u64,
+    /// False only for a folder `glm convert` wrote from a model that was not released.
+    released: bool,
 }
 
 fn input(m: String) -> Error {
@@ -125,7 +127,8 @@ impl Sat {
             }));
         }
         check_tp(&cfg, tp)?;
-        let sat = Self { dir: dir.to_path_buf(), iteration, ranks, cfg, bits, bytes };
+        let released = released_flag(dir);
+        let sat = Self { dir: dir.to_path_buf(), iteration, ranks, cfg, bits, bytes, released };
         sat.verify()?;
         Ok(sat)
     }
@@ -369,10 +372,24 @@ impl Source for Sat {
     fn file_bytes(&self) -> u64 {
         self.bytes
     }
+    fn released(&self) -> bool {
+        self.released
+    }
 }
 
-/// SAT's model arguments for `model_config.json`, with our whole config under `glm_rs`.
-pub fn model_config_json(cfg: &Config, tp: usize) -> String {
+/// `model_config.json`'s `glm_rs_released` (written by `glm convert`); a folder without it is a
+/// release.
+fn released_flag(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(MODEL_CONFIG))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("glm_rs_released").and_then(|b| b.as_bool()))
+        .unwrap_or(true)
+}
+
+/// SAT's model arguments for `model_config.json`, with our whole config under `glm_rs` and
+/// whether it is (converted from) a released model.
+pub fn model_config_json(cfg: &Config, tp: usize, released: bool) -> String {
     let v = serde_json::json!({
         "model_class": "GLM130B",
         "num_layers": cfg.num_layers,
@@ -385,6 +402,7 @@ pub fn model_config_json(cfg: &Config, tp: usize) -> String {
         "layernorm_order": "post",
         "model_parallel_size": tp,
         "glm_rs": serde_json::from_str::<serde_json::Value>(&cfg.to_json()).unwrap_or_default(),
+        "glm_rs_released": released,
     });
     serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
 }

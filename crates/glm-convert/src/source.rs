@@ -41,7 +41,13 @@ pub trait Source {
     fn quant_groups(&self, name: &str) -> Result<usize>;
     /// Total bytes of the files behind it.
     fn file_bytes(&self) -> u64;
+    /// A released model (GLM-130B, ChatGLM-6B), or converted from one: its special token ids are
+    /// fixed, and its tokenizer must produce them.
+    fn released(&self) -> bool;
 }
+
+/// The metadata key our files use to say they hold a released model (see [`Source::released`]).
+pub const RELEASED: &str = "released";
 
 /// Whether the source stores this parameter quantized.
 pub fn is_quant(src: &dyn Source, p: &ParamSpec) -> bool {
@@ -138,6 +144,7 @@ pub struct Flat {
     /// A parameter read from another tensor (ChatGLM without `lm_head.weight`: the embedding).
     alias: HashMap<String, String>,
     bytes: u64,
+    released: bool,
 }
 
 impl Flat {
@@ -163,7 +170,7 @@ impl Flat {
                 }
             }
         }
-        let flat = Self { cfg, bits, what, stores, index, alias, bytes };
+        let flat = Self { cfg, bits, what, stores, index, alias, bytes, released: false };
         flat.verify()?;
         Ok(flat)
     }
@@ -177,6 +184,12 @@ impl Flat {
     fn info(&self, name: &str) -> Option<(RawInfo, PathBuf)> {
         let (s, n) = self.locate(name).ok()?;
         Some((s.info(n)?, s.path().to_path_buf()))
+    }
+
+    /// Marks the source as a released model (or one converted from it).
+    pub fn released(mut self, yes: bool) -> Self {
+        self.released = yes;
+        self
     }
 
     /// Every parameter present with its shape and dtype, and no tensor left unused.
@@ -292,6 +305,9 @@ impl Source for Flat {
     fn file_bytes(&self) -> u64 {
         self.bytes
     }
+    fn released(&self) -> bool {
+        self.released
+    }
 }
 
 /// What a path holds, by its contents.
@@ -386,7 +402,8 @@ pub fn open(path: &Path, arch: Option<&Config>) -> Result<Box<dyn Source>> {
                 path.display(),
                 if bits.is_some() { "quantized safetensors" } else { "safetensors" }
             );
-            Box::new(Flat::new(cfg, bits, what, vec![Box::new(st)], HashMap::new())?)
+            let released = meta.get(RELEASED).is_some_and(|v| v == "true");
+            Box::new(Flat::new(cfg, bits, what, vec![Box::new(st)], HashMap::new())?.released(released))
         }
         Format::Torch => {
             let cfg = arch.cloned().ok_or_else(|| no_config(path))?;
@@ -459,13 +476,18 @@ pub fn load_model(src: &dyn Source, dtype: DType, device: &Device) -> Result<Glm
     })
 }
 
-/// Metadata our own safetensors files carry: what they are and the model's config.
-pub fn glm_metadata(cfg: &Config, source: &str) -> BTreeMap<String, String> {
-    [
+/// Metadata our own safetensors files carry: what they are, the model's config, where they came
+/// from, and whether that is a released model.
+pub fn glm_metadata(src: &dyn Source) -> BTreeMap<String, String> {
+    let mut m: BTreeMap<String, String> = [
         ("format".to_string(), "glm".to_string()),
-        ("config".to_string(), cfg.to_json()),
-        ("source".to_string(), source.to_string()),
+        ("config".to_string(), src.config().to_json()),
+        ("source".to_string(), src.describe()),
     ]
     .into_iter()
-    .collect()
+    .collect();
+    if src.released() {
+        m.insert(RELEASED.into(), "true".into());
+    }
+    m
 }
