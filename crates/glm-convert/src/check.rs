@@ -69,16 +69,20 @@ pub fn read_sha_list(path: &Path) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-fn file_check(dir: &Path, name: &str, key_path: &[&str], sha: Option<&String>) -> FileCheck {
+/// One file: present, its size, readable as a tensor file (`key_path` given) with its tensor count,
+/// and its SHA-256 against the listed one.
+fn file_check(dir: &Path, name: &str, key_path: Option<&[&str]>, sha: Option<&String>) -> FileCheck {
     let p = dir.join(name);
     let Ok(meta) = std::fs::metadata(&p) else {
         return FileCheck { name: name.into(), bytes: None, tensors: None, sha256: None, status: Status::Missing };
     };
     let mut c =
         FileCheck { name: name.into(), bytes: Some(meta.len()), tensors: None, sha256: None, status: Status::Ok };
-    match open_store(&p, key_path) {
-        Ok(s) => c.tensors = Some(s.names().len()),
-        Err(e) => c.status = Status::Bad(e.to_string()),
+    if let Some(key_path) = key_path {
+        match open_store(&p, key_path) {
+            Ok(s) => c.tensors = Some(s.names().len()),
+            Err(e) => c.status = Status::Bad(e.to_string()),
+        }
     }
     if let Some(want) = sha {
         match std::fs::File::open(&p)
@@ -105,17 +109,8 @@ pub fn check(path: &Path, arch: Option<&glm_model::Config>, sha: &BTreeMap<Strin
         Ok(Format::Sat) => {
             let iteration = std::fs::read_to_string(path.join(LATEST)).unwrap_or_default().trim().to_string();
             let iter_dir: PathBuf = path.join(&iteration);
-            let mut found: Vec<usize> = std::fs::read_dir(&iter_dir)
-                .map(|rd| {
-                    rd.flatten()
-                        .filter_map(|e| {
-                            let n = e.file_name().to_string_lossy().into_owned();
-                            n.strip_prefix("mp_rank_")?.strip_suffix("_model_states.pt")?.parse().ok()
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            found.sort_unstable();
+            let found: Vec<usize> =
+                crate::sat::rank_files(&iter_dir).map(|m| m.into_keys().collect()).unwrap_or_default();
             if found.is_empty() {
                 notes.push(format!("{}: no rank files (latest says iteration `{iteration}`)", iter_dir.display()));
             }
@@ -130,16 +125,16 @@ pub fn check(path: &Path, arch: Option<&glm_model::Config>, sha: &BTreeMap<Strin
             }
             for k in 0..n {
                 let name = format!("{iteration}/{}", rank_file(k));
-                files.push(file_check(path, &name, &["module"], sha.get(&name)));
+                files.push(file_check(path, &name, Some(&["module"]), sha.get(&name)));
             }
             format!("GLM-130B SAT checkpoint, iteration {iteration}")
         }
         Ok(Format::HuggingFace) => {
-            files.push(file_check_plain(path, "config.json", sha.get("config.json")));
+            files.push(file_check(path, "config.json", None, sha.get("config.json")));
             match named_weight_files(path) {
                 Ok(ws) => {
                     for w in ws {
-                        files.push(file_check(path, &w, &[], sha.get(&w)));
+                        files.push(file_check(path, &w, Some(&[]), sha.get(&w)));
                     }
                 }
                 Err(e) => notes.push(e.to_string()),
@@ -154,7 +149,7 @@ pub fn check(path: &Path, arch: Option<&glm_model::Config>, sha: &BTreeMap<Strin
         Ok(format) => {
             let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
             let dir = path.parent().unwrap_or(Path::new("."));
-            let mut c = file_check(dir, &name, &[], sha.get(&name));
+            let mut c = file_check(dir, &name, Some(&[]), sha.get(&name));
             let mut what = format!("{format:?} file");
             // Our own files carry the SHA-256 of their data: verify it.
             if c.status == Status::Ok && matches!(format, Format::Safetensors | Format::GlmQuant) {
@@ -176,33 +171,8 @@ pub fn check(path: &Path, arch: Option<&glm_model::Config>, sha: &BTreeMap<Strin
     // Files the list names that the folder lacks or that were not checked above.
     for (name, want) in sha {
         if !files.iter().any(|f| &f.name == name) {
-            files.push(file_check_plain(path, name, Some(want)));
+            files.push(file_check(path, name, None, Some(want)));
         }
     }
     Ok(CheckReport { format, files, notes })
-}
-
-/// A file that is not a tensor file: present, its size, its SHA-256 if listed.
-fn file_check_plain(dir: &Path, name: &str, sha: Option<&String>) -> FileCheck {
-    let p = dir.join(name);
-    let Ok(meta) = std::fs::metadata(&p) else {
-        return FileCheck { name: name.into(), bytes: None, tensors: None, sha256: None, status: Status::Missing };
-    };
-    let mut c =
-        FileCheck { name: name.into(), bytes: Some(meta.len()), tensors: None, sha256: None, status: Status::Ok };
-    if let Some(want) = sha {
-        match std::fs::File::open(&p)
-            .map_err(|e| e.to_string())
-            .and_then(|f| sha256_range(&f, &p, 0, meta.len()).map_err(|e| e.to_string()))
-        {
-            Ok(got) => {
-                if &got != want {
-                    c.status = Status::Mismatch { want: want.clone(), got: got.clone() };
-                }
-                c.sha256 = Some(got);
-            }
-            Err(e) => c.status = Status::Bad(e),
-        }
-    }
-    c
 }

@@ -191,27 +191,16 @@ pub fn named_weight_files(dir: &Path) -> Result<Vec<String>> {
 
 /// The weight files of a folder, every shard the index names present.
 pub fn weight_files(dir: &Path) -> Result<Vec<String>> {
-    if let Some(map) = index_map(dir)? {
-        let shards: BTreeSet<String> = map.into_iter().map(|(_, f)| f).collect();
-        let missing: Vec<&String> = shards.iter().filter(|f| !dir.join(f).is_file()).collect();
-        if !missing.is_empty() {
-            return Err(Error::Input(format!(
-                "{}: {} of {} shards named in the index are missing: {}",
-                dir.display(),
-                missing.len(),
-                shards.len(),
-                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            )));
-        }
-        return Ok(shards.into_iter().collect());
+    let files = named_weight_files(dir)?;
+    let missing: Vec<&str> = files.iter().filter(|f| !dir.join(f).is_file()).map(String::as_str).collect();
+    if !missing.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: {} of {} shards named in the index are missing: {}",
+            dir.display(),
+            missing.len(),
+            files.len(),
+            missing.join(", ")
+        )));
     }
-    for single in ["model.safetensors", "pytorch_model.bin"] {
-        if dir.join(single).is_file() {
-            return Ok(vec![single.to_string()]);
-        }
-    }
-    Err(Error::Input(format!(
-        "{}: no weights (model.safetensors[.index.json] or pytorch_model.bin[.index.json])",
-        dir.display()
-    )))
+    Ok(files)
 }

@@ -47,7 +47,7 @@ fn input(m: String) -> Error {
 }
 
 /// The rank files of `iter_dir` by index.
-fn rank_files(iter_dir: &Path) -> Result<BTreeMap<usize, PathBuf>> {
+pub fn rank_files(iter_dir: &Path) -> Result<BTreeMap<usize, PathBuf>> {
     let rd = std::fs::read_dir(iter_dir).map_err(|e| input(format!("{}: {e}", iter_dir.display())))?;
     let mut found = BTreeMap::new();
     for e in rd.flatten() {
