@@ -482,7 +482,7 @@ impl Machine<'_> {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, String> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("an odd number of items for a dict".into());
     }
     let mut it = items.into_iter();
@@ -622,9 +622,7 @@ pub fn dump_state_dict(wrap: &[&str], tensors: &[(String, TorchDtype, Vec<usize>
         }
         p.push(b'u');
     }
-    for _ in wrap {
-        p.push(b'u');
-    }
+    p.extend(std::iter::repeat_n(b'u', wrap.len()));
     p.push(b'.');
     p
 }

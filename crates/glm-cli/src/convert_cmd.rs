@@ -362,7 +362,7 @@ pub fn bench_convert(a: ConvertBenchArgs) -> Result<()> {
             r.peak_rss as f64 / model_bytes as f64
         )
     };
-    println!("{:<44} {:>9} {:>13}  {}", "conversion", "wall", "throughput", "peak RSS");
+    println!("{:<44} {:>9} {:>13}  peak RSS", "conversion", "wall", "throughput");
     row("glm convert: safetensors -> SAT TP=2", &split);
     let merge = glm_convert(&[&p(&sat2), &p(&sat1), &s("--to"), &s("sat"), &s("--tp"), &s("1")])?;
     row("glm convert: SAT TP=2 -> TP=1 (merge)", &merge);

@@ -32,9 +32,8 @@ pub fn ignored(name: &str) -> bool {
 pub fn split_of(cfg: &Config, name: &str) -> Split {
     let ends = |tail: &str| name.ends_with(tail);
     let weight_or_bias = |module: &str| ends(&format!("{module}.weight")) || ends(&format!("{module}.bias"));
-    if ends(&format!("{WORD_EMBEDDINGS}.weight")) || name == format!("{LM_HEAD}.weight") {
-        Split::Rows
-    } else if weight_or_bias(&format!("{ATTENTION}.{QKV}")) {
+    let vocab = ends(&format!("{WORD_EMBEDDINGS}.weight")) || name == format!("{LM_HEAD}.weight");
+    if vocab || weight_or_bias(&format!("{ATTENTION}.{QKV}")) {
         Split::Rows
     } else if weight_or_bias(&format!("{MLP}.{H_TO_4H}")) {
         match cfg.ffn {

@@ -281,7 +281,7 @@ fn infer_config(rank0: &TorchFile, dir: &Path) -> Result<Config> {
         .map_or(0, |m| m + 1);
     let qkv_rows = rank0.get(&format!("{prefix}0.{ATTENTION}.{QKV}.weight")).map_or(0, |t| t.shape[0]);
     let c = Config::glm_130b();
-    let tp = if qkv_rows > 0 { 3 * c.hidden_size / qkv_rows } else { 0 };
+    let tp = (3 * c.hidden_size).checked_div(qkv_rows).unwrap_or(0);
     if c.num_layers == layers && emb.get(1) == Some(&c.hidden_size) && emb.first().map(|r| r * tp) == Some(c.vocab_size)
     {
         return Ok(c);
