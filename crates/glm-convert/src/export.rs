@@ -39,7 +39,6 @@ pub enum Target {
 pub struct Report {
     pub tensors: usize,
     pub bytes: u64,
-    pub files: Vec<PathBuf>,
 }
 
 /// Writes `src` as `target`; `progress` gets the bytes of every piece written.
@@ -147,7 +146,7 @@ fn write_dense(
         }
     }
     w.finish()?;
-    Ok(Report { tensors: table.len(), bytes, files: vec![path.to_path_buf()] })
+    Ok(Report { tensors: table.len(), bytes })
 }
 
 fn scale_bytes(q: &QuantMatrix) -> Vec<u8> {
@@ -243,7 +242,7 @@ fn write_quantized(src: &dyn Source, path: &Path, bits: Bits, progress: &mut dyn
         }
     }
     w.finish()?;
-    Ok(Report { tensors: entries.len(), bytes, files: vec![path.to_path_buf()] })
+    Ok(Report { tensors: entries.len(), bytes })
 }
 
 fn write_sat(
@@ -298,9 +297,7 @@ fn write_sat(
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    let mut report = result?;
-    report.files = (0..tp).map(|k| dir.join(&iteration).join(rank_file(k))).collect();
-    Ok(report)
+    result
 }
 
 /// SAT folders hold GLM-130B-architecture models (GeGLU, tied head) in SAT's names.
@@ -418,7 +415,7 @@ fn write_sat_ranks(
     for w in writers {
         w.finish()?;
     }
-    Ok(Report { tensors, bytes, files: Vec::new() })
+    Ok(Report { tensors, bytes })
 }
 
 /// Rank `k`'s piece of a whole f32 matrix: (values, rows, cols).

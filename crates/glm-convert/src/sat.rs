@@ -37,7 +37,6 @@ pub struct Sat {
     ranks: Vec<TorchFile>,
     cfg: Config,
     bits: Option<Bits>,
-    bytes: u64,
     /// False only for a folder `glm convert` wrote from a model that was not released.
     released: bool,
 }
@@ -94,9 +93,7 @@ impl Sat {
         }
         // Every file must open whole before any weight is read.
         let mut ranks = Vec::with_capacity(found.len());
-        let mut bytes = 0;
         for p in found.values() {
-            bytes += std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
             ranks.push(TorchFile::open(p, &["module"])?);
         }
         let bits = stored_bits(&ranks[0])?;
@@ -128,17 +125,13 @@ impl Sat {
         }
         check_tp(&cfg, tp)?;
         let released = released_flag(dir);
-        let sat = Self { dir: dir.to_path_buf(), iteration, ranks, cfg, bits, bytes, released };
+        let sat = Self { dir: dir.to_path_buf(), iteration, ranks, cfg, bits, released };
         sat.verify()?;
         Ok(sat)
     }
 
     pub fn tp(&self) -> usize {
         self.ranks.len()
-    }
-
-    pub fn iteration(&self) -> &str {
-        &self.iteration
     }
 
     fn verify(&self) -> Result<()> {
@@ -368,9 +361,6 @@ impl Source for Sat {
     }
     fn quant_groups(&self, name: &str) -> Result<usize> {
         Ok(if split_of(&self.cfg, name) == Split::Cols { self.tp() } else { 1 })
-    }
-    fn file_bytes(&self) -> u64 {
-        self.bytes
     }
     fn released(&self) -> bool {
         self.released

@@ -39,8 +39,6 @@ pub trait Source {
     fn quant(&self, name: &str) -> Result<QuantMatrix>;
     /// How many scale groups per row a quantized weight has (known without reading it).
     fn quant_groups(&self, name: &str) -> Result<usize>;
-    /// Total bytes of the files behind it.
-    fn file_bytes(&self) -> u64;
     /// A released model (GLM-130B, ChatGLM-6B), or converted from one: its special token ids are
     /// fixed, and its tokenizer must produce them.
     fn released(&self) -> bool;
@@ -143,7 +141,6 @@ pub struct Flat {
     index: HashMap<String, usize>,
     /// A parameter read from another tensor (ChatGLM without `lm_head.weight`: the embedding).
     alias: HashMap<String, String>,
-    bytes: u64,
     released: bool,
 }
 
@@ -157,9 +154,7 @@ impl Flat {
         alias: HashMap<String, String>,
     ) -> Result<Self> {
         let mut index = HashMap::new();
-        let mut bytes = 0;
         for (i, s) in stores.iter().enumerate() {
-            bytes += std::fs::metadata(s.path()).map(|m| m.len()).unwrap_or(0);
             for n in s.names() {
                 if let Some(j) = index.insert(n.clone(), i) {
                     return Err(Error::Input(format!(
@@ -170,7 +165,7 @@ impl Flat {
                 }
             }
         }
-        let flat = Self { cfg, bits, what, stores, index, alias, bytes, released: false };
+        let flat = Self { cfg, bits, what, stores, index, alias, released: false };
         flat.verify()?;
         Ok(flat)
     }
@@ -301,9 +296,6 @@ impl Source for Flat {
         let sname = format!("{name}{SCALE_SUFFIX}");
         let (s, n) = self.locate(&sname)?;
         Ok(s.info(n).and_then(|i| i.shape.get(1).copied()).unwrap_or(1))
-    }
-    fn file_bytes(&self) -> u64 {
-        self.bytes
     }
     fn released(&self) -> bool {
         self.released
