@@ -341,6 +341,21 @@ def sat_glm_mask(B, T, prefix):  # True = blocked (GLM convention), as make_gold
     return m.unsqueeze(1) < 0.5
 
 
+def add_quantized_logits(io_t, model, n, fp16, quant):
+    """Stores case `n`'s INT4/INT8 logits and checks they differ from the fp16 ones by a small nonzero
+    amount; returns the differences for the manifest."""
+    rel = {}
+    for bits in (4, 8):
+        io_t[f"logits_int{bits}.{n}"] = quant[bits][n]
+        d = quant[bits][n] - fp16
+        rel[f"int{bits}"] = {"rel_l2": float(d.norm() / fp16.norm()), "max_abs": float(d.abs().max())}
+        log(f"{model} case {n}: int{bits} vs fp16 logits: rel L2 {rel[f'int{bits}']['rel_l2']:.4g}, "
+            f"max abs {rel[f'int{bits}']['max_abs']:.4g} (logits max abs {float(fp16.abs().max()):.4g})")
+        check(0 < rel[f"int{bits}"]["rel_l2"] < (0.25 if bits == 4 else 0.05),
+              f"{model} {n}: int{bits} logits differ from fp16 logits by a small nonzero amount")
+    return rel
+
+
 def sat_cases():
     import numpy as np
     c = GLM130B_CFG
@@ -452,15 +467,7 @@ def stage_sat_logits(ctx):
         io_t[f"position_ids.{n}"] = torch.tensor(c["position_ids"])
         io_t[f"prefix_len.{n}"] = torch.tensor(c["prefix_len"])
         io_t[f"logits.{n}"] = logits[n]
-        rel = {}
-        for bits in (4, 8):
-            io_t[f"logits_int{bits}.{n}"] = quant[bits][n]
-            d = quant[bits][n] - logits[n]
-            rel[f"int{bits}"] = {"rel_l2": float(d.norm() / logits[n].norm()), "max_abs": float(d.abs().max())}
-            log(f"sat case {n}: int{bits} vs fp16 logits: rel L2 {rel[f'int{bits}']['rel_l2']:.4g}, "
-                f"max abs {rel[f'int{bits}']['max_abs']:.4g} (logits max abs {float(logits[n].abs().max()):.4g})")
-            check(0 < rel[f"int{bits}"]["rel_l2"] < (0.25 if bits == 4 else 0.05),
-                  f"sat {n}: int{bits} logits differ from fp16 logits by a small nonzero amount")
+        rel = add_quantized_logits(io_t, "sat", n, logits[n], quant)
         summary.append({k: c[k] for k in ("name", "what", "input_ids", "position_ids", "prefix_len")} |
                        {"logits_shape": list(logits[n].shape), "quantized_vs_fp16": rel})
     save_safetensors(os.path.join(out, "sat.io.safetensors"), io_t)
@@ -643,15 +650,7 @@ def stage_chatglm(ctx):
         io_t[f"position_ids.{n}"] = pos
         io_t[f"prefix_len.{n}"] = torch.tensor(ctx_len)
         io_t[f"logits.{n}"] = logits[n]
-        rel = {}
-        for bits in (4, 8):
-            io_t[f"logits_int{bits}.{n}"] = quant[bits][n]
-            d = quant[bits][n] - logits[n]
-            rel[f"int{bits}"] = {"rel_l2": float(d.norm() / logits[n].norm()), "max_abs": float(d.abs().max())}
-            log(f"chatglm case {n}: int{bits} vs fp16 logits: rel L2 {rel[f'int{bits}']['rel_l2']:.4g}, max abs "
-                f"{rel[f'int{bits}']['max_abs']:.4g} (logits max abs {float(logits[n].abs().max()):.4g})")
-            check(0 < rel[f"int{bits}"]["rel_l2"] < (0.25 if bits == 4 else 0.05),
-                  f"chatglm {n}: int{bits} logits differ from fp16 logits by a small nonzero amount")
+        rel = add_quantized_logits(io_t, "chatglm", n, logits[n], quant)
         summary.append({"name": n, "what": c["what"], "input_ids": c["input_ids"], "position_ids": pos.tolist(),
                         "prefix_len": ctx_len, "logits_shape": list(logits[n].shape), "quantized_vs_fp16": rel})
     save_safetensors(os.path.join(out, "chatglm.io.safetensors"), io_t)
