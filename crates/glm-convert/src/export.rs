@@ -79,6 +79,38 @@ pub fn planned_bytes(src: &dyn Source, target: &Target) -> u64 {
         .sum()
 }
 
+/// Where tensor bytes go, in order: a torch file being written, or a safetensors file.
+trait Sink {
+    fn put(&mut self, data: &[u8]) -> Result<()>;
+}
+
+impl Sink for TorchWriter {
+    fn put(&mut self, data: &[u8]) -> Result<()> {
+        Ok(self.write(data)?)
+    }
+}
+
+impl Sink for SafetensorsWriter {
+    fn put(&mut self, data: &[u8]) -> Result<()> {
+        Ok(self.write(data)?)
+    }
+}
+
+/// Counts what is written and reports it to the progress callback.
+struct Meter<'p> {
+    bytes: u64,
+    progress: &'p mut dyn FnMut(u64),
+}
+
+impl Meter<'_> {
+    fn put(&mut self, w: &mut impl Sink, data: &[u8]) -> Result<()> {
+        w.put(data)?;
+        self.bytes += data.len() as u64;
+        (self.progress)(data.len() as u64);
+        Ok(())
+    }
+}
+
 /// A dense parameter's rows r0..r1 as `out` bytes (a quantized one dequantized).
 struct Rows<'a> {
     src: &'a dyn Source,
@@ -135,18 +167,15 @@ fn write_dense(
     let entries: Vec<(String, TorchDtype, Vec<usize>)> =
         table.iter().map(|p| Ok((p.name.clone(), out_dtype(p)?, p.shape.clone()))).collect::<Result<_>>()?;
     let mut w = SafetensorsWriter::create(path, &entries, &glm_metadata(src), true)?;
-    let mut bytes = 0;
+    let mut out = Meter { bytes: 0, progress };
     for (p, (_, dt, _)) in table.iter().zip(&entries) {
         let rows = Rows::new(src, p)?;
         for (a, b) in rows.blocks(0, p.shape[0])? {
-            let data = rows.read(a, b, *dt)?;
-            w.write(&data)?;
-            bytes += data.len() as u64;
-            progress(data.len() as u64);
+            out.put(&mut w, &rows.read(a, b, *dt)?)?;
         }
     }
     w.finish()?;
-    Ok(Report { tensors: table.len(), bytes })
+    Ok(Report { tensors: table.len(), bytes: out.bytes })
 }
 
 fn scale_bytes(q: &QuantMatrix) -> Vec<u8> {
@@ -212,13 +241,7 @@ fn write_quantized(src: &dyn Source, path: &Path, bits: Bits, progress: &mut dyn
     meta.insert("format".into(), glm_quant::checkpoint::FORMAT.into());
     meta.insert("bits".into(), bits.bits().to_string());
     let mut w = SafetensorsWriter::create(path, &entries, &meta, true)?;
-    let mut bytes = 0u64;
-    let mut put = |w: &mut SafetensorsWriter, data: &[u8]| -> Result<()> {
-        w.write(data)?;
-        bytes += data.len() as u64;
-        progress(data.len() as u64);
-        Ok(())
-    };
+    let mut out = Meter { bytes: 0, progress };
     for p in &table {
         if p.kind.quantizable() {
             let q = if src.bits().is_some() {
@@ -232,17 +255,17 @@ fn write_quantized(src: &dyn Source, path: &Path, bits: Bits, progress: &mut dyn
                     QuantMatrix::quantize(&v, p.shape[0], p.shape[1], bits)?
                 }
             };
-            put(&mut w, &data_bytes(&q))?;
-            put(&mut w, &scale_bytes(&q))?;
+            out.put(&mut w, &data_bytes(&q))?;
+            out.put(&mut w, &scale_bytes(&q))?;
         } else {
             let rows = Rows::new(src, p)?;
             for (a, b) in rows.blocks(0, p.shape[0])? {
-                put(&mut w, &rows.read(a, b, TorchDtype::F16)?)?;
+                out.put(&mut w, &rows.read(a, b, TorchDtype::F16)?)?;
             }
         }
     }
     w.finish()?;
-    Ok(Report { tensors: entries.len(), bytes })
+    Ok(Report { tensors: entries.len(), bytes: out.bytes })
 }
 
 fn write_sat(
@@ -348,13 +371,7 @@ fn write_sat_ranks(
             TorchWriter::create(&iter_dir.join(&name), &stem, &["module"], entries.clone())
         })
         .collect::<std::result::Result<_, _>>()?;
-    let mut bytes = 0u64;
-    let mut put = |w: &mut TorchWriter, data: &[u8]| -> Result<()> {
-        w.write(data)?;
-        bytes += data.len() as u64;
-        progress(data.len() as u64);
-        Ok(())
-    };
+    let mut out = Meter { bytes: 0, progress };
     for p in &table {
         let split = split_of(cfg, &p.name);
         if quantized(p) {
@@ -363,8 +380,8 @@ fn write_sat_ranks(
                 let q = src.quant(&p.name)?;
                 for (k, w) in writers.iter_mut().enumerate() {
                     let r = rank_quant(cfg, &p.name, &q, tp, k)?;
-                    put(w, &data_bytes(&r))?;
-                    put(w, &scale_bytes(&r))?;
+                    out.put(w, &data_bytes(&r))?;
+                    out.put(w, &scale_bytes(&r))?;
                 }
             } else {
                 // convert_tp.py: split the fp16 weight, then quantize each rank's slice.
@@ -373,8 +390,8 @@ fn write_sat_ranks(
                 for (k, w) in writers.iter_mut().enumerate() {
                     let (slice, r, c) = rank_slice_f32(split, &whole, &p.shape, tp, k);
                     let q = quantize_like_glm130b(&slice, r, c, b)?;
-                    put(w, &data_bytes(&q))?;
-                    put(w, &scale_bytes(&q))?;
+                    out.put(w, &data_bytes(&q))?;
+                    out.put(w, &scale_bytes(&q))?;
                 }
             }
             continue;
@@ -385,7 +402,7 @@ fn write_sat_ranks(
                 for (a, b) in rows.blocks(0, p.shape[0])? {
                     let data = rows.read(a, b, TorchDtype::F16)?;
                     for w in writers.iter_mut() {
-                        put(w, &data)?;
+                        out.put(w, &data)?;
                     }
                 }
             }
@@ -393,7 +410,7 @@ fn write_sat_ranks(
                 for (k, w) in writers.iter_mut().enumerate() {
                     for (ra, rb) in rank_rows(split, p.shape[0], tp, k) {
                         for (a, b) in rows.blocks(ra, rb)? {
-                            put(w, &rows.read(a, b, TorchDtype::F16)?)?;
+                            out.put(w, &rows.read(a, b, TorchDtype::F16)?)?;
                         }
                     }
                 }
@@ -405,7 +422,7 @@ fn write_sat_ranks(
                     for (k, w) in writers.iter_mut().enumerate() {
                         let piece: Vec<u8> =
                             data.chunks_exact(cb * tp).flat_map(|row| &row[k * cb..(k + 1) * cb]).copied().collect();
-                        put(w, &piece)?;
+                        out.put(w, &piece)?;
                     }
                 }
             }
@@ -415,7 +432,7 @@ fn write_sat_ranks(
     for w in writers {
         w.finish()?;
     }
-    Ok(Report { tensors, bytes })
+    Ok(Report { tensors, bytes: out.bytes })
 }
 
 /// Rank `k`'s piece of a whole f32 matrix: (values, rows, cols).
