@@ -132,7 +132,7 @@ fn timing(step_s: f64, fwd_bwd_s: f64, clip_s: f64, adamw_s: f64, loss: f64, tok
 /// Our training step, as `glm train` runs it (f32, one micro-batch, no loss scaling).
 fn glm_steps(cfg: &Config, o: &TrainBenchArgs, oc: &OptimConfig, fpt: f64) -> Result<StepTiming> {
     let params = Params::new(cfg, &init_weights(cfg, 0, &Device::Cpu)?, DType::F32, &Device::Cpu)?;
-    let model = params.model(cfg)?;
+    let model = params.model(cfg, None)?;
     let adamw = AdamWConfig { beta1: oc.beta1, beta2: oc.beta2, eps: oc.eps, weight_decay: oc.weight_decay };
     let mut opt = AdamW::new(adamw, &params.master, oc.fused)?;
     let batches = [gmask_batch(cfg, o.batch, o.seq)];
@@ -141,7 +141,7 @@ fn glm_steps(cfg: &Config, o: &TrainBenchArgs, oc: &OptimConfig, fpt: f64) -> Re
     let mut runs = Vec::with_capacity(o.steps);
     for i in 0..o.warmup + o.steps {
         let t0 = Instant::now();
-        let g = forward_backward(&model, &params, &batches, &train, 1.0, None)?;
+        let g = forward_backward(&model, &params, &batches, &train, 1.0, None, (0, 1))?;
         let t1 = Instant::now();
         let (norm, _) = grad_norms(&g.grads, &params, 1.0)?;
         let coef = if oc.clip_grad > 0.0 && norm > oc.clip_grad { oc.clip_grad / (norm + 1e-6) } else { 1.0 };

@@ -14,10 +14,10 @@ use glm_model::Config;
 use glm_quant::{pack_nibbles, Bits, QuantMatrix};
 use half::f16;
 
-use crate::layout::{check_tp, rank_rows, rank_shape, split_of, Split};
 use crate::sat::{model_config_json, rank_file, rank_quant, LATEST, MODEL_CONFIG};
 use crate::source::{convert_bytes, glm_metadata, is_quant, packed_shape, to_f32, Source, SCALE_SUFFIX};
 use crate::{Error, Result};
+use glm_dist::split::{check_tp, rank_rows, rank_shape, split_of, Split};
 
 /// Rows are read this many bytes at a time: peak memory is a few blocks, whatever the model.
 const BLOCK_BYTES: usize = 16 << 20;

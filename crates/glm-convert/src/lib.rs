@@ -6,7 +6,7 @@
 //! layouts) and our own files, as one [`Source`]: the model's parameters, checked in full before
 //! any is read, readable a block of rows at a time. Writes our safetensors (dense or quantized) and
 //! SAT folders at any degree ([`export`]), and loads a `Glm` from any source ([`load_model`]).
-//! Weights are merged and split with GLM-130B's `tools/convert_tp.py` rules ([`layout`]);
+//! Weights are merged and split with GLM-130B's `tools/convert_tp.py` rules ([`glm_dist::split`]);
 //! quantized ones are never re-quantized (a row-parallel weight keeps a scale per rank slice).
 //! [`check`] reports what a downloaded folder holds, without loading it.
 //!
@@ -16,7 +16,6 @@
 pub mod check;
 pub mod export;
 pub mod hf;
-pub mod layout;
 pub mod sat;
 pub mod source;
 
@@ -35,6 +34,8 @@ pub enum Error {
     Model(#[from] glm_model::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Dist(#[from] glm_dist::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -18,9 +18,9 @@ use glm_model::weights::{param_table, ATTENTION, LAYERS, QKV, TRANSFORMER, WORD_
 use glm_model::{Config, SpecialTokens};
 use glm_quant::{Bits, QuantMatrix};
 
-use crate::layout::{check_tp, ignored, rank_rows, rank_shape, row_pieces, split_of, Split};
 use crate::source::{check_tensor, packed_shape, quant_from_parts, Source, SCALE_SUFFIX};
 use crate::{Error, Result};
+use glm_dist::split::{check_tp, ignored, rank_rows, rank_shape, row_pieces, split_of, Split};
 
 pub const LATEST: &str = "latest";
 /// Written beside `latest` by `glm convert --to sat`: SAT's own model arguments plus our config.

@@ -19,8 +19,8 @@ use glm_model::{Config, Glm};
 use glm_quant::{Bits, QuantFactory, QuantMatrix};
 use half::f16;
 
-use crate::layout::ignored;
 use crate::{Error, Result};
+use glm_dist::split::ignored;
 
 pub const SCALE_SUFFIX: &str = "_scale";
 

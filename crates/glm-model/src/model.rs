@@ -13,7 +13,10 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use glm_checkpoint::Checkpoint;
-use glm_nn::{AttnLayout, LayerNorm, Linear, LinearFactory, LinearSpec, ParallelRole, Rope};
+use std::sync::Arc;
+
+use glm_nn::dropout::HeadSlice;
+use glm_nn::{AttnLayout, LayerNorm, Linear, LinearFactory, LinearSpec, ParallelRole, Rope, VocabTable};
 use rayon::prelude::*;
 
 use crate::cache::{KvCache, LayerKv};
@@ -89,11 +92,20 @@ pub struct TrainOptions {
 }
 
 impl<'a> Step<'a> {
-    /// Dropout at one site of one layer (identity at inference or with p = 0).
-    fn dropout(&self, x: Tensor, layer: usize, site: u64, pick: fn(&TrainOptions) -> f32) -> Result<Tensor> {
+    /// Dropout at one site of one layer (identity at inference or with p = 0). `heads`: x is
+    /// (B, n, ..) holding that block of the heads (tensor parallel), masked as in the full tensor.
+    fn dropout(
+        &self,
+        x: Tensor,
+        layer: usize,
+        site: u64,
+        pick: fn(&TrainOptions) -> f32,
+        heads: Option<HeadSlice>,
+    ) -> Result<Tensor> {
         match self.train {
             Some(t) if pick(t) > 0.0 => {
-                Ok(glm_nn::dropout(&x, pick(t), glm_nn::dropout::site_seed(&[t.seed, layer as u64, site]))?)
+                let seed = glm_nn::dropout::site_seed(&[t.seed, layer as u64, site]);
+                Ok(glm_nn::dropout::dropout_heads(&x, pick(t), seed, heads)?)
             }
             _ => Ok(x),
         }
@@ -103,7 +115,9 @@ impl<'a> Step<'a> {
 struct Attention {
     query_key_value: Box<dyn Linear>,
     dense: Box<dyn Linear>,
+    /// The heads this rank computes: all of them, or a block under tensor parallelism.
     num_heads: usize,
+    heads: HeadSlice,
     head_dim: usize,
 }
 
@@ -111,12 +125,15 @@ impl Attention {
     fn new(cfg: &Config, vb: &VarBuilder, lin: &dyn LinearFactory) -> Result<Self> {
         let h = cfg.hidden_size;
         let spec = |name, out_dim, role| LinearSpec { name, in_dim: h, out_dim, bias: true, role };
+        let (rank, ranks) = lin.tp();
+        let local = cfg.num_heads / ranks.max(1);
         Ok(Self {
             // One column chunk: heads are contiguous [q|k|v] blocks of 3D rows, so a rank's slice
             // of rows holds whole heads.
             query_key_value: lin.make(vb, spec(QKV, 3 * h, ParallelRole::Column { chunks: 1 }))?,
             dense: lin.make(vb, spec(DENSE, h, ParallelRole::Row))?,
-            num_heads: cfg.num_heads,
+            num_heads: local,
+            heads: HeadSlice { offset: rank * local, total: cfg.num_heads },
             head_dim: cfg.head_dim(),
         })
     }
@@ -138,7 +155,7 @@ impl Attention {
             step.parts.iter().zip(slots.iter_mut()).map(one).collect::<Result<_>>()?
         };
         let ctx = if ctx.len() == 1 { ctx.remove(0) } else { Tensor::cat(&ctx, 1)? }; // (B, T, H)
-        step.dropout(self.dense.forward(&ctx)?, layer, 1, |t| t.hidden_dropout)
+        step.dropout(self.dense.forward(&ctx)?, layer, 1, |t| t.hidden_dropout, None)
     }
 
     /// softmax(rope(q) rope(k)ᵀ / sqrt(D) + mask) v for one part: qkv (B, T, N, 3D) -> (B, T, H).
@@ -162,7 +179,7 @@ impl Attention {
         let scores = glm_nn::blas::matmul(&q, &k, true)?; // q kᵀ, (B, N, T, T_k)
                                                           // Softmax in f32 whatever the activation dtype.
         let probs = glm_nn::masked_softmax(&scores.to_dtype(DType::F32)?, &part.mask)?;
-        let probs = step.dropout(probs, layer, 0, |t| t.attention_dropout)?.to_dtype(v.dtype())?;
+        let probs = step.dropout(probs, layer, 0, |t| t.attention_dropout, Some(self.heads))?.to_dtype(v.dtype())?;
         let ctx = glm_nn::blas::matmul(&probs, &v, false)?; // (B, N, T, D)
         Ok(ctx.transpose(1, 2)?.reshape((b, t, n * d))?)
     }
@@ -223,17 +240,19 @@ impl Block {
         let a = self.input_layernorm.forward(x)?;
         let y = ((&a * self.alpha)? + self.attention.forward(&a, step, layer, slots)?)?;
         let m = self.post_attention_layernorm.forward(&y)?;
-        let ffn = step.dropout(self.mlp.forward(&m)?, layer, 2, |t| t.hidden_dropout)?;
+        let ffn = step.dropout(self.mlp.forward(&m)?, layer, 2, |t| t.hidden_dropout, None)?;
         Ok(((&m * self.alpha)? + ffn)?)
     }
 }
 
 pub struct Glm {
     cfg: Config,
-    word_embeddings: Tensor, // (V, H)
+    /// The word embeddings (V, H), or this rank's rows of them.
+    embedding: Arc<dyn VocabTable>,
     layers: Vec<Block>,
     final_layernorm: LayerNorm,
-    lm_head: Option<Tensor>, // (V, H), only when untied
+    /// The output head: the embedding table itself when tied, `lm_head` otherwise.
+    head: Arc<dyn VocabTable>,
     rope: Rope,
 }
 
@@ -245,12 +264,13 @@ impl Glm {
         let tf = vb.pp(TRANSFORMER);
         let layers =
             (0..cfg.num_layers).map(|i| Block::new(cfg, tf.pp(LAYERS).pp(i), lin)).collect::<Result<Vec<_>>>()?;
+        let embedding = lin.vocab(&tf, WORD_EMBEDDINGS, v, h)?;
         Ok(Self {
             cfg: cfg.clone(),
-            word_embeddings: tf.pp(WORD_EMBEDDINGS).get((v, h), "weight")?,
+            head: if cfg.tie_word_embeddings { embedding.clone() } else { lin.vocab(&vb, LM_HEAD, v, h)? },
+            embedding,
             layers,
             final_layernorm: LayerNorm::load(tf.pp(FINAL_LAYERNORM), h, cfg.layernorm_eps)?,
-            lm_head: if cfg.tie_word_embeddings { None } else { Some(vb.pp(LM_HEAD).get((v, h), "weight")?) },
             rope: match Rope::new(cfg.head_dim(), cfg.rope_parts(), cfg.rope_base, vb.device())? {
                 rope if cfg.rope_f16_inv_freq => rope.with_f16_inv_freq()?,
                 rope => rope,
@@ -277,11 +297,11 @@ impl Glm {
     }
 
     pub fn device(&self) -> &Device {
-        self.word_embeddings.device()
+        self.embedding.weight().device()
     }
 
     pub fn dtype(&self) -> DType {
-        self.word_embeddings.dtype()
+        self.embedding.weight().dtype()
     }
 
     /// Logits [B, T, V] for tokens `ids` [B, T] at `positions` ([B, T], or [B, 2, T] for 2-D RoPE),
@@ -334,7 +354,7 @@ impl Glm {
             last.push((ids.len() - 1) as u32);
         }
         let dev = self.device();
-        let x = self.word_embeddings.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?.unsqueeze(0)?; // (1, T, H)
+        let x = self.embedding.embed(&Tensor::new(ids.as_slice(), dev)?)?.unsqueeze(0)?; // (1, T, H)
         let mut caches: Vec<Option<&mut KvCache>> = seqs.iter_mut().map(|s| Some(&mut *s.cache)).collect();
         let step = Step { rope: &self.rope, parts, train: None };
         self.stack(x, &step, &mut caches, Some(&Tensor::new(last, dev)?))
@@ -344,7 +364,7 @@ impl Glm {
     /// [`Glm::advance`] runs the layers.
     pub fn begin(&self, seq: &mut Sequence) -> Result<Partial> {
         let part = self.sequence_part(0, seq, 0)?;
-        let x = self.word_embeddings.index_select(&Tensor::new(seq.ids, self.device())?, 0)?.unsqueeze(0)?;
+        let x = self.embedding.embed(&Tensor::new(seq.ids, self.device())?)?.unsqueeze(0)?;
         Ok(Partial { x, part, next: 0 })
     }
 
@@ -398,7 +418,7 @@ impl Glm {
             None => 0,
         };
         let step = Step { rope: &self.rope, parts: vec![self.part(0, t, positions, layout, past)?], train };
-        let mut x = self.word_embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))?; // (B, T, H)
+        let mut x = self.embedding.embed(&ids.flatten_all()?)?.reshape((b, t, ()))?; // (B, T, H)
         if let Some(alpha) = train.map(|t| t.egs_alpha).filter(|a| *a != 1.0) {
             x = ((&x * alpha)? + (x.detach() * (1.0 - alpha))?)?; // EGS: same value, gradient scaled by alpha
         }
@@ -443,6 +463,18 @@ impl Glm {
         Ok(x)
     }
 
+    /// Mean cross entropy (f32) of logits from this model against `targets` (`IGNORE_INDEX` skipped).
+    /// Under tensor parallelism the logits are this rank's vocabulary columns and the loss is
+    /// computed across ranks without gathering them.
+    pub fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(self.head.cross_entropy(logits, targets)?)
+    }
+
+    /// (start, end, total): the vocabulary columns of the logits this model returns.
+    pub fn vocab_rows(&self) -> (usize, usize, usize) {
+        self.head.rows()
+    }
+
     /// The final LayerNorm and the head: logits (B, T, V), or (N, V) at `rows` of the flattened
     /// positions.
     fn head(&self, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
@@ -451,8 +483,7 @@ impl Glm {
         if let Some(r) = rows {
             out = out.reshape((b * t, ()))?.index_select(r, 0)?; // (N, H)
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.word_embeddings);
-        Ok(glm_nn::linear::linear_nd(&out, head, None)?) // (B, T, V) or (N, V)
+        Ok(self.head.logits(&out)?) // (B, T, V) or (N, V); V/tp columns under tensor parallelism
     }
 
     fn check_inputs(&self, ids: &Tensor, positions: &Tensor, layout: &AttnLayout) -> Result<(usize, usize)> {

@@ -19,7 +19,7 @@ pub mod rope;
 pub use dropout::dropout;
 pub use kernels::{layer_norm, masked_softmax};
 pub use layout::{AttnLayout, Segment};
-pub use linear::{DenseFactory, Linear, LinearFactory, LinearSpec, ParallelRole};
+pub use linear::{DenseFactory, DenseVocab, Linear, LinearFactory, LinearSpec, ParallelRole, VocabTable};
 pub use loss::{cross_entropy, IGNORE_INDEX};
 pub use norm::LayerNorm;
 pub use rope::Rope;

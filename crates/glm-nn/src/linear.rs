@@ -2,6 +2,8 @@
 //! for a linear of a given shape and parallel role. The dense factory here loads `[out, in]` weights;
 //! INT8/INT4 and tensor-parallel factories implement the same trait, so there is one model for all.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -33,6 +35,63 @@ impl<T: Module + Send + Sync> Linear for T {}
 
 pub trait LinearFactory: Send + Sync {
     fn make(&self, vb: &VarBuilder, spec: LinearSpec) -> Result<Box<dyn Linear>>;
+
+    /// The vocabulary table named `name` under `vb` (`[vocab, hidden]` rows): the word embeddings,
+    /// and the output head (the same table when tied). Dense by default; a tensor-parallel factory
+    /// gives each rank a contiguous block of rows.
+    fn vocab(&self, vb: &VarBuilder, name: &str, vocab: usize, hidden: usize) -> Result<Arc<dyn VocabTable>> {
+        Ok(Arc::new(DenseVocab { weight: vb.pp(name).get((vocab, hidden), "weight")? }))
+    }
+
+    /// (rank, size) of the tensor-parallel group the layers are split over: a `Column` linear
+    /// yields rank `rank`'s `1/size` of the output features (whole heads), a `Row` linear takes that
+    /// slice of the input.
+    fn tp(&self) -> (usize, usize) {
+        (0, 1)
+    }
+}
+
+/// The vocabulary rows of the model: embedding lookups in, logits out, and the loss on those
+/// logits. Under tensor parallelism a rank holds rows `start..end` of `total` and its logits cover
+/// only those: the loss is then computed without ever gathering the full logits.
+pub trait VocabTable: Send + Sync {
+    /// Embeddings (N, H) of token ids (N), every id of the full vocabulary.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor>;
+    /// Logits (.., end - start) of hidden states (.., H).
+    fn logits(&self, x: &Tensor) -> Result<Tensor>;
+    /// (start, end, total): the vocabulary rows this table's logits cover.
+    fn rows(&self) -> (usize, usize, usize);
+    /// This rank's rows of the table, (end - start, H).
+    fn weight(&self) -> &Tensor;
+    /// Mean cross entropy (f32) of `logits` from [`VocabTable::logits`] against targets (`IGNORE_INDEX`
+    /// rows skipped).
+    fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        crate::loss::cross_entropy(logits, targets)
+    }
+}
+
+/// The whole table on one rank.
+pub struct DenseVocab {
+    pub weight: Tensor, // (V, H)
+}
+
+impl VocabTable for DenseVocab {
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.weight.index_select(ids, 0)
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        linear_nd(x, &self.weight, None)
+    }
+
+    fn rows(&self) -> (usize, usize, usize) {
+        let v = self.weight.dims().first().copied().unwrap_or(0);
+        (0, v, v)
+    }
+
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 /// Full-precision, unsharded weights: `weight [out, in]`, `bias [out]`.

@@ -7,6 +7,14 @@
 //!   interventions, the model config and the training-config hash,
 //! - `manifest.json`, written last: each file's size and CRC-32.
 //!
+//! A tensor-parallel run of degree N writes `model-tpKK-of-NN.safetensors` and
+//! `optimizer-tpKK-of-NN.safetensors` per TP rank instead (each rank's shards, cut by
+//! `glm_dist::split`), and the manifest records N. Every rank writes its own files into the
+//! temporary directory; after a barrier the first rank writes the state and the manifest and
+//! renames the directory: a crash anywhere before that leaves the previous checkpoint the latest.
+//! Loading at another degree merges and re-splits in memory, so a run resumes on any TP degree
+//! (`glm reshard` rewrites the files).
+//!
 //! A checkpoint is written into `.tmp-step-N/`, every file fsynced, then the directory is renamed
 //! into place and the parent fsynced: a crash leaves either the whole checkpoint or none. Loading
 //! checks the manifest first, so a truncated or corrupted file is reported and the previous
@@ -20,7 +28,14 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use glm_dist::split::split_of;
+
 use crate::{Error, Result};
+
+/// The parameter a checkpoint tensor belongs to (`exp_avg.NAME` and `exp_avg_sq.NAME` are NAME's moments).
+fn param_name(name: &str) -> &str {
+    name.strip_prefix("exp_avg_sq.").or_else(|| name.strip_prefix("exp_avg.")).unwrap_or(name)
+}
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -39,7 +54,31 @@ struct Manifest {
     format: String,
     version: u32,
     step: u64,
+    /// The tensor-parallel degree of the weight files (1: `model.safetensors`).
+    #[serde(default = "one")]
+    tp: usize,
     files: BTreeMap<String, FileSum>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The file of `base` (`model.safetensors`, `optimizer.safetensors`) TP rank `k` of `tp` writes.
+pub fn shard_file(base: &str, k: usize, tp: usize) -> String {
+    if tp <= 1 {
+        return base.to_string();
+    }
+    let stem = base.strip_suffix(".safetensors").unwrap_or(base);
+    format!("{stem}-tp{k:02}-of-{tp:02}.safetensors")
+}
+
+/// The tensor-parallel degree a checkpoint's weights were written at (from its manifest).
+pub fn checkpoint_tp(dir: &Path) -> Result<usize> {
+    let mp = dir.join(MANIFEST_FILE);
+    let text = fs::read(&mp).map_err(|e| ctx(&mp, "no readable manifest (incomplete checkpoint?)", e))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| ctx(&mp, "corrupt manifest", e))?;
+    Ok(m.tp.max(1))
 }
 
 fn ctx(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
@@ -75,6 +114,16 @@ fn sync_dir(path: &Path) -> Result<()> {
         }
         Err(e) => Err(ctx(path, "cannot open directory", e)),
     }
+}
+
+/// The manifest of the files in `tmp`, written last and synced with the directory.
+fn write_manifest(tmp: &Path, step: u64, tp: usize, files: BTreeMap<String, FileSum>) -> Result<()> {
+    let manifest = Manifest { format: FORMAT.into(), version: 1, step, tp, files };
+    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| ctx(tmp, "manifest", e))?;
+    let p = tmp.join(MANIFEST_FILE);
+    fs::write(&p, text).map_err(|e| ctx(&p, "cannot write", e))?;
+    sync_file(&p)?;
+    sync_dir(tmp)
 }
 
 /// The checkpoints of one run.
@@ -144,21 +193,7 @@ impl Checkpoints {
         fs::write(&p, state).map_err(|e| ctx(&p, "cannot write", e))?;
         sync_file(&p)?;
         files.insert(STATE_FILE.to_string(), checksum(&p)?);
-        let manifest = Manifest { format: FORMAT.into(), version: 1, step, files };
-        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| ctx(&tmp, "manifest", e))?;
-        let p = tmp.join(MANIFEST_FILE);
-        fs::write(&p, text).map_err(|e| ctx(&p, "cannot write", e))?;
-        sync_file(&p)?;
-        sync_dir(&tmp)?;
-        let dst = self.dir(step);
-        if dst.exists() {
-            // Re-saving a step (after a rollback): the old copy goes first.
-            fs::remove_dir_all(&dst).map_err(|e| ctx(&dst, "cannot replace", e))?;
-        }
-        fs::rename(&tmp, &dst).map_err(|e| ctx(&dst, "cannot rename into place", e))?;
-        sync_dir(&self.root)?;
-        self.prune(keep)?;
-        Ok(dst)
+        self.finish(step, &tmp, files, 1, keep)
     }
 
     fn prune(&self, keep: usize) -> Result<()> {
@@ -177,7 +212,12 @@ impl Checkpoints {
         if m.format != FORMAT {
             return Err(ctx(&mp, "not a training checkpoint", &m.format));
         }
-        for want in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        let mut wanted = vec![STATE_FILE.to_string()];
+        for k in 0..m.tp.max(1) {
+            wanted.push(shard_file(MODEL_FILE, k, m.tp));
+            wanted.push(shard_file(OPTIMIZER_FILE, k, m.tp));
+        }
+        for want in &wanted {
             let Some(sum) = m.files.get(want) else {
                 return Err(ctx(&mp, "manifest does not list", want));
             };
@@ -212,6 +252,171 @@ impl Checkpoints {
     pub fn load_tensors(dir: &Path, file: &str) -> Result<HashMap<String, Tensor>> {
         let p = dir.join(file);
         candle_core::safetensors::load(&p, &candle_core::Device::Cpu).map_err(|e| ctx(&p, "cannot load", e))
+    }
+
+    /// TP rank `tp.0` of `tp.1`'s shards of the tensors of `base` (`MODEL_FILE` or `OPTIMIZER_FILE`)
+    /// of a verified checkpoint written at any degree: its own file when the degrees agree, else
+    /// the full tensors merged from every file and cut again. Moments `exp_avg.NAME` are cut like NAME.
+    pub fn load_shard(
+        dir: &Path,
+        base: &str,
+        cfg: &glm_model::Config,
+        tp: (usize, usize),
+    ) -> Result<HashMap<String, Tensor>> {
+        let saved = checkpoint_tp(dir)?;
+        if saved == tp.1 {
+            return Self::load_tensors(dir, &shard_file(base, tp.0, tp.1));
+        }
+        let full = Self::load_full(dir, base, cfg)?;
+        let mut out = HashMap::with_capacity(full.len());
+        for (name, t) in full {
+            let split = split_of(cfg, param_name(&name));
+            let s = glm_dist::split::shard(&t, split, tp.1, tp.0).map_err(|e| ctx(dir, &name, e))?;
+            out.insert(name, s);
+        }
+        Ok(out)
+    }
+
+    /// The full (unsharded) tensors of `base`, merged from the checkpoint's TP files.
+    pub fn load_full(dir: &Path, base: &str, cfg: &glm_model::Config) -> Result<HashMap<String, Tensor>> {
+        let saved = checkpoint_tp(dir)?;
+        let mut parts: Vec<HashMap<String, Tensor>> =
+            (0..saved).map(|k| Self::load_tensors(dir, &shard_file(base, k, saved))).collect::<Result<_>>()?;
+        if saved == 1 {
+            return Ok(parts.remove(0));
+        }
+        let names: Vec<String> = parts[0].keys().cloned().collect();
+        let mut out = HashMap::with_capacity(names.len());
+        for name in names {
+            let pieces = parts
+                .iter_mut()
+                .enumerate()
+                .map(|(k, p)| {
+                    p.remove(&name).ok_or_else(|| ctx(dir, &shard_file(base, k, saved), format!("lacks {name}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let split = split_of(cfg, param_name(&name));
+            let t = glm_dist::split::merge(&pieces, split).map_err(|e| ctx(dir, &name, e))?;
+            out.insert(name, t);
+        }
+        Ok(out)
+    }
+
+    /// `save` by every rank of a distributed run: `writer`s (one per TP rank) write their shards,
+    /// the world's first rank the state and the manifest, last. Collective over `world`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn save_sharded(
+        &self,
+        step: u64,
+        model: &HashMap<String, Tensor>,
+        optimizer: &HashMap<String, Tensor>,
+        state: &[u8],
+        keep: usize,
+        world: &dyn glm_dist::Communicator,
+        tp: (usize, usize),
+        writer: bool,
+    ) -> Result<PathBuf> {
+        let main = world.rank() == 0;
+        let sync =
+            |what: &str| world.barrier().map_err(|e| Error::Checkpoint(format!("saving step {step}: {what}: {e}")));
+        let tmp = self.root.join(format!(".tmp-step-{step:08}"));
+        if main {
+            fs::create_dir_all(&self.root).map_err(|e| ctx(&self.root, "cannot create", e))?;
+            if tmp.exists() {
+                fs::remove_dir_all(&tmp).map_err(|e| ctx(&tmp, "cannot remove a stale temporary", e))?;
+            }
+            fs::create_dir_all(&tmp).map_err(|e| ctx(&tmp, "cannot create", e))?;
+        }
+        sync("waiting for the directory")?;
+        if writer {
+            for (base, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
+                let p = tmp.join(shard_file(base, tp.0, tp.1));
+                candle_core::safetensors::save(tensors, &p).map_err(|e| ctx(&p, "cannot write", e))?;
+                sync_file(&p)?;
+            }
+        }
+        sync("waiting for every rank's shards")?;
+        let dst = self.dir(step);
+        if main {
+            let p = tmp.join(STATE_FILE);
+            fs::write(&p, state).map_err(|e| ctx(&p, "cannot write", e))?;
+            sync_file(&p)?;
+            let mut files = BTreeMap::new();
+            files.insert(STATE_FILE.to_string(), checksum(&p)?);
+            for k in 0..tp.1 {
+                for base in [MODEL_FILE, OPTIMIZER_FILE] {
+                    let name = shard_file(base, k, tp.1);
+                    files.insert(name.clone(), checksum(&tmp.join(&name))?);
+                }
+            }
+            self.finish(step, &tmp, files, tp.1, keep)?;
+        }
+        sync("waiting for the manifest")?;
+        Ok(dst)
+    }
+
+    /// `src` (a checkpoint at any tensor-parallel degree) rewritten at degree `tp` into the
+    /// checkpoint directory `dst` (atomically; `tp` 1 is the single-file layout that `glm` inference
+    /// reads). Tensors are copied, never recomputed: a round trip is bit for bit.
+    pub fn reshard(src: &Path, dst: &Path, cfg: &glm_model::Config, tp: usize) -> Result<()> {
+        Self::verify(src)?;
+        if dst.exists() {
+            return Err(ctx(dst, "already exists", "choose another output or remove it"));
+        }
+        glm_dist::split::check_tp(cfg, tp).map_err(|e| Error::Config(e.to_string()))?;
+        let text = fs::read(src.join(MANIFEST_FILE)).map_err(|e| ctx(src, "cannot read the manifest", e))?;
+        let m: Manifest = serde_json::from_slice(&text).map_err(|e| ctx(src, "corrupt manifest", e))?;
+        let parent = dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = dst.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "resharded".into());
+        let tmp = parent.join(format!(".tmp-{name}"));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| ctx(&tmp, "cannot remove a stale temporary", e))?;
+        }
+        fs::create_dir_all(&tmp).map_err(|e| ctx(&tmp, "cannot create", e))?;
+        let mut files = BTreeMap::new();
+        for base in [MODEL_FILE, OPTIMIZER_FILE] {
+            let full = Self::load_full(src, base, cfg)?;
+            for k in 0..tp {
+                let mut part = HashMap::with_capacity(full.len());
+                for (n, t) in &full {
+                    let split = split_of(cfg, param_name(n));
+                    part.insert(n.clone(), glm_dist::split::shard(t, split, tp, k).map_err(|e| ctx(src, n, e))?);
+                }
+                let file = shard_file(base, k, tp);
+                let p = tmp.join(&file);
+                candle_core::safetensors::save(&part, &p).map_err(|e| ctx(&p, "cannot write", e))?;
+                sync_file(&p)?;
+                files.insert(file, checksum(&p)?);
+            }
+        }
+        let state = tmp.join(STATE_FILE);
+        fs::copy(src.join(STATE_FILE), &state).map_err(|e| ctx(&state, "cannot write", e))?;
+        sync_file(&state)?;
+        files.insert(STATE_FILE.to_string(), checksum(&state)?);
+        write_manifest(&tmp, m.step, tp, files)?;
+        fs::rename(&tmp, dst).map_err(|e| ctx(dst, "cannot rename into place", e))?;
+        sync_dir(parent)
+    }
+
+    /// Writes the manifest, renames `tmp` into place and prunes.
+    fn finish(
+        &self,
+        step: u64,
+        tmp: &Path,
+        files: BTreeMap<String, FileSum>,
+        tp: usize,
+        keep: usize,
+    ) -> Result<PathBuf> {
+        write_manifest(tmp, step, tp, files)?;
+        let dst = self.dir(step);
+        if dst.exists() {
+            // Re-saving a step (after a rollback): the old copy goes first.
+            fs::remove_dir_all(&dst).map_err(|e| ctx(&dst, "cannot replace", e))?;
+        }
+        fs::rename(tmp, &dst).map_err(|e| ctx(&dst, "cannot rename into place", e))?;
+        sync_dir(&self.root)?;
+        self.prune(keep)?;
+        Ok(dst)
     }
 
     pub fn load_state(dir: &Path) -> Result<Vec<u8>> {

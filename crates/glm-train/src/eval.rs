@@ -99,7 +99,7 @@ impl Validation {
             let (ids, pos, targets, layout) = b.tensors(dev)?;
             let logits = model.forward(&ids, &pos, &layout, None)?.to_dtype(DType::F32)?;
             let scored = crate::step::scored(b);
-            sum += glm_nn::cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64 * scored as f64;
+            sum += model.cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64 * scored as f64;
             count += scored;
             for r in &b.rows {
                 uni += r.targets.iter().filter(|&&t| t >= 0).map(|&t| self.unigram[t as usize]).sum::<f64>();

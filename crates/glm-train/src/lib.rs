@@ -12,6 +12,7 @@
 
 pub mod ckpt;
 pub mod config;
+pub mod dist;
 pub mod eval;
 pub mod metrics;
 pub mod monitor;
@@ -38,6 +39,9 @@ pub enum Error {
     Diverged(String),
     #[error("{0}")]
     Io(String),
+    /// A collective failed or a peer rank is gone.
+    #[error("distributed: {0}")]
+    Dist(String),
     #[error(transparent)]
     Model(#[from] glm_model::Error),
     #[error(transparent)]

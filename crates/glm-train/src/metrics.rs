@@ -20,7 +20,8 @@ pub const PLOTS: &str = "plots.svg";
 
 struct Log {
     path: PathBuf,
-    file: File,
+    /// None: records kept in memory only (ranks other than the first of a distributed run).
+    file: Option<File>,
     records: Vec<Value>,
 }
 
@@ -39,12 +40,14 @@ impl Log {
         let text: String = records.iter().map(|v| format!("{v}\n")).collect();
         glm_checkpoint::write_atomic(&path, text.as_bytes()).map_err(io)?;
         let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
-        Ok(Self { path, file, records })
+        Ok(Self { path, file: Some(file), records })
     }
 
     fn push(&mut self, v: Value) -> Result<()> {
-        let line = format!("{v}\n");
-        self.file.write_all(line.as_bytes()).map_err(|e| Error::Io(format!("{}: {e}", self.path.display())))?;
+        if let Some(f) = &mut self.file {
+            let line = format!("{v}\n");
+            f.write_all(line.as_bytes()).map_err(|e| Error::Io(format!("{}: {e}", self.path.display())))?;
+        }
         self.records.push(v);
         Ok(())
     }
@@ -66,6 +69,12 @@ impl Metrics {
             evals: Log::open(dir.join(EVAL), resume_step)?,
             events: Log::open(dir.join(EVENTS), resume_step)?,
         })
+    }
+
+    /// Logs kept in memory, writing nothing: every rank but the first of a distributed run.
+    pub fn memory(dir: &Path) -> Self {
+        let log = |name: &str| Log { path: dir.join(name), file: None, records: Vec::new() };
+        Self { dir: dir.to_path_buf(), steps: log(METRICS), evals: log(EVAL), events: log(EVENTS) }
     }
 
     pub fn step(&mut self, v: Value) -> Result<()> {

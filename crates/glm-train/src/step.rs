@@ -10,9 +10,11 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use glm_data::Batch;
+use glm_dist::split::{shard, split_of, Split};
+use glm_dist::{Group, TpFactory};
 use glm_model::weights::{param_table, ParamKind};
 use glm_model::{Config, Glm, TrainOptions};
-use glm_nn::DenseFactory;
+use glm_nn::{DenseFactory, LinearFactory};
 
 use crate::{Error, Result};
 
@@ -27,6 +29,12 @@ pub struct Params {
     pub decay: Vec<bool>,
     /// Index into `groups` (embedding, layer.i, final) for per-layer gradient norms.
     pub group: Vec<usize>,
+    /// How each tensor is cut over the tensor-parallel ranks (`Replicated`: whole on every rank).
+    pub splits: Vec<Split>,
+    /// The same on every TP rank (counted once in norms).
+    pub replicated: Vec<bool>,
+    /// (rank, size) of the tensor-parallel group: the tensors are this rank's shards.
+    pub tp: (usize, usize),
     pub groups: Vec<String>,
     pub dtype: DType,
 }
@@ -34,6 +42,18 @@ pub struct Params {
 impl Params {
     /// From f32 tensors by name (as `init_weights` or a checkpoint gives them).
     pub fn new(cfg: &Config, tensors: &HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+        Self::sharded(cfg, tensors, dtype, device, (0, 1))
+    }
+
+    /// Tensor-parallel rank `tp.0` of `tp.1`'s shards of the full tensors by name.
+    pub fn sharded(
+        cfg: &Config,
+        tensors: &HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        tp: (usize, usize),
+    ) -> Result<Self> {
+        glm_dist::split::check_tp(cfg, tp.1).map_err(|e| Error::Config(e.to_string()))?;
         let table = param_table(cfg);
         let mut groups = vec!["embedding".to_string()];
         groups.extend((0..cfg.num_layers).map(|i| format!("layer.{i}")));
@@ -44,6 +64,9 @@ impl Params {
             compute: Vec::new(),
             decay: Vec::new(),
             group: Vec::new(),
+            splits: Vec::new(),
+            replicated: Vec::new(),
+            tp,
             groups,
             dtype,
         };
@@ -58,11 +81,15 @@ impl Params {
                     spec.shape
                 )));
             }
+            let split = split_of(cfg, &spec.name);
+            let t = shard(t, split, tp.1, tp.0).map_err(|e| Error::Checkpoint(format!("{}: {e}", spec.name)))?;
             let master = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?;
             let compute =
                 if dtype == DType::F32 { master.clone() } else { Var::from_tensor(&master.to_dtype(dtype)?)? };
             p.decay.push(!matches!(spec.kind, ParamKind::NormWeight | ParamKind::NormBias | ParamKind::Bias));
             p.group.push(group_of(&spec.name, cfg.num_layers));
+            p.splits.push(split);
+            p.replicated.push(split == Split::Replicated);
             p.names.push(spec.name.clone());
             p.master.push(master);
             p.compute.push(compute);
@@ -70,12 +97,19 @@ impl Params {
         Ok(p)
     }
 
-    /// A model computing with the `compute` variables: the gradients of its loss are theirs.
-    pub fn model(&self, cfg: &Config) -> Result<Glm> {
+    /// A model computing with the `compute` variables: the gradients of its loss are theirs. With
+    /// a tensor-parallel group (`tp`), the model of this rank's shards.
+    pub fn model(&self, cfg: &Config, tp: Option<Group>) -> Result<Glm> {
         let map: HashMap<String, Tensor> =
             self.names.iter().cloned().zip(self.compute.iter().map(|v| v.as_tensor().clone())).collect();
         let dev = self.master.first().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
-        Ok(Glm::new(cfg, VarBuilder::from_tensors(map, self.dtype, &dev), &DenseFactory)?)
+        let factory: Box<dyn LinearFactory> = match tp {
+            Some(g) if g.size() > 1 => {
+                Box::new(TpFactory::new(cfg, g, Box::new(DenseFactory)).map_err(|e| Error::Config(e.to_string()))?)
+            }
+            _ => Box::new(DenseFactory),
+        };
+        Ok(Glm::new(cfg, VarBuilder::from_tensors(map, self.dtype, &dev), factory.as_ref())?)
     }
 
     /// Copy the master weights into the compute copies (after an update or a load).
@@ -154,7 +188,8 @@ pub struct Grads {
 }
 
 /// Forward and backward over the micro-batches of one step. `train.seed` is combined with the
-/// micro-batch index for dropout.
+/// micro-batch index for dropout. Data-parallel rank `dp.0` of `dp.1` computes micro-batches
+/// dp.0, dp.0 + dp.1, ...: its gradients and loss are its share of the step's sums.
 pub fn forward_backward(
     model: &Glm,
     params: &Params,
@@ -162,6 +197,7 @@ pub fn forward_backward(
     train: &TrainOptions,
     loss_scale: f64,
     fault: Option<LossFault>,
+    dp: (usize, usize),
 ) -> Result<Grads> {
     let dev = model.device().clone();
     let total: usize = batches.iter().map(scored).sum();
@@ -169,14 +205,14 @@ pub fn forward_backward(
     let mut loss = 0f64;
     for (k, b) in batches.iter().enumerate() {
         let n = scored(b);
-        if n == 0 {
+        if n == 0 || k % dp.1 != dp.0 {
             continue;
         }
         let (ids, pos, _, layout) = b.tensors(&dev)?;
         let (rows, targets) = scored_rows(b, &dev)?;
         let opts = TrainOptions { seed: glm_nn::dropout::site_seed(&[train.seed, k as u64]), ..*train };
         let logits = model.forward_train(&ids, &pos, &layout, &opts, Some(&rows))?.to_dtype(DType::F32)?;
-        let mut l = (glm_nn::cross_entropy(&logits, &targets)? * (n as f64 / total as f64))?;
+        let mut l = (model.cross_entropy(&logits, &targets)? * (n as f64 / total as f64))?;
         match fault {
             Some(LossFault::Scale(f)) => l = (l * f)?,
             Some(LossFault::Nan) => l = (l * f64::NAN)?,

@@ -16,13 +16,14 @@ use serde_json::json;
 
 use crate::ckpt::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::{Precision, TrainConfig};
+use crate::dist::{owned_sq_norms, shard_sq_norms, Dist, Flat, ShardedAdamW};
 use crate::eval::{ValResult, Validation};
 use crate::metrics::Metrics;
 use crate::monitor::{Event, Monitor, Policy};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::scaler::{LossScaler, ScaleChange};
 use crate::schedule::{batch_rows, samples_after, LrSchedule};
-use crate::step::{forward_backward, grad_norms, LossFault, Params};
+use crate::step::{forward_backward, LossFault, Params};
 use crate::{Error, Result};
 
 /// How to run (as opposed to what to train, the `TrainConfig`).
@@ -82,14 +83,31 @@ pub struct Summary {
     pub interrupted: bool,
 }
 
+/// AdamW over every parameter of the rank, or (ZeRO-1) over the chunks its DP rank owns.
+enum Optimizer {
+    Full(AdamW),
+    Sharded(ShardedAdamW, Flat),
+}
+
+impl Optimizer {
+    fn t(&self) -> u64 {
+        match self {
+            Optimizer::Full(o) => o.t,
+            Optimizer::Sharded(o, _) => o.t,
+        }
+    }
+}
+
 pub struct Trainer {
     cfg: TrainConfig,
+    /// The rank's place in a distributed run (None: one process).
+    dist: Option<Dist>,
     model_cfg: Config,
     opts: RunOptions,
     tok: Tokenizer,
     params: Params,
     model: Glm,
-    opt: AdamW,
+    opt: Optimizer,
     batcher: Batcher,
     val: Validation,
     state: RunState,
@@ -117,7 +135,14 @@ fn config_diff(a: &Config, b: &Config) -> Vec<String> {
 
 impl Trainer {
     pub fn new(cfg: TrainConfig, opts: RunOptions) -> Result<Self> {
+        Self::with_dist(cfg, opts, None)
+    }
+
+    /// One rank of a distributed run: every rank of the world calls this with its `Dist`, on the
+    /// thread that registered its groups. The first rank logs, plots and writes shared files.
+    pub fn with_dist(cfg: TrainConfig, opts: RunOptions, dist: Option<Dist>) -> Result<Self> {
         cfg.validate()?;
+        let main = dist.as_ref().is_none_or(|d| d.is_main());
         let model_cfg = cfg.model()?;
         let (tok, tok_hash) = glm_data::load_tokenizer(cfg.data.tokenizer.as_deref())?;
         if tok.vocab_size() > model_cfg.vocab_size {
@@ -161,7 +186,12 @@ impl Trainer {
 
         std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io(format!("{}: {e}", opts.out.display())))?;
         let ckpts = Checkpoints::new(opts.out.join("checkpoints"));
-        ckpts.clean_temporaries()?;
+        if main {
+            ckpts.clean_temporaries()?;
+        }
+        if let Some(d) = &dist {
+            d.world().barrier().map_err(|e| Error::Dist(e.to_string()))?;
+        }
         let existing = ckpts.list();
         if !opts.resume && !existing.is_empty() {
             return Err(Error::Config(format!(
@@ -171,11 +201,20 @@ impl Trainer {
             )));
         }
         let weights = glm_model::init_weights(&model_cfg, cfg.seed, &Device::Cpu)?;
-        let params = Params::new(&model_cfg, &weights, cfg.precision.dtype(), &opts.device)?;
-        let model = params.model(&model_cfg)?;
+        let tp = dist.as_ref().map_or((0, 1), |d| d.tp());
+        let params = Params::sharded(&model_cfg, &weights, cfg.precision.dtype(), &opts.device, tp)?;
+        let model = params.model(&model_cfg, dist.as_ref().map(|d| d.tp))?;
         let o = &cfg.optim;
         let adam = AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
-        let opt = AdamW::new(adam, &params.master, o.fused)?;
+        let opt = match &dist {
+            Some(d) if d.zero => {
+                let lens: Vec<usize> = params.master.iter().map(|v| v.elem_count()).collect();
+                let (r, n) = d.dp();
+                let flat = Flat::new(&lens, d.bucket, n, r);
+                Optimizer::Sharded(ShardedAdamW::new(adam, &flat), flat)
+            }
+            _ => Optimizer::Full(AdamW::new(adam, &params.master, o.fused)?),
+        };
         let schedule = LrSchedule::new(o, samples_after(&cfg.batch, cfg.max_steps));
         let state = RunState {
             step: 0,
@@ -194,7 +233,7 @@ impl Trainer {
             model: model_cfg.clone(),
             train_config: cfg.clone(),
         };
-        let pb = if opts.progress {
+        let pb = if opts.progress && main {
             ProgressBar::with_draw_target(Some(cfg.max_steps), ProgressDrawTarget::stderr_with_hz(4))
         } else {
             ProgressBar::hidden()
@@ -207,8 +246,9 @@ impl Trainer {
         );
         let mut t = Self {
             // Opened keeping everything; resume() or a fresh start reopens it below.
-            metrics: Metrics::open(&opts.out, Some(u64::MAX))?,
+            metrics: if main { Metrics::open(&opts.out, Some(u64::MAX))? } else { Metrics::memory(&opts.out) },
             cfg,
+            dist,
             model_cfg,
             opts,
             tok,
@@ -228,17 +268,45 @@ impl Trainer {
         };
         if t.opts.resume && !existing.is_empty() {
             t.resume()?;
-        } else {
+        } else if main {
             t.metrics = Metrics::open(&t.opts.out, None)?;
         }
-        let text = t.cfg.to_toml()?;
-        glm_checkpoint::write_atomic(&t.opts.out.join("config.toml"), text.as_bytes())
-            .map_err(|e| Error::Io(format!("{}: {e}", t.opts.out.display())))?;
+        if main {
+            let text = t.cfg.to_toml()?;
+            glm_checkpoint::write_atomic(&t.opts.out.join("config.toml"), text.as_bytes())
+                .map_err(|e| Error::Io(format!("{}: {e}", t.opts.out.display())))?;
+        }
         Ok(t)
+    }
+
+    /// The first rank (or the only process): it logs, plots and writes shared files.
+    fn main(&self) -> bool {
+        self.dist.as_ref().is_none_or(|d| d.is_main())
+    }
+
+    fn logs(&self, resume_step: Option<u64>) -> Result<Metrics> {
+        if self.main() {
+            Metrics::open(&self.opts.out, resume_step)
+        } else {
+            Ok(Metrics::memory(&self.opts.out))
+        }
     }
 
     pub fn model(&self) -> &Glm {
         &self.model
+    }
+
+    /// The f32 master weights this rank holds (its tensor-parallel shards), by name.
+    pub fn weights(&self) -> std::collections::HashMap<String, candle_core::Tensor> {
+        self.params.master_tensors()
+    }
+
+    /// Bytes of AdamW state this rank holds (8 per parameter, or 8/dp with ZeRO-1).
+    pub fn optimizer_bytes(&self) -> usize {
+        match &self.opt {
+            Optimizer::Full(_) => 8 * self.params.master.iter().map(|v| v.elem_count()).sum::<usize>(),
+            Optimizer::Sharded(o, _) => o.state_bytes(),
+        }
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -253,7 +321,7 @@ impl Trainer {
     fn resume(&mut self) -> Result<()> {
         let mut bad = Vec::new();
         let found = self.ckpts.latest_good(|d, e| bad.push((d.to_path_buf(), e.to_string())));
-        for (d, e) in &bad {
+        for (d, e) in bad.iter().filter(|_| self.main()) {
             self.pb.suspend(|| eprintln!("warning: skipping checkpoint {}: {e}", d.display()));
         }
         let Some((step, dir)) = found else {
@@ -264,17 +332,19 @@ impl Trainer {
             )));
         };
         self.load_checkpoint(&dir)?;
-        if self.state.config_hash != self.cfg.hash() {
+        if self.state.config_hash != self.cfg.hash() && self.main() {
             self.pb.suspend(|| {
                 eprintln!("note: the training config differs from the checkpoint's (hash {} vs {}); continuing with the new one",
                     self.cfg.hash(), self.state.config_hash)
             });
+        }
+        if self.state.config_hash != self.cfg.hash() {
             self.state.config_hash = self.cfg.hash();
             self.state.train_config = self.cfg.clone();
         }
         self.resumed_from = Some(step);
         self.last_saved = Some(step);
-        self.metrics = Metrics::open(&self.opts.out, Some(step))?;
+        self.metrics = self.logs(Some(step))?;
         for (d, e) in bad {
             self.metrics.event(json!({"step": step, "kind": "corrupt_checkpoint", "path": d, "error": e}))?;
         }
@@ -293,8 +363,9 @@ impl Trainer {
                 config_diff(&state.model, &self.model_cfg).join("; ")
             )));
         }
-        self.params.load(&Checkpoints::load_tensors(dir, MODEL_FILE)?)?;
-        let moments = Checkpoints::load_tensors(dir, OPTIMIZER_FILE)?;
+        let tp = self.params.tp;
+        self.params.load(&Checkpoints::load_shard(dir, MODEL_FILE, &self.model_cfg, tp)?)?;
+        let moments = Checkpoints::load_shard(dir, OPTIMIZER_FILE, &self.model_cfg, tp)?;
         let get = |n: &str| {
             moments
                 .get(n)
@@ -302,19 +373,41 @@ impl Trainer {
                 .transpose()?
                 .ok_or_else(|| Error::Checkpoint(format!("{}: optimizer state lacks {n}", dir.display())))
         };
-        self.opt.load_state(&self.params.names, get, state.adam_steps)?;
+        match &mut self.opt {
+            Optimizer::Full(o) => o.load_state(&self.params.names, get, state.adam_steps)?,
+            Optimizer::Sharded(o, flat) => o.load_state(flat, &self.params.names, get, state.adam_steps)?,
+        }
         self.batcher.restore(state.data)?;
         self.state = state;
         Ok(())
     }
 
     fn save(&mut self) -> Result<PathBuf> {
-        self.state.adam_steps = self.opt.t;
+        self.state.adam_steps = self.opt.t();
         self.state.data = self.batcher.cursor();
         let model = self.params.master_tensors();
-        let optim = self.opt.state_tensors(&self.params.names, &self.params.master)?.into_iter().collect();
+        let optim = match &self.opt {
+            Optimizer::Full(o) => o.state_tensors(&self.params.names, &self.params.master)?,
+            Optimizer::Sharded(o, flat) => {
+                let dp = self
+                    .dist
+                    .as_ref()
+                    .map(|d| d.dp_comm())
+                    .ok_or_else(|| Error::Dist("ZeRO without a DP group".into()))?;
+                o.state_tensors(flat, &self.params.names, &self.params.master, dp)?
+            }
+        }
+        .into_iter()
+        .collect();
         let state = serde_json::to_vec_pretty(&self.state).map_err(|e| Error::Checkpoint(e.to_string()))?;
-        let p = self.ckpts.save(self.state.step, &model, &optim, &state, self.cfg.checkpoint.keep)?;
+        let keep = self.cfg.checkpoint.keep;
+        let p = match &self.dist {
+            None => self.ckpts.save(self.state.step, &model, &optim, &state, keep)?,
+            Some(d) => {
+                let writer = d.dp().0 == 0;
+                self.ckpts.save_sharded(self.state.step, &model, &optim, &state, keep, d.world(), d.tp(), writer)?
+            }
+        };
         self.last_saved = Some(self.state.step);
         Ok(p)
     }
@@ -325,7 +418,11 @@ impl Trainer {
             "step": self.state.step, "val_loss": v.val_loss, "val_bpb": v.val_bpb,
             "unigram_loss": v.unigram_loss, "unigram_bpb": v.unigram_bpb,
         }))?;
+        let main = self.main();
         self.pb.suspend(|| {
+            if !main {
+                return;
+            }
             eprintln!(
                 "step {:>6}  held-out loss {:.4} (unigram {:.4})  bits/byte {:.4} (unigram {:.4})",
                 self.state.step, v.val_loss, v.unigram_loss, v.val_bpb, v.unigram_bpb
@@ -403,6 +500,9 @@ impl Trainer {
     }
 
     fn plot(&self) -> Result<PathBuf> {
+        if !self.main() {
+            return Ok(self.opts.out.join(crate::metrics::PLOTS));
+        }
         self.metrics.plot(&format!("glm train: {} ({})", self.model_cfg.name, self.opts.out.display()))
     }
 
@@ -415,7 +515,7 @@ impl Trainer {
         let mut e = e;
         e["step"] = json!(step);
         e["intervention"] = json!(intervention);
-        if intervention {
+        if intervention && self.main() {
             let msg = format!("step {step}: {}", e["message"].as_str().unwrap_or(""));
             self.pb.suspend(|| eprintln!("{msg}"));
         }
@@ -449,13 +549,19 @@ impl Trainer {
             egs_alpha: self.state.egs_alpha,
             seed: glm_nn::dropout::site_seed(&[self.cfg.seed, step]),
         };
-        let mut g = forward_backward(&self.model, &self.params, &batches, &train, scale, fault)?;
+        let dp = self.dist.as_ref().map_or((0, 1), |d| d.dp());
+        let mut g = forward_backward(&self.model, &self.params, &batches, &train, scale, fault, dp)?;
         if self.fault(step, 2, &f.inf_grad_at) {
             if let Some(first) = g.grads.first_mut() {
                 *first = (&*first * f64::INFINITY)?;
             }
         }
-        let (norm, groups) = grad_norms(&g.grads, &self.params, scale)?;
+        let owned = self.sync_grads(&mut g)?;
+        let sq = match (&self.opt, &owned) {
+            (Optimizer::Sharded(_, flat), Some(o)) => owned_sq_norms(flat, o, &self.params, self.params.tp.0),
+            _ => shard_sq_norms(&g.grads, &self.params, self.params.tp.0)?,
+        };
+        let (norm, groups) = self.norms(sq, scale)?;
 
         // f16: an overflow in the gradients (the loss itself finite) is the scaler's business.
         if let Some(sc) = self.state.scaler.as_mut() {
@@ -495,7 +601,20 @@ impl Trainer {
         }
         let clip = self.cfg.optim.clip_grad;
         let coef = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
-        self.opt.step(&self.params.master, &g.grads, &self.params.decay, lr, coef / scale)?;
+        match (&mut self.opt, owned) {
+            (Optimizer::Full(o), _) => o.step(&self.params.master, &g.grads, &self.params.decay, lr, coef / scale)?,
+            (Optimizer::Sharded(o, flat), Some(owned)) => {
+                let dp = self
+                    .dist
+                    .as_ref()
+                    .map(|d| d.dp_comm())
+                    .ok_or_else(|| Error::Dist("ZeRO without a DP group".into()))?;
+                o.step(flat, &self.params.master, &owned, &self.params.decay, lr, coef / scale, dp)?
+            }
+            (Optimizer::Sharded(..), None) => {
+                return Err(Error::Dist("ZeRO step without reduced gradient chunks".into()))
+            }
+        }
         self.params.sync_compute()?;
         if let Some(sc) = self.state.scaler.as_mut() {
             sc.update(false);
@@ -503,6 +622,45 @@ impl Trainer {
         self.state.monitor.accept(&self.cfg.monitor, g.loss, norm);
         self.advance(rows);
         self.log_step(step, &g.loss, lr, norm, &groups, rows, t0, false)
+    }
+
+    /// Sums the step over the data-parallel ranks: the loss, and the gradients (all-reduced in
+    /// buckets; with ZeRO-1 reduce-scattered, returning this rank's chunks).
+    fn sync_grads(&self, g: &mut crate::step::Grads) -> Result<Option<Vec<f32>>> {
+        let Some(d) = &self.dist else { return Ok(None) };
+        let dist = |e: glm_dist::Error| Error::Dist(e.to_string());
+        let mut loss = [g.loss];
+        d.dp_comm().all_reduce_scalars(&mut loss, glm_dist::ReduceOp::Sum).map_err(dist)?;
+        g.loss = loss[0];
+        match &self.opt {
+            Optimizer::Sharded(_, flat) => {
+                let buf = flat.flatten(&g.grads)?;
+                Ok(Some(flat.reduce_scatter(&buf, d.dp_comm())?))
+            }
+            Optimizer::Full(_) if d.dp().1 > 1 => {
+                let lens: Vec<usize> = g.grads.iter().map(|t| t.elem_count()).collect();
+                let flat = Flat::new(&lens, d.bucket, 1, 0);
+                let mut buf = flat.flatten(&g.grads)?;
+                flat.all_reduce(&mut buf, d.dp_comm())?;
+                g.grads = flat.unflatten(&buf, &self.params.master)?;
+                Ok(None)
+            }
+            Optimizer::Full(_) => Ok(None),
+        }
+    }
+
+    /// (global, per group) gradient norms, unscaled, from this rank's squared sums: summed over the
+    /// tensor-parallel shards and, with ZeRO-1, the data-parallel chunks.
+    fn norms(&self, mut sq: Vec<f64>, scale: f64) -> Result<(f64, Vec<f64>)> {
+        if let Some(d) = &self.dist {
+            let dist = |e: glm_dist::Error| Error::Dist(e.to_string());
+            d.tp_comm().all_reduce_scalars(&mut sq, glm_dist::ReduceOp::Sum).map_err(dist)?;
+            if matches!(self.opt, Optimizer::Sharded(..)) {
+                d.dp_comm().all_reduce_scalars(&mut sq, glm_dist::ReduceOp::Sum).map_err(dist)?;
+            }
+        }
+        let global = sq.iter().sum::<f64>().sqrt() / scale;
+        Ok((global, sq.into_iter().map(|s| s.sqrt() / scale).collect()))
     }
 
     fn count_intervention(&mut self, step: u64, ev: &Event) -> Result<()> {
@@ -539,7 +697,7 @@ impl Trainer {
         self.state.lr_scale *= m.rollback_lr_factor;
         self.state.interventions = interventions;
         self.save()?; // the checkpoint now carries the skip window and the new factors
-        self.metrics = Metrics::open(&self.opts.out, Some(to))?;
+        self.metrics = self.logs(Some(to))?;
         self.pb.set_position(to);
         let msg = format!(
             "{}: rolled back to step {to}, skipping the data of steps {}..={}, EGS alpha {:.3}, LR x{:.3}",

@@ -73,12 +73,12 @@ fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
 #[test]
 fn accumulating_micro_batches_equals_one_big_batch() -> Result<()> {
     let (cfg, params) = setup(1)?;
-    let model = params.model(&cfg)?;
+    let model = params.model(&cfg, None)?;
     let big = batches(1, 4, 64)?;
     let micro: Vec<Batch> =
         big[0].rows.chunks(1).map(|r| Batch { rows: r.to_vec(), seq_len: big[0].seq_len }).collect();
-    let a = forward_backward(&model, &params, &big, &NO_DROPOUT, 1.0, None)?;
-    let b = forward_backward(&model, &params, &micro, &NO_DROPOUT, 1.0, None)?;
+    let a = forward_backward(&model, &params, &big, &NO_DROPOUT, 1.0, None, (0, 1))?;
+    let b = forward_backward(&model, &params, &micro, &NO_DROPOUT, 1.0, None, (0, 1))?;
     assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "{} vs {}", a.loss, b.loss);
     assert_eq!(a.scored, b.scored);
     for (name, (ga, gb)) in params.names.iter().zip(a.grads.iter().zip(&b.grads)) {
@@ -91,10 +91,11 @@ fn accumulating_micro_batches_equals_one_big_batch() -> Result<()> {
 #[test]
 fn egs_keeps_the_forward_and_scales_only_the_embedding_gradient() -> Result<()> {
     let (cfg, params) = setup(2)?;
-    let model = params.model(&cfg)?;
+    let model = params.model(&cfg, None)?;
     let b = batches(1, 2, 64)?;
-    let run =
-        |alpha: f64| forward_backward(&model, &params, &b, &TrainOptions { egs_alpha: alpha, ..NO_DROPOUT }, 1.0, None);
+    let run = |alpha: f64| {
+        forward_backward(&model, &params, &b, &TrainOptions { egs_alpha: alpha, ..NO_DROPOUT }, 1.0, None, (0, 1))
+    };
     let (g1, g03, g0) = (run(1.0)?, run(0.3)?, run(0.0)?);
     assert_eq!(g1.loss, g03.loss, "EGS changed the forward");
     for (i, name) in params.names.iter().enumerate() {
@@ -117,10 +118,10 @@ fn egs_keeps_the_forward_and_scales_only_the_embedding_gradient() -> Result<()> 
 #[test]
 fn one_step_matches_a_hand_computed_adamw_update() -> Result<()> {
     let (cfg, params) = setup(3)?;
-    let model = params.model(&cfg)?;
+    let model = params.model(&cfg, None)?;
     let before: Vec<Vec<f32>> =
         params.master.iter().map(|v| v.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
-    let g = forward_backward(&model, &params, &batches(1, 2, 64)?, &NO_DROPOUT, 1.0, None)?;
+    let g = forward_backward(&model, &params, &batches(1, 2, 64)?, &NO_DROPOUT, 1.0, None, (0, 1))?;
     let (norm, _) = grad_norms(&g.grads, &params, 1.0)?;
     let clip = 0.5; // below the norm, so the clip coefficient is exercised
     assert!(norm > clip, "{norm}");
@@ -150,14 +151,14 @@ fn one_step_matches_a_hand_computed_adamw_update() -> Result<()> {
 #[test]
 fn tiny_model_overfits_a_fixed_batch() -> Result<()> {
     let (cfg, params) = setup(4)?;
-    let model = params.model(&cfg)?;
+    let model = params.model(&cfg, None)?;
     let b = batches(1, 2, 64)?;
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0 };
     let mut opt = AdamW::new(adam, &params.master, true)?;
     let mut first = None;
     let mut last = f64::NAN;
     for _ in 0..80 {
-        let g = forward_backward(&model, &params, &b, &NO_DROPOUT, 1.0, None)?;
+        let g = forward_backward(&model, &params, &b, &NO_DROPOUT, 1.0, None, (0, 1))?;
         first.get_or_insert(g.loss);
         last = g.loss;
         opt.step(&params.master, &g.grads, &params.decay, 3e-3, 1.0)?;
@@ -326,7 +327,7 @@ fn training_checkpoints_load_for_inference() -> Result<()> {
 #[test]
 fn logits_of_selected_rows_equal_the_full_forward() -> Result<()> {
     let (cfg, params) = setup(5)?;
-    let model = params.model(&cfg)?;
+    let model = params.model(&cfg, None)?;
     let b = &batches(1, 2, 64)?[0];
     let (ids, pos, _, layout) = b.tensors(&Device::Cpu)?;
     let full = model.forward(&ids, &pos, &layout, None)?.reshape((2 * 64, ()))?;

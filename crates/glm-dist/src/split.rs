@@ -1,5 +1,7 @@
 //! How each tensor of a GLM model is cut across tensor-parallel ranks: the one table of GLM-130B's
-//! `tools/convert_tp.py` rules, and the row arithmetic both directions need.
+//! `tools/convert_tp.py` rules, and the row arithmetic both directions need. The SAT import and
+//! export, the tensor-parallel factory (a rank's weights are `shard`s of the full ones), sharded
+//! training checkpoints and `glm reshard` all read it.
 //!
 //! - vocab-parallel embedding (and an untied head), `query_key_value` (whole heads: the fused rows
 //!   are per-head interleaved, so a rank's contiguous rows are its heads): contiguous rows;
@@ -13,6 +15,8 @@
 
 use glm_model::weights::{ATTENTION, DENSE, FOURH_TO_H, H_TO_4H, LM_HEAD, MLP, QKV, WORD_EMBEDDINGS};
 use glm_model::{Config, FfnKind};
+
+use candle_core::Tensor;
 
 use crate::{Error, Result};
 
@@ -50,7 +54,7 @@ pub fn split_of(cfg: &Config, name: &str) -> Split {
 /// A tensor-parallel degree the config can be cut into: whole heads, whole vocabulary rows and
 /// FFN columns per rank.
 pub fn check_tp(cfg: &Config, tp: usize) -> Result<()> {
-    let fail = |what: String| Err(Error::Input(format!("`{}` cannot be split {tp} ways: {what}", cfg.name)));
+    let fail = |what: String| Err(Error::Layout(format!("`{}` cannot be split {tp} ways: {what}", cfg.name)));
     if tp == 0 {
         return fail("the degree must be at least 1".into());
     }
@@ -111,6 +115,54 @@ pub fn row_pieces(split: Split, rows: usize, tp: usize, r0: usize, r1: usize) ->
     out.into_iter().map(|(_, k, l0, l1)| (k, l0, l1)).collect()
 }
 
+/// Rank `k`'s part of a full tensor, as the rank stores it.
+pub fn shard(full: &Tensor, split: Split, tp: usize, k: usize) -> Result<Tensor> {
+    if tp == 1 || split == Split::Replicated {
+        return Ok(full.clone());
+    }
+    let dims = full.dims();
+    let dim = if split == Split::Cols { 1 } else { 0 };
+    let len = dims.get(dim).copied().unwrap_or(0);
+    let unit = if split == Split::GluRows { 2 * tp } else { tp };
+    if len % unit != 0 {
+        return Err(Error::Layout(format!(
+            "a tensor of shape {dims:?} cannot be split {tp} ways along dim {dim} ({split:?})"
+        )));
+    }
+    if split == Split::Cols {
+        return Ok(full.narrow(1, k * len / tp, len / tp)?.contiguous()?);
+    }
+    let parts = rank_rows(split, len, tp, k)
+        .into_iter()
+        .map(|(a, b)| full.narrow(0, a, b - a))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?.contiguous()?)
+}
+
+/// The full tensor from every rank's part (`parts[k]` is rank k's): `shard`'s inverse. A replicated
+/// tensor is taken from rank 0.
+pub fn merge(parts: &[Tensor], split: Split) -> Result<Tensor> {
+    let tp = parts.len();
+    let first = parts.first().ok_or_else(|| Error::Layout("merge: no parts".into()))?;
+    if tp == 1 || split == Split::Replicated {
+        return Ok(first.clone());
+    }
+    match split {
+        Split::Cols => Ok(Tensor::cat(parts, 1)?),
+        Split::Rows => Ok(Tensor::cat(parts, 0)?),
+        _ => {
+            // GluRows: each part is [x1_k | x2_k]; the full tensor is [x1_0 .. x1_{tp-1} | x2_0 ..].
+            let half = first.dim(0)? / 2;
+            let mut pieces: Vec<Tensor> =
+                parts.iter().map(|p| p.narrow(0, 0, half)).collect::<candle_core::Result<_>>()?;
+            for p in parts {
+                pieces.push(p.narrow(0, half, half)?);
+            }
+            Ok(Tensor::cat(&pieces, 0)?)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +187,26 @@ mod tests {
         assert_eq!(p("transformer.layers.0.mlp.dense_h_to_4h.weight", &[65536, 12288]), vec![8192, 12288]);
         assert_eq!(p("transformer.layers.0.mlp.dense_4h_to_h.weight", &[12288, 32768]), vec![12288, 4096]);
         assert!(check_tp(&cfg, 8).is_ok() && check_tp(&cfg, 5).is_err() && check_tp(&cfg, 0).is_err());
+    }
+
+    #[test]
+    fn shard_then_merge_is_the_identity() -> Result<()> {
+        let full = Tensor::arange(0f32, 96., &candle_core::Device::Cpu)?.reshape((8, 12))?;
+        for split in [Split::Rows, Split::GluRows, Split::Cols, Split::Replicated] {
+            for tp in [1, 2, 4] {
+                let parts = (0..tp).map(|k| shard(&full, split, tp, k)).collect::<Result<Vec<_>>>()?;
+                for p in &parts {
+                    assert_eq!(p.dims(), rank_shape(split, full.dims(), tp).as_slice());
+                }
+                let back = merge(&parts, split)?;
+                assert_eq!(back.to_vec2::<f32>()?, full.to_vec2::<f32>()?, "{split:?} tp {tp}");
+            }
+        }
+        // GluRows at tp 2: rank 1 holds rows 2,3 (of x1) and 6,7 (of x2).
+        let r1 = shard(&full, Split::GluRows, 2, 1)?;
+        assert_eq!(r1.get(2)?.to_vec1::<f32>()?[0], 72.0);
+        assert!(shard(&full, Split::Rows, 3, 0).is_err());
+        Ok(())
     }
 
     #[test]
