@@ -8,6 +8,7 @@ use glm_model::{param_count, weight_bytes, Config, PRESETS};
 
 mod convert_cmd;
 mod data_cmd;
+mod dist_cmd;
 mod eval_cmd;
 mod infer_cmd;
 mod samples;
@@ -53,8 +54,11 @@ enum Cmd {
     /// Prepare training data and inspect the pretraining objective.
     #[command(subcommand)]
     Data(data_cmd::DataCmd),
-    /// Pretrain with the GLM-130B recipe (default: `tiny` on the embedded corpus).
+    /// Pretrain with the GLM-130B recipe (default: `tiny` on the embedded corpus). Split over
+    /// tensor- and data-parallel ranks with `--tp/--dp` under `mpirun`, or `--ranks local`.
     Train(train_cmd::TrainArgs),
+    /// Rewrite a training checkpoint at another tensor-parallel degree (1: one file), bit for bit.
+    Reshard(dist_cmd::ReshardArgs),
     /// Convert released checkpoints: GLM-130B SAT folders (any TP, fp16/INT8/INT4) and ChatGLM-6B
     /// Hugging Face folders to our safetensors, or any model to a SAT folder at any TP; `--check` a
     /// download without loading it.
@@ -115,6 +119,9 @@ enum BenchCmd {
     /// `glm serve` under 1, 2, 4, 8 concurrent streaming clients: aggregate tokens/s and time to
     /// first token, beside the same server decoding one request at a time.
     Serve(serve_cmd::ServeBenchArgs),
+    /// A tensor/data-parallel training step: bytes moved per collective against the analytic
+    /// formula, time in communication vs compute beside the 1-rank step, ZeRO-1's optimizer memory.
+    Dist(dist_cmd::DistBenchArgs),
 }
 
 #[derive(Args)]
@@ -278,9 +285,11 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Decode(a)) => infer_cmd::bench_decode(a)?,
         Cmd::Bench(BenchCmd::Serve(a)) => serve_cmd::bench_serve(a)?,
         Cmd::Bench(BenchCmd::Convert(a)) => convert_cmd::bench_convert(a)?,
+        Cmd::Bench(BenchCmd::Dist(a)) => dist_cmd::bench(a)?,
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
         Cmd::Data(c) => data_cmd::run_data(c)?,
         Cmd::Train(a) => train_cmd::run(a)?,
+        Cmd::Reshard(a) => dist_cmd::reshard(a)?,
         Cmd::Convert(a) => convert_cmd::convert(a)?,
         Cmd::Quantize(a) => infer_cmd::quantize(a)?,
         Cmd::Generate(a) => infer_cmd::generate(a, false)?,

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use clap::Args;
 use glm_model::PRESETS;
-use glm_train::{Precision, RunOptions, TrainConfig, Trainer};
+use glm_dist::{Layout, ParallelGroups};
+use glm_train::dist::Dist;
+use glm_train::{Precision, RunOptions, Summary, TrainConfig, Trainer};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -49,6 +51,50 @@ pub struct TrainArgs {
     /// Train on the first CUDA GPU (needs a build with --features cuda).
     #[arg(long)]
     cuda: bool,
+    /// Tensor-parallel degree: each layer's heads, FFN columns and vocabulary split over N ranks.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Data-parallel degree: each step's micro-batches shared by N ranks (the global batch stays).
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
+    /// 1: ZeRO-1, the AdamW moments sharded over the data-parallel ranks.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    zero: u8,
+    /// Where the tp x dp ranks run: `mpi` (one process per rank, launched by `mpirun -np N`; the
+    /// default under mpirun) or `local` (one thread per rank in this process).
+    #[arg(long, value_parser = ["local", "mpi"])]
+    ranks: Option<String>,
+    /// A collective waiting longer than this for a peer fails the run (a dead or stuck rank).
+    #[arg(long, default_value_t = 300)]
+    dist_timeout: u64,
+}
+
+/// How the run is spread over ranks.
+enum Launch {
+    Single,
+    Local(Layout),
+    Mpi(Layout),
+}
+
+impl TrainArgs {
+    fn launch(&self) -> Result<Launch> {
+        let layout = Layout::new(self.tp, 1, self.dp)?;
+        let under_mpirun = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some());
+        Ok(match self.ranks.as_deref() {
+            Some("local") => Launch::Local(layout),
+            Some(_) => Launch::Mpi(layout),
+            None if under_mpirun => Launch::Mpi(layout),
+            None if layout.world_size() > 1 => anyhow::bail!(
+                "--tp {} --dp {} needs {} ranks: launch with `mpirun -np {} glm train ...` (a build with \
+                 --features mpi), or add --ranks local to run them as threads of this process",
+                self.tp,
+                self.dp,
+                layout.world_size(),
+                layout.world_size()
+            ),
+            None => Launch::Single,
+        })
+    }
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -93,7 +139,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let stop = stop_on_sigint();
     let opts = RunOptions { out: out.clone(), resume: a.resume, stop_at: a.stop_at, progress: !a.quiet, device, stop };
     let model = cfg.model()?;
-    eprintln!(
+    let first_rank = std::env::var("OMPI_COMM_WORLD_RANK").map_or(true, |r| r == "0");
+    first_rank.then(|| eprintln!(
         "training {} ({} parameters) on {} for {} steps, {:?}, into {}",
         model.name,
         glm_model::param_count(&model),
@@ -101,12 +148,101 @@ pub fn run(a: TrainArgs) -> Result<()> {
         cfg.max_steps,
         cfg.precision,
         out.display()
-    );
-    let mut trainer = Trainer::new(cfg, opts)?;
-    if trainer.state().step > 0 {
+    ));
+    let timeout = std::time::Duration::from_secs(a.dist_timeout.max(1));
+    let zero = a.zero == 1;
+    match a.launch()? {
+        Launch::Single => {
+            let mut trainer = Trainer::new(cfg, opts)?;
+            let summary = run_rank(&mut trainer)?;
+            finish(&summary, Some(&trainer), &out, a.no_samples)
+        }
+        Launch::Local(layout) => {
+            eprintln!("{layout}: {} ranks as threads of this process", layout.world_size());
+            let summaries = glm_dist::LocalComm::run(layout.world_size(), timeout, |world| {
+                let groups = ParallelGroups::new(world, layout)?;
+                let main = groups.world.rank() == 0;
+                let as_dist = |e: glm_train::Error| glm_dist::Error::Comm(e.to_string());
+                let mut trainer = Trainer::with_dist(cfg.clone(), opts.clone(), Some(Dist::new(groups, zero))).map_err(as_dist)?;
+                let summary = run_rank(&mut trainer).map_err(|e| glm_dist::Error::Comm(e.to_string()))?;
+                // Samples need the whole model: the first rank has it when it is not split.
+                if main && layout.tp == 1 {
+                    finish(&summary, Some(&trainer), &out, a.no_samples).map_err(|e| glm_dist::Error::Comm(e.to_string()))?;
+                }
+                Ok(summary)
+            })?;
+            if layout.tp > 1 {
+                finish(&summaries[0], None, &out, a.no_samples)?;
+            }
+            Ok(())
+        }
+        Launch::Mpi(layout) => run_mpi(layout, cfg, opts, zero, timeout, &out, a.no_samples),
+    }
+}
+
+/// One rank's run (or the single process's).
+fn run_rank(trainer: &mut Trainer) -> Result<Summary> {
+    if trainer.state().step > 0 && trainer.is_main() {
         eprintln!("resumed at step {}", trainer.state().step);
     }
-    let summary = trainer.run()?;
+    Ok(trainer.run()?)
+}
+
+#[cfg(feature = "mpi")]
+fn run_mpi(
+    layout: Layout,
+    cfg: TrainConfig,
+    opts: RunOptions,
+    zero: bool,
+    timeout: std::time::Duration,
+    out: &std::path::Path,
+    no_samples: bool,
+) -> Result<()> {
+    let world = glm_dist::mpi::world(timeout)?;
+    let rank = world.rank();
+    let result = (|| -> Result<()> {
+        let groups = ParallelGroups::new(world, layout)?;
+        if rank == 0 {
+            eprintln!("{layout}: {} MPI ranks", layout.world_size());
+        }
+        let mut trainer = Trainer::with_dist(cfg, opts, Some(Dist::new(groups, zero)))?;
+        let summary = run_rank(&mut trainer)?;
+        if rank == 0 {
+            finish(&summary, (layout.tp == 1).then_some(&trainer), out, no_samples)?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            glm_dist::mpi::finalize();
+            Ok(())
+        }
+        Err(e) => {
+            // The peers may be inside a collective waiting for this rank: end the whole job.
+            eprintln!("error: rank {rank}: {e:#}");
+            glm_dist::mpi::abort(1)
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(
+    layout: Layout,
+    _cfg: TrainConfig,
+    _opts: RunOptions,
+    _zero: bool,
+    _timeout: std::time::Duration,
+    _out: &std::path::Path,
+    _no_samples: bool,
+) -> Result<()> {
+    anyhow::bail!(
+        "{layout} over MPI needs a glm built with MPI: `cargo build --release --features mpi` (Debian: apt install \
+         libopenmpi-dev openmpi-bin libclang-dev), or run the ranks as threads with --ranks local"
+    )
+}
+
+/// The end of a run: its summary, plots, samples (from a whole model) and the JSON line.
+fn finish(summary: &Summary, trainer: Option<&Trainer>, out: &std::path::Path, no_samples: bool) -> Result<()> {
     if let Some(v) = &summary.val {
         eprintln!(
             "done: step {}, {:.0} tokens/s, train loss {:.4}, held-out loss {:.4} vs unigram {:.4}, bits/byte {:.4} vs {:.4}",
@@ -124,8 +260,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
         std::process::exit(130);
     }
-    if !a.no_samples {
-        crate::samples::print_samples(trainer.model(), trainer.tokenizer(), &out)?;
+    match trainer {
+        Some(t) if !no_samples => crate::samples::print_samples(t.model(), t.tokenizer(), out)?,
+        None if !no_samples => eprintln!(
+            "no samples: the model is split over tensor-parallel ranks (`glm reshard CHECKPOINT --tp 1 --out DIR` \
+             makes one file for `glm generate`)"
+        ),
+        _ => {}
     }
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

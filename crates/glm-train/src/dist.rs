@@ -197,9 +197,15 @@ pub fn shard_sq_norms(grads: &[Tensor], params: &Params, tp_rank: usize) -> Resu
         if params.replicated[i] && tp_rank != 0 {
             continue;
         }
-        groups[params.group[i]] += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        groups[params.group[i]] += sq_sum(g)?;
     }
     Ok(groups)
+}
+
+/// Σ x² accumulated in f64: an f32 running sum over a million elements is off by ~1e-5
+/// relative, and differently for every way of cutting the tensor.
+pub fn sq_sum(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?)
 }
 
 /// `shard_sq_norms` of the chunks a ZeRO rank owns (`owned` concatenated as `flat.owned()` lists).

@@ -244,10 +244,7 @@ pub fn forward_backward(
 
 /// Gradient norms, unscaled by `loss_scale`: (global, per group).
 pub fn grad_norms(grads: &[Tensor], params: &Params, loss_scale: f64) -> Result<(f64, Vec<f64>)> {
-    let mut groups = vec![0f64; params.groups.len()];
-    for (g, &gi) in grads.iter().zip(&params.group) {
-        groups[gi] += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    }
+    let groups = crate::dist::shard_sq_norms(grads, params, 0)?;
     let global = groups.iter().sum::<f64>().sqrt() / loss_scale;
     Ok((global, groups.into_iter().map(|s| s.sqrt() / loss_scale).collect()))
 }

@@ -280,6 +280,20 @@ impl Trainer {
     }
 
     /// The first rank (or the only process): it logs, plots and writes shared files.
+    pub fn is_main(&self) -> bool {
+        self.main()
+    }
+
+    /// Whether to stop now: the flag, agreed by every rank (a signal reaches the ranks at
+    /// different steps; they must stop at the same one).
+    fn stop_requested(&self) -> Result<bool> {
+        let local = self.opts.stop.is_some_and(|s| s.load(Ordering::SeqCst));
+        let Some(d) = &self.dist else { return Ok(local) };
+        let mut v = [if local { 1.0 } else { 0.0 }];
+        d.world().all_reduce_scalars(&mut v, glm_dist::ReduceOp::Max).map_err(|e| Error::Dist(e.to_string()))?;
+        Ok(v[0] > 0.0)
+    }
+
     fn main(&self) -> bool {
         self.dist.as_ref().is_none_or(|d| d.is_main())
     }
@@ -457,7 +471,7 @@ impl Trainer {
         }
         let mut interrupted = false;
         while self.state.step < end {
-            if self.opts.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            if self.stop_requested()? {
                 interrupted = true;
                 break;
             }
