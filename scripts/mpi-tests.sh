@@ -92,6 +92,52 @@ run_mpi_fails "killed rank ends the job" 4 "rank 1 .*(exited on signal 9|Killed)
 run_mpi_fails "stuck rank times out" 3 "all_reduce_f64 on rank [0-9] of 3 \(mpi\) timed out after 2 s" \
   "$CHECK" --stall-rank 2 --timeout 2
 
+# Training: the equivalence tests of crates/glm-train/tests/dist.rs as MPI processes, and the
+# `glm train` CLI's faults.
+echo "mpi-tests: building (glm-train examples and glm with --features mpi)"
+cargo build --release -p glm-train --features mpi --examples && cargo build --release -p glm-cli --features mpi ||
+  { echo "mpi-tests: build failed"; exit 1; }
+EQ=target/release/examples/mpi_equivalence
+GLM=target/release/glm
+WORK=$(mktemp -d)
+trap 'rm -f "$LOG"; rm -rf "$WORK"' EXIT
+i=0
+for layout in "glm 2 1 0 0" "glm 1 2 1 0" "glm 2 2 1 1" "chatglm 2 2 0 0" "glm 4 1 0 1" "chatglm 1 4 1 0"; do
+  set -- $layout
+  i=$((i + 1))
+  run_mpi "equivalence $layout (arch tp dp zero dropout)" $(($2 * $3)) "$EQ" "$WORK/eq$i" $layout
+  expect_lines "equivalence $layout: matches the single process" 1 "5 steps match the single process"
+done
+
+TRAIN=(train --max-steps 30 --save-every 2 --eval-every 0 --quiet --no-samples --tp 2)
+run_mpi_fails "glm train: world size must be tp x dp" 3 "world size 3 does not match the layout: tp 2 x pp 1 x dp 2" \
+  "$GLM" "${TRAIN[@]}" --dp 2 --out "$WORK/mismatch"
+# A rank that cannot open its data stops the whole run with its message (MPMD: rank 1 gets a bad
+# data directory).
+"$GLM" train --print-config | sed 's|^\[data\]$|[data]\ndir = "/nonexistent/shards"|' >"$WORK/bad-data.toml"
+run_mpi_fails "a rank without its data stops the run" 1 "rank 1: .*nonexistent/shards" \
+  "$GLM" "${TRAIN[@]}" --out "$WORK/data" : -np 1 "$GLM" "${TRAIN[@]}" --out "$WORK/data" --config "$WORK/bad-data.toml"
+# A rank SIGKILLed mid-run: the job ends within the limit; the last complete checkpoint resumes.
+name="a killed rank ends the run; it resumes from the last checkpoint"
+t0=$SECONDS
+timeout --kill-after=10 "$MPI_TEST_LIMIT" mpirun --oversubscribe -np 2 "$GLM" "${TRAIN[@]}" --out "$WORK/kill" >"$LOG" 2>&1 &
+job=$!
+while [ ! -f "$WORK/kill/checkpoints/step-00000002/manifest.json" ] && [ $((SECONDS - t0)) -lt "$MPI_TEST_LIMIT" ]; do sleep 0.2; done
+victim=$(pgrep -x glm | tail -n 1)
+[ -n "$victim" ] && kill -9 "$victim"
+wait "$job"; rc=$?
+secs=$((SECONDS - t0))
+if [ -z "$victim" ]; then
+  fail "$name" "no checkpoint after ${secs} s (no rank to kill)"
+elif [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || [ "$secs" -ge "$MPI_TEST_LIMIT" ]; then
+  fail "$name" "mpirun exited $rc after ${secs} s"
+elif ! grep -Eq "exited on signal 9|Killed|timed out" "$LOG"; then
+  fail "$name" "exited $rc without naming the dead rank"
+else
+  run_mpi "$name (resume)" 2 "$GLM" "${TRAIN[@]}" --out "$WORK/kill" --resume --stop-at 4
+  expect_lines "$name: resumed" 1 "resumed at step [0-9]+"
+fi
+
 total=$((passed + failed))
 if [ "$failed" -eq 0 ]; then
   echo "mpi-tests: $passed/$total passed"

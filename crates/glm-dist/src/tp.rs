@@ -49,14 +49,16 @@ impl LinearFactory for TpFactory {
         let n = self.group.size();
         match spec.role {
             ParallelRole::Column { chunks } => {
-                if spec.out_dim % (n * chunks.max(1)) != 0 {
-                    return Err(split_error(&spec, "output features", spec.out_dim, n));
+                let chunks = chunks.max(1);
+                if !spec.out_dim.is_multiple_of(n * chunks) {
+                    let what = if chunks == 1 { "output features".to_string() } else { format!("output features in each of its {chunks} parts") };
+                    return Err(split_error(&spec, &what, spec.out_dim / chunks, n));
                 }
                 let local = self.inner.make(vb, LinearSpec { out_dim: spec.out_dim / n, ..spec })?;
                 Ok(Box::new(ColumnParallel { local, group: self.group }))
             }
             ParallelRole::Row => {
-                if spec.in_dim % n != 0 {
+                if !spec.in_dim.is_multiple_of(n) {
                     return Err(split_error(&spec, "input features", spec.in_dim, n));
                 }
                 let local = self.inner.make(vb, LinearSpec { in_dim: spec.in_dim / n, bias: false, ..spec })?;
@@ -76,7 +78,7 @@ impl LinearFactory for TpFactory {
         hidden: usize,
     ) -> candle_core::Result<Arc<dyn VocabTable>> {
         let n = self.group.size();
-        if vocab % n != 0 {
+        if !vocab.is_multiple_of(n) {
             return Err(Error::Layout(format!("{name}: a vocabulary of {vocab} cannot be split {n} ways")).into());
         }
         let per = vocab / n;
@@ -200,10 +202,10 @@ pub fn vocab_parallel_cross_entropy(
         }
         let mine = y >= start as i64 && y < end as i64;
         local.push(if mine { (y - start as i64) as u32 } else { 0 });
-        inside.push(if mine { 1f32 } else { 0. });
-        valid.push(if y == IGNORE_INDEX { 0f32 } else { 1. });
+        inside.push(mine as u8);
+        valid.push((y != IGNORE_INDEX) as u8);
     }
-    let scored = valid.iter().filter(|&&x| x > 0.0).count();
+    let scored = valid.iter().filter(|&&x| x > 0).count();
     let dev = z.device();
     if scored == 0 {
         return Ok(Tensor::zeros((), DType::F32, dev)?);
@@ -212,9 +214,12 @@ pub fn vocab_parallel_cross_entropy(
     let z = z.broadcast_sub(&m)?;
     let sum_exp = reduce_from(&z.exp()?.sum_keepdim(1)?, group)?; // (N, 1)
     let idx = Tensor::from_vec(local, (n, 1), dev)?;
-    let picked = (z.gather(&idx, 1)? * Tensor::from_vec(inside, (n, 1), dev)?)?;
+    // Selected, not multiplied by a 0/1 mask: a -inf logit (a masked vocabulary column) times 0
+    // would be NaN.
+    let zeros = Tensor::zeros((n, 1), DType::F32, dev)?;
+    let picked = Tensor::from_vec(inside, (n, 1), dev)?.where_cond(&z.gather(&idx, 1)?, &zeros)?;
     let picked = reduce_from(&picked, group)?; // (N, 1)
     let rows = (sum_exp.log()? - picked)?;
-    let valid = Tensor::from_vec(valid, (n, 1), dev)?;
-    Ok(((rows * valid)?.sum_all()? / scored as f64)?)
+    let rows = Tensor::from_vec(valid, (n, 1), dev)?.where_cond(&rows, &zeros)?;
+    Ok((rows.sum_all()? / scored as f64)?)
 }

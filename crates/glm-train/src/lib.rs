@@ -20,6 +20,8 @@ pub mod optim;
 pub mod scaler;
 pub mod schedule;
 pub mod step;
+#[doc(hidden)]
+pub mod testing;
 pub mod trainer;
 
 pub use config::{Precision, TrainConfig};
