@@ -123,7 +123,9 @@ t0=$SECONDS
 timeout --kill-after=10 "$MPI_TEST_LIMIT" mpirun --oversubscribe -np 2 "$GLM" "${TRAIN[@]}" --out "$WORK/kill" >"$LOG" 2>&1 &
 job=$!
 while [ ! -f "$WORK/kill/checkpoints/step-00000002/manifest.json" ] && [ $((SECONDS - t0)) -lt "$MPI_TEST_LIMIT" ]; do sleep 0.2; done
-victim=$(pgrep -x glm | tail -n 1)
+# A rank: a child of this job's mpirun (not any other glm on the machine).
+launcher=$(pgrep -P "$job" -x mpirun | head -n 1)
+victim=$([ -n "$launcher" ] && pgrep -P "$launcher" -x glm | tail -n 1)
 [ -n "$victim" ] && kill -9 "$victim"
 wait "$job"; rc=$?
 secs=$((SECONDS - t0))

@@ -56,8 +56,10 @@ pub fn world(timeout: Duration) -> Result<Rc<dyn Communicator>> {
 }
 
 /// Finalizes MPI (also done at the exit of the thread that initialized it). Every communicator
-/// must be done with; only after a clean run (after an error, [`abort`]).
+/// must be done with (the ones registered for the model's ops are released here first); only
+/// after a clean run (after an error, [`abort`]).
 pub fn finalize() {
+    crate::registry::clear();
     UNIVERSE.with(|u| drop(u.borrow_mut().take()));
 }
 
