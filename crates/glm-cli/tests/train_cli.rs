@@ -154,3 +154,54 @@ fn sigint_stops_with_a_checkpoint_of_the_last_step() {
     assert!(out.join(format!("checkpoints/step-{step:08}/manifest.json")).exists(), "no checkpoint of step {step}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
 }
+
+/// `--tp/--dp` as threads (`--ranks local`): the same log as the single process, a sharded
+/// checkpoint that `glm reshard` turns into the one file `glm generate` reads; and the launch
+/// errors a user meets first.
+#[test]
+fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, CONFIG.replace("max_steps = 30", "max_steps = 3"))?;
+    let c = cfg.to_str().ok_or("path")?;
+    let (one, split) = (dir.path().join("one"), dir.path().join("split"));
+    let base = ["train", "--config", c, "--quiet", "--no-samples", "--out"];
+    let o = glm(&[&base[..], &[one.to_str().ok_or("path")?]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args = [&base[..], &[split.to_str().ok_or("path")?, "--tp", "2", "--dp", "2", "--zero", "1", "--ranks", "local"]].concat();
+    let o = glm(&args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("tp 2 x pp 1 x dp 2"), "{err}");
+    let (a, b) = (steps(&one), steps(&split));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        let (l, m) = (x["loss"].as_f64().ok_or("loss")?, y["loss"].as_f64().ok_or("loss")?);
+        assert!((l - m).abs() <= 1e-5 * l.abs(), "loss {m} vs the single run's {l}");
+    }
+    let ckpt = split.join("checkpoints/step-00000003");
+    assert!(ckpt.join("model-tp01-of-02.safetensors").exists());
+    let merged = dir.path().join("merged");
+    let o = glm(&["reshard", ckpt.to_str().ok_or("path")?, "--tp", "1", "--out", merged.to_str().ok_or("path")?]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = glm(&["generate", "--model", merged.to_str().ok_or("path")?, "--max-tokens", "4", "The"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let fails = |args: &[&str], want: &[&str]| -> Result<(), Box<dyn std::error::Error>> {
+        let o = glm(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success() && !err.contains("panicked"), "{args:?}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{args:?}: `{w}` missing from: {err}");
+        }
+        Ok(())
+    };
+    let out = dir.path().join("x");
+    let out = out.to_str().ok_or("path")?;
+    fails(&["train", "--config", c, "--out", out, "--tp", "2", "--dp", "2"], &["4 ranks", "mpirun -np 4", "--ranks local"])?;
+    fails(&["train", "--config", c, "--out", out, "--tp", "3", "--ranks", "local"], &["3 ways", "4 heads"])?;
+    let fresh = dir.path().join("y");
+    fails(&["reshard", ckpt.to_str().ok_or("path")?, "--tp", "3", "--out", fresh.to_str().ok_or("path")?], &["3 ways"])?;
+    fails(&["reshard", out, "--tp", "2", "--out", merged.to_str().ok_or("path")?], &["x"])?;
+    Ok(())
+}
