@@ -116,6 +116,11 @@ fn sync_dir(path: &Path) -> Result<()> {
     }
 }
 
+fn write_tensors(p: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    candle_core::safetensors::save(tensors, p).map_err(|e| ctx(p, "cannot write", e))?;
+    sync_file(p)
+}
+
 /// The manifest of the files in `tmp`, written last and synced with the directory.
 fn write_manifest(tmp: &Path, step: u64, tp: usize, files: BTreeMap<String, FileSum>) -> Result<()> {
     let manifest = Manifest { format: FORMAT.into(), version: 1, step, tp, files };
@@ -176,24 +181,7 @@ impl Checkpoints {
         state: &[u8],
         keep: usize,
     ) -> Result<PathBuf> {
-        fs::create_dir_all(&self.root).map_err(|e| ctx(&self.root, "cannot create", e))?;
-        let tmp = self.root.join(format!(".tmp-step-{step:08}"));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| ctx(&tmp, "cannot remove a stale temporary", e))?;
-        }
-        fs::create_dir_all(&tmp).map_err(|e| ctx(&tmp, "cannot create", e))?;
-        let mut files = BTreeMap::new();
-        for (name, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
-            let p = tmp.join(name);
-            candle_core::safetensors::save(tensors, &p).map_err(|e| ctx(&p, "cannot write", e))?;
-            sync_file(&p)?;
-            files.insert(name.to_string(), checksum(&p)?);
-        }
-        let p = tmp.join(STATE_FILE);
-        fs::write(&p, state).map_err(|e| ctx(&p, "cannot write", e))?;
-        sync_file(&p)?;
-        files.insert(STATE_FILE.to_string(), checksum(&p)?);
-        self.finish(step, &tmp, files, 1, keep)
+        self.save_sharded(step, model, optimizer, state, keep, None, (0, 1), true)
     }
 
     fn prune(&self, keep: usize) -> Result<()> {
@@ -302,8 +290,8 @@ impl Checkpoints {
         Ok(out)
     }
 
-    /// `save` by every rank of a distributed run: `writer`s (one per TP rank) write their shards,
-    /// the world's first rank the state and the manifest, last. Collective over `world`.
+    /// `save` by every rank of a distributed run (`world`; None: the only process): `writer`s (one
+    /// per TP rank) write their shards, the world's first rank the state and the manifest, last.
     #[allow(clippy::too_many_arguments)]
     pub fn save_sharded(
         &self,
@@ -312,13 +300,15 @@ impl Checkpoints {
         optimizer: &HashMap<String, Tensor>,
         state: &[u8],
         keep: usize,
-        world: &dyn glm_dist::Communicator,
+        world: Option<&dyn glm_dist::Communicator>,
         tp: (usize, usize),
         writer: bool,
     ) -> Result<PathBuf> {
-        let main = world.rank() == 0;
-        let sync =
-            |what: &str| world.barrier().map_err(|e| Error::Checkpoint(format!("saving step {step}: {what}: {e}")));
+        let main = world.is_none_or(|w| w.rank() == 0);
+        let sync = |what: &str| match world {
+            Some(w) => w.barrier().map_err(|e| Error::Checkpoint(format!("saving step {step}: {what}: {e}"))),
+            None => Ok(()),
+        };
         let tmp = self.root.join(format!(".tmp-step-{step:08}"));
         if main {
             fs::create_dir_all(&self.root).map_err(|e| ctx(&self.root, "cannot create", e))?;
@@ -330,9 +320,7 @@ impl Checkpoints {
         sync("waiting for the directory")?;
         if writer {
             for (base, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
-                let p = tmp.join(shard_file(base, tp.0, tp.1));
-                candle_core::safetensors::save(tensors, &p).map_err(|e| ctx(&p, "cannot write", e))?;
-                sync_file(&p)?;
+                write_tensors(&tmp.join(shard_file(base, tp.0, tp.1)), tensors)?;
             }
         }
         sync("waiting for every rank's shards")?;
@@ -383,10 +371,8 @@ impl Checkpoints {
                     part.insert(n.clone(), glm_dist::split::shard(t, split, tp, k).map_err(|e| ctx(src, n, e))?);
                 }
                 let file = shard_file(base, k, tp);
-                let p = tmp.join(&file);
-                candle_core::safetensors::save(&part, &p).map_err(|e| ctx(&p, "cannot write", e))?;
-                sync_file(&p)?;
-                files.insert(file, checksum(&p)?);
+                write_tensors(&tmp.join(&file), &part)?;
+                files.insert(file.clone(), checksum(&tmp.join(&file))?);
             }
         }
         let state = tmp.join(STATE_FILE);

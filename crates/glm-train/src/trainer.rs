@@ -419,7 +419,7 @@ impl Trainer {
             None => self.ckpts.save(self.state.step, &model, &optim, &state, keep)?,
             Some(d) => {
                 let writer = d.dp().0 == 0;
-                self.ckpts.save_sharded(self.state.step, &model, &optim, &state, keep, d.world(), d.tp(), writer)?
+                self.ckpts.save_sharded(self.state.step, &model, &optim, &state, keep, Some(d.world()), d.tp(), writer)?
             }
         };
         self.last_saved = Some(self.state.step);
