@@ -4,6 +4,7 @@
 //! Nothing here is asserted in tests: these are measurements, printed and returned as JSON.
 
 pub mod data;
+pub mod dist;
 pub mod train;
 
 use std::io::Write;

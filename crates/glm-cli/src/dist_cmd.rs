@@ -29,8 +29,47 @@ pub fn reshard(a: ReshardArgs) -> Result<()> {
 }
 
 #[derive(Args)]
-pub struct DistBenchArgs {}
+pub struct DistBenchArgs {
+    /// Where the ranks live: `local` (threads of this process) or `mpi` (one process per rank,
+    /// under mpirun; needs a build with --features mpi). Default: mpi when launched by Open MPI's
+    /// mpirun (OMPI_COMM_WORLD_SIZE is set), else local.
+    #[arg(long, value_parser = ["local", "mpi"])]
+    pub ranks: Option<String>,
+    #[command(flatten)]
+    pub opts: glm_bench::dist::DistBenchOpts,
+}
 
-pub fn bench(_a: DistBenchArgs) -> Result<()> {
-    anyhow::bail!("glm bench dist: not written yet")
+pub fn bench(a: DistBenchArgs) -> Result<()> {
+    let o = a.opts;
+    glm_bench::dist::prepare_env(&o);
+    let under_mpirun = std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some();
+    let report = match a.ranks.as_deref().unwrap_or(if under_mpirun { "mpi" } else { "local" }) {
+        "local" => Some(glm_bench::dist::run_local(&o)?),
+        _ => {
+            #[cfg(feature = "mpi")]
+            {
+                let world = glm_dist::mpi::world(std::time::Duration::from_secs(o.timeout_s))?;
+                match glm_bench::dist::run_world(world, &o) {
+                    Ok(r) => {
+                        glm_dist::mpi::finalize();
+                        r
+                    }
+                    Err(e) => {
+                        // The peers may wait inside a collective for this rank: end them all.
+                        eprintln!("error: {e:#}");
+                        glm_dist::mpi::abort(1)
+                    }
+                }
+            }
+            #[cfg(not(feature = "mpi"))]
+            anyhow::bail!("--ranks mpi needs a build with MPI: cargo build --release -p glm-cli --features mpi")
+        }
+    };
+    let Some(report) = report else { return Ok(()) }; // not rank 0
+    println!("{}", glm_bench::dist::render(&report));
+    if let Some(p) = &o.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
 }

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use glm_model::PRESETS;
 use glm_dist::{Layout, ParallelGroups};
+use glm_model::PRESETS;
 use glm_train::dist::Dist;
 use glm_train::{Precision, RunOptions, Summary, TrainConfig, Trainer};
 
@@ -79,7 +79,8 @@ enum Launch {
 impl TrainArgs {
     fn launch(&self) -> Result<Launch> {
         let layout = Layout::new(self.tp, 1, self.dp)?;
-        let under_mpirun = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some());
+        let under_mpirun =
+            ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some());
         Ok(match self.ranks.as_deref() {
             Some("local") => Launch::Local(layout),
             Some(_) => Launch::Mpi(layout),
@@ -140,15 +141,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let opts = RunOptions { out: out.clone(), resume: a.resume, stop_at: a.stop_at, progress: !a.quiet, device, stop };
     let model = cfg.model()?;
     let first_rank = std::env::var("OMPI_COMM_WORLD_RANK").map_or(true, |r| r == "0");
-    first_rank.then(|| eprintln!(
-        "training {} ({} parameters) on {} for {} steps, {:?}, into {}",
-        model.name,
-        glm_model::param_count(&model),
-        if a.cuda { "cuda:0" } else { "the CPU" },
-        cfg.max_steps,
-        cfg.precision,
-        out.display()
-    ));
+    first_rank.then(|| {
+        eprintln!(
+            "training {} ({} parameters) on {} for {} steps, {:?}, into {}",
+            model.name,
+            glm_model::param_count(&model),
+            if a.cuda { "cuda:0" } else { "the CPU" },
+            cfg.max_steps,
+            cfg.precision,
+            out.display()
+        )
+    });
     let timeout = std::time::Duration::from_secs(a.dist_timeout.max(1));
     let zero = a.zero == 1;
     match a.launch()? {
@@ -163,11 +166,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 let groups = ParallelGroups::new(world, layout)?;
                 let main = groups.world.rank() == 0;
                 let as_dist = |e: glm_train::Error| glm_dist::Error::Comm(e.to_string());
-                let mut trainer = Trainer::with_dist(cfg.clone(), opts.clone(), Some(Dist::new(groups, zero))).map_err(as_dist)?;
+                let mut trainer =
+                    Trainer::with_dist(cfg.clone(), opts.clone(), Some(Dist::new(groups, zero))).map_err(as_dist)?;
                 let summary = run_rank(&mut trainer).map_err(|e| glm_dist::Error::Comm(e.to_string()))?;
                 // Samples need the whole model: the first rank has it when it is not split.
                 if main && layout.tp == 1 {
-                    finish(&summary, Some(&trainer), &out, a.no_samples).map_err(|e| glm_dist::Error::Comm(e.to_string()))?;
+                    finish(&summary, Some(&trainer), &out, a.no_samples)
+                        .map_err(|e| glm_dist::Error::Comm(e.to_string()))?;
                 }
                 Ok(summary)
             })?;

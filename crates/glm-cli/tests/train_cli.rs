@@ -168,7 +168,9 @@ fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Erro
     let base = ["train", "--config", c, "--quiet", "--no-samples", "--out"];
     let o = glm(&[&base[..], &[one.to_str().ok_or("path")?]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let args = [&base[..], &[split.to_str().ok_or("path")?, "--tp", "2", "--dp", "2", "--zero", "1", "--ranks", "local"]].concat();
+    let args =
+        [&base[..], &[split.to_str().ok_or("path")?, "--tp", "2", "--dp", "2", "--zero", "1", "--ranks", "local"]]
+            .concat();
     let o = glm(&args);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
@@ -198,10 +200,16 @@ fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Erro
     };
     let out = dir.path().join("x");
     let out = out.to_str().ok_or("path")?;
-    fails(&["train", "--config", c, "--out", out, "--tp", "2", "--dp", "2"], &["4 ranks", "mpirun -np 4", "--ranks local"])?;
+    fails(
+        &["train", "--config", c, "--out", out, "--tp", "2", "--dp", "2"],
+        &["4 ranks", "mpirun -np 4", "--ranks local"],
+    )?;
     fails(&["train", "--config", c, "--out", out, "--tp", "3", "--ranks", "local"], &["3 ways", "4 heads"])?;
     let fresh = dir.path().join("y");
-    fails(&["reshard", ckpt.to_str().ok_or("path")?, "--tp", "3", "--out", fresh.to_str().ok_or("path")?], &["3 ways"])?;
+    fails(
+        &["reshard", ckpt.to_str().ok_or("path")?, "--tp", "3", "--out", fresh.to_str().ok_or("path")?],
+        &["3 ways"],
+    )?;
     fails(&["reshard", out, "--tp", "2", "--out", merged.to_str().ok_or("path")?], &["x"])?;
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod comm;
 pub mod groups;
 pub mod local;
 pub mod maps;
+pub mod meter;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod registry;

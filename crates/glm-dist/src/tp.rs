@@ -51,7 +51,11 @@ impl LinearFactory for TpFactory {
             ParallelRole::Column { chunks } => {
                 let chunks = chunks.max(1);
                 if !spec.out_dim.is_multiple_of(n * chunks) {
-                    let what = if chunks == 1 { "output features".to_string() } else { format!("output features in each of its {chunks} parts") };
+                    let what = if chunks == 1 {
+                        "output features".to_string()
+                    } else {
+                        format!("output features in each of its {chunks} parts")
+                    };
                     return Err(split_error(&spec, &what, spec.out_dim / chunks, n));
                 }
                 let local = self.inner.make(vb, LinearSpec { out_dim: spec.out_dim / n, ..spec })?;

@@ -19,8 +19,8 @@ use std::rc::Rc;
 use candle_core::{DType, Tensor, Var};
 use glm_dist::{Communicator, Group, ParallelGroups, ReduceOp};
 
-use crate::optim::AdamWConfig;
-use crate::step::Params;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::step::{Grads, Params};
 use crate::{Error, Result};
 
 /// Default bucket: 2^22 elements (16 MiB of f32), Megatron's order of magnitude.
@@ -334,6 +334,115 @@ impl ShardedAdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// AdamW over every parameter of the rank, or (ZeRO-1) over the chunks its DP rank owns.
+pub enum Optimizer {
+    Full(AdamW),
+    Sharded(ShardedAdamW, Flat),
+}
+
+impl Optimizer {
+    pub fn new(cfg: AdamWConfig, params: &Params, dist: Option<&Dist>, fused: bool) -> Result<Self> {
+        Ok(match dist {
+            Some(d) if d.zero => {
+                let lens: Vec<usize> = params.master.iter().map(|v| v.elem_count()).collect();
+                let (r, n) = d.dp();
+                let flat = Flat::new(&lens, d.bucket, n, r);
+                Optimizer::Sharded(ShardedAdamW::new(cfg, &flat), flat)
+            }
+            _ => Optimizer::Full(AdamW::new(cfg, &params.master, fused)?),
+        })
+    }
+
+    /// Steps taken.
+    pub fn t(&self) -> u64 {
+        match self {
+            Optimizer::Full(o) => o.t,
+            Optimizer::Sharded(o, _) => o.t,
+        }
+    }
+
+    /// One update from this rank's gradients (`owned`: with ZeRO-1, the chunks `sync_grads` returned).
+    pub fn step(
+        &mut self,
+        params: &Params,
+        grads: &[Tensor],
+        owned: Option<Vec<f32>>,
+        lr: f64,
+        grad_scale: f64,
+        dist: Option<&Dist>,
+    ) -> Result<()> {
+        match (self, owned, dist) {
+            (Optimizer::Full(o), _, _) => o.step(&params.master, grads, &params.decay, lr, grad_scale),
+            (Optimizer::Sharded(o, flat), Some(owned), Some(d)) => {
+                o.step(flat, &params.master, &owned, &params.decay, lr, grad_scale, d.dp_comm())
+            }
+            _ => Err(Error::Dist("a ZeRO-1 step needs a data-parallel group and its reduced chunks".into())),
+        }
+    }
+
+    /// Every parameter's moments, by name (with ZeRO-1 gathered from the DP ranks: collective).
+    pub fn state_tensors(&self, params: &Params, dist: Option<&Dist>) -> Result<Vec<(String, Tensor)>> {
+        match (self, dist) {
+            (Optimizer::Full(o), _) => o.state_tensors(&params.names, &params.master),
+            (Optimizer::Sharded(o, flat), Some(d)) => o.state_tensors(flat, &params.names, &params.master, d.dp_comm()),
+            (Optimizer::Sharded(..), None) => Err(Error::Dist("ZeRO-1 state without a data-parallel group".into())),
+        }
+    }
+
+    /// Moments saved whole (`get` returns one by name), after `t` steps.
+    pub fn load_state(&mut self, params: &Params, get: impl Fn(&str) -> Result<Tensor>, t: u64) -> Result<()> {
+        match self {
+            Optimizer::Full(o) => o.load_state(&params.names, get, t),
+            Optimizer::Sharded(o, flat) => o.load_state(flat, &params.names, get, t),
+        }
+    }
+
+    /// Bytes of AdamW state this rank holds (8 per parameter, or 8/dp with ZeRO-1).
+    pub fn state_bytes(&self, params: &Params) -> usize {
+        match self {
+            Optimizer::Full(_) => 8 * params.master.iter().map(|v| v.elem_count()).sum::<usize>(),
+            Optimizer::Sharded(o, _) => o.state_bytes(),
+        }
+    }
+}
+
+/// Sums a step over the data-parallel ranks: the loss, and the gradients (all-reduced in buckets;
+/// with ZeRO-1 reduce-scattered, returning this rank's chunks).
+pub fn sync_grads(dist: Option<&Dist>, opt: &Optimizer, params: &Params, g: &mut Grads) -> Result<Option<Vec<f32>>> {
+    let Some(d) = dist else { return Ok(None) };
+    let mut loss = [g.loss];
+    d.dp_comm().all_reduce_scalars(&mut loss, ReduceOp::Sum).map_err(comm)?;
+    g.loss = loss[0];
+    match opt {
+        Optimizer::Sharded(_, flat) => {
+            let buf = flat.flatten(&g.grads)?;
+            Ok(Some(flat.reduce_scatter(&buf, d.dp_comm())?))
+        }
+        Optimizer::Full(_) if d.dp().1 > 1 => {
+            let lens: Vec<usize> = g.grads.iter().map(|t| t.elem_count()).collect();
+            let flat = Flat::new(&lens, d.bucket, 1, 0);
+            let mut buf = flat.flatten(&g.grads)?;
+            flat.all_reduce(&mut buf, d.dp_comm())?;
+            g.grads = flat.unflatten(&buf, &params.master)?;
+            Ok(None)
+        }
+        Optimizer::Full(_) => Ok(None),
+    }
+}
+
+/// (global, per group) gradient norms, unscaled, from this rank's squared sums: summed over the
+/// tensor-parallel shards and, with ZeRO-1, the data-parallel chunks.
+pub fn norms(dist: Option<&Dist>, opt: &Optimizer, mut sq: Vec<f64>, scale: f64) -> Result<(f64, Vec<f64>)> {
+    if let Some(d) = dist {
+        d.tp_comm().all_reduce_scalars(&mut sq, ReduceOp::Sum).map_err(comm)?;
+        if matches!(opt, Optimizer::Sharded(..)) {
+            d.dp_comm().all_reduce_scalars(&mut sq, ReduceOp::Sum).map_err(comm)?;
+        }
+    }
+    let global = sq.iter().sum::<f64>().sqrt() / scale;
+    Ok((global, sq.into_iter().map(|s| s.sqrt() / scale).collect()))
 }
 
 #[cfg(test)]

@@ -64,7 +64,13 @@ pub fn opts(out: &Path, resume: bool, stop_at: Option<u64>) -> RunOptions {
 
 /// One rank's part of a split run: trains, then returns the full weights gathered from the TP
 /// ranks (every rank gets them).
-pub fn rank_run(world: Rc<dyn Communicator>, layout: Layout, zero: bool, cfg: &TrainConfig, o: &RunOptions) -> Result<HashMap<String, Tensor>> {
+pub fn rank_run(
+    world: Rc<dyn Communicator>,
+    layout: Layout,
+    zero: bool,
+    cfg: &TrainConfig,
+    o: &RunOptions,
+) -> Result<HashMap<String, Tensor>> {
     let dist = |e: glm_dist::Error| Error::Dist(e.to_string());
     let groups = ParallelGroups::new(world, layout).map_err(dist)?;
     let tp = Rc::clone(&groups.tp);
@@ -106,7 +112,11 @@ pub fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 /// The split run's log and weights against the single run's: losses within 1e-5, every gradient
 /// group's norm within 1e-4, weights within 1e-5 (relative). The worst weight error on success.
-pub fn compare(what: &str, single: (&Path, &HashMap<String, Tensor>), split: (&Path, &HashMap<String, Tensor>)) -> Result<f64> {
+pub fn compare(
+    what: &str,
+    single: (&Path, &HashMap<String, Tensor>),
+    split: (&Path, &HashMap<String, Tensor>),
+) -> Result<f64> {
     let fail = |m: String| Err(Error::Mismatch(format!("{what}: {m}")));
     let (want, got) = (steps(single.0)?, steps(split.0)?);
     if want.is_empty() || got.len() != want.len() {

@@ -16,11 +16,11 @@ use serde_json::json;
 
 use crate::ckpt::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::{Precision, TrainConfig};
-use crate::dist::{owned_sq_norms, shard_sq_norms, Dist, Flat, ShardedAdamW};
+use crate::dist::{norms, owned_sq_norms, shard_sq_norms, sync_grads, Dist, Optimizer};
 use crate::eval::{ValResult, Validation};
 use crate::metrics::Metrics;
 use crate::monitor::{Event, Monitor, Policy};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamWConfig;
 use crate::scaler::{LossScaler, ScaleChange};
 use crate::schedule::{batch_rows, samples_after, LrSchedule};
 use crate::step::{forward_backward, LossFault, Params};
@@ -81,21 +81,6 @@ pub struct Summary {
     pub plots: Option<PathBuf>,
     /// Stopped early by `RunOptions::stop`.
     pub interrupted: bool,
-}
-
-/// AdamW over every parameter of the rank, or (ZeRO-1) over the chunks its DP rank owns.
-enum Optimizer {
-    Full(AdamW),
-    Sharded(ShardedAdamW, Flat),
-}
-
-impl Optimizer {
-    fn t(&self) -> u64 {
-        match self {
-            Optimizer::Full(o) => o.t,
-            Optimizer::Sharded(o, _) => o.t,
-        }
-    }
 }
 
 pub struct Trainer {
@@ -206,15 +191,7 @@ impl Trainer {
         let model = params.model(&model_cfg, dist.as_ref().map(|d| d.tp))?;
         let o = &cfg.optim;
         let adam = AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
-        let opt = match &dist {
-            Some(d) if d.zero => {
-                let lens: Vec<usize> = params.master.iter().map(|v| v.elem_count()).collect();
-                let (r, n) = d.dp();
-                let flat = Flat::new(&lens, d.bucket, n, r);
-                Optimizer::Sharded(ShardedAdamW::new(adam, &flat), flat)
-            }
-            _ => Optimizer::Full(AdamW::new(adam, &params.master, o.fused)?),
-        };
+        let opt = Optimizer::new(adam, &params, dist.as_ref(), o.fused)?;
         let schedule = LrSchedule::new(o, samples_after(&cfg.batch, cfg.max_steps));
         let state = RunState {
             step: 0,
@@ -317,10 +294,7 @@ impl Trainer {
 
     /// Bytes of AdamW state this rank holds (8 per parameter, or 8/dp with ZeRO-1).
     pub fn optimizer_bytes(&self) -> usize {
-        match &self.opt {
-            Optimizer::Full(_) => 8 * self.params.master.iter().map(|v| v.elem_count()).sum::<usize>(),
-            Optimizer::Sharded(o, _) => o.state_bytes(),
-        }
+        self.opt.state_bytes(&self.params)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -387,10 +361,7 @@ impl Trainer {
                 .transpose()?
                 .ok_or_else(|| Error::Checkpoint(format!("{}: optimizer state lacks {n}", dir.display())))
         };
-        match &mut self.opt {
-            Optimizer::Full(o) => o.load_state(&self.params.names, get, state.adam_steps)?,
-            Optimizer::Sharded(o, flat) => o.load_state(flat, &self.params.names, get, state.adam_steps)?,
-        }
+        self.opt.load_state(&self.params, get, state.adam_steps)?;
         self.batcher.restore(state.data)?;
         self.state = state;
         Ok(())
@@ -400,26 +371,23 @@ impl Trainer {
         self.state.adam_steps = self.opt.t();
         self.state.data = self.batcher.cursor();
         let model = self.params.master_tensors();
-        let optim = match &self.opt {
-            Optimizer::Full(o) => o.state_tensors(&self.params.names, &self.params.master)?,
-            Optimizer::Sharded(o, flat) => {
-                let dp = self
-                    .dist
-                    .as_ref()
-                    .map(|d| d.dp_comm())
-                    .ok_or_else(|| Error::Dist("ZeRO without a DP group".into()))?;
-                o.state_tensors(flat, &self.params.names, &self.params.master, dp)?
-            }
-        }
-        .into_iter()
-        .collect();
+        let optim = self.opt.state_tensors(&self.params, self.dist.as_ref())?.into_iter().collect();
         let state = serde_json::to_vec_pretty(&self.state).map_err(|e| Error::Checkpoint(e.to_string()))?;
         let keep = self.cfg.checkpoint.keep;
         let p = match &self.dist {
             None => self.ckpts.save(self.state.step, &model, &optim, &state, keep)?,
             Some(d) => {
                 let writer = d.dp().0 == 0;
-                self.ckpts.save_sharded(self.state.step, &model, &optim, &state, keep, Some(d.world()), d.tp(), writer)?
+                self.ckpts.save_sharded(
+                    self.state.step,
+                    &model,
+                    &optim,
+                    &state,
+                    keep,
+                    Some(d.world()),
+                    d.tp(),
+                    writer,
+                )?
             }
         };
         self.last_saved = Some(self.state.step);
@@ -570,12 +538,12 @@ impl Trainer {
                 *first = (&*first * f64::INFINITY)?;
             }
         }
-        let owned = self.sync_grads(&mut g)?;
+        let owned = sync_grads(self.dist.as_ref(), &self.opt, &self.params, &mut g)?;
         let sq = match (&self.opt, &owned) {
             (Optimizer::Sharded(_, flat), Some(o)) => owned_sq_norms(flat, o, &self.params, self.params.tp.0),
             _ => shard_sq_norms(&g.grads, &self.params, self.params.tp.0)?,
         };
-        let (norm, groups) = self.norms(sq, scale)?;
+        let (norm, groups) = norms(self.dist.as_ref(), &self.opt, sq, scale)?;
 
         // f16: an overflow in the gradients (the loss itself finite) is the scaler's business.
         if let Some(sc) = self.state.scaler.as_mut() {
@@ -615,20 +583,7 @@ impl Trainer {
         }
         let clip = self.cfg.optim.clip_grad;
         let coef = if clip > 0.0 && norm > clip { clip / (norm + 1e-6) } else { 1.0 };
-        match (&mut self.opt, owned) {
-            (Optimizer::Full(o), _) => o.step(&self.params.master, &g.grads, &self.params.decay, lr, coef / scale)?,
-            (Optimizer::Sharded(o, flat), Some(owned)) => {
-                let dp = self
-                    .dist
-                    .as_ref()
-                    .map(|d| d.dp_comm())
-                    .ok_or_else(|| Error::Dist("ZeRO without a DP group".into()))?;
-                o.step(flat, &self.params.master, &owned, &self.params.decay, lr, coef / scale, dp)?
-            }
-            (Optimizer::Sharded(..), None) => {
-                return Err(Error::Dist("ZeRO step without reduced gradient chunks".into()))
-            }
-        }
+        self.opt.step(&self.params, &g.grads, owned, lr, coef / scale, self.dist.as_ref())?;
         self.params.sync_compute()?;
         if let Some(sc) = self.state.scaler.as_mut() {
             sc.update(false);
@@ -636,45 +591,6 @@ impl Trainer {
         self.state.monitor.accept(&self.cfg.monitor, g.loss, norm);
         self.advance(rows);
         self.log_step(step, &g.loss, lr, norm, &groups, rows, t0, false)
-    }
-
-    /// Sums the step over the data-parallel ranks: the loss, and the gradients (all-reduced in
-    /// buckets; with ZeRO-1 reduce-scattered, returning this rank's chunks).
-    fn sync_grads(&self, g: &mut crate::step::Grads) -> Result<Option<Vec<f32>>> {
-        let Some(d) = &self.dist else { return Ok(None) };
-        let dist = |e: glm_dist::Error| Error::Dist(e.to_string());
-        let mut loss = [g.loss];
-        d.dp_comm().all_reduce_scalars(&mut loss, glm_dist::ReduceOp::Sum).map_err(dist)?;
-        g.loss = loss[0];
-        match &self.opt {
-            Optimizer::Sharded(_, flat) => {
-                let buf = flat.flatten(&g.grads)?;
-                Ok(Some(flat.reduce_scatter(&buf, d.dp_comm())?))
-            }
-            Optimizer::Full(_) if d.dp().1 > 1 => {
-                let lens: Vec<usize> = g.grads.iter().map(|t| t.elem_count()).collect();
-                let flat = Flat::new(&lens, d.bucket, 1, 0);
-                let mut buf = flat.flatten(&g.grads)?;
-                flat.all_reduce(&mut buf, d.dp_comm())?;
-                g.grads = flat.unflatten(&buf, &self.params.master)?;
-                Ok(None)
-            }
-            Optimizer::Full(_) => Ok(None),
-        }
-    }
-
-    /// (global, per group) gradient norms, unscaled, from this rank's squared sums: summed over the
-    /// tensor-parallel shards and, with ZeRO-1, the data-parallel chunks.
-    fn norms(&self, mut sq: Vec<f64>, scale: f64) -> Result<(f64, Vec<f64>)> {
-        if let Some(d) = &self.dist {
-            let dist = |e: glm_dist::Error| Error::Dist(e.to_string());
-            d.tp_comm().all_reduce_scalars(&mut sq, glm_dist::ReduceOp::Sum).map_err(dist)?;
-            if matches!(self.opt, Optimizer::Sharded(..)) {
-                d.dp_comm().all_reduce_scalars(&mut sq, glm_dist::ReduceOp::Sum).map_err(dist)?;
-            }
-        }
-        let global = sq.iter().sum::<f64>().sqrt() / scale;
-        Ok((global, sq.into_iter().map(|s| s.sqrt() / scale).collect()))
     }
 
     fn count_intervention(&mut self, step: u64, ev: &Event) -> Result<()> {

@@ -50,7 +50,13 @@ fn dropout_masks_do_not_depend_on_the_layout() -> Result<()> {
 
 /// Every rank's run of `cfg` split tp x dp on threads (resuming or stopping as `o` says): the
 /// full weights of each rank.
-fn run_split(cfg: &TrainConfig, o: &RunOptions, tp: usize, dp: usize, zero: bool) -> Result<Vec<HashMap<String, Tensor>>> {
+fn run_split(
+    cfg: &TrainConfig,
+    o: &RunOptions,
+    tp: usize,
+    dp: usize,
+    zero: bool,
+) -> Result<Vec<HashMap<String, Tensor>>> {
     let layout = Layout::new(tp, 1, dp)?;
     Ok(LocalComm::run(tp * dp, Duration::from_secs(120), |world| {
         rank_run(world, layout, zero, cfg, o).map_err(|e| glm_dist::Error::Comm(e.to_string()))
@@ -108,7 +114,10 @@ fn reshard_round_trips_bit_for_bit_and_another_degree_resumes_the_run() -> Resul
     for file in [MODEL_FILE, OPTIMIZER_FILE] {
         let (a, b) = (Checkpoints::load_tensors(&step3, file)?, Checkpoints::load_tensors(&t1, file)?);
         ensure!(same_bits(&a, &b)?, "{file} changed over tp 1 -> 2 -> 4 -> 1");
-        ensure!(same_bits(&a, &Checkpoints::load_full(&t4, file, &model)?)?, "{file}: the tp 4 shards do not merge back");
+        ensure!(
+            same_bits(&a, &Checkpoints::load_full(&t4, file, &model)?)?,
+            "{file}: the tp 4 shards do not merge back"
+        );
     }
     ensure!(Checkpoints::reshard(&step3, &t2, &model, 2).is_err(), "an existing output must be refused");
     ensure!(Checkpoints::reshard(&step3, &dir.path().join("tp3"), &model, 3).is_err(), "4 heads cannot split 3 ways");
