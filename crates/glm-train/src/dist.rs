@@ -265,25 +265,24 @@ impl ShardedAdamW {
         let step = (lr / (1.0 - c.beta1.powi(t))) as f32;
         let inv_bc2_sqrt = (1.0 / (1.0 - c.beta2.powi(t)).sqrt()) as f32;
         let gs = grad_scale as f32;
-        let mut params = flat.flatten(&master.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())?;
+        // Only the owned elements are read and updated; the rest arrive with the all-gather.
         let mut mine = Vec::with_capacity(flat.owned_len());
         let mut at = 0;
         for r in flat.owned() {
-            let mut keep_of = vec![1f32; r.len()];
-            for (i, _, start, len) in flat.pieces(&r) {
-                if decay[i] {
-                    let keep = (1.0 - lr * c.weight_decay) as f32;
-                    keep_of[start - r.start..start - r.start + len].fill(keep);
+            let mut chunk = vec![0f32; r.len()]; // bucket padding stays 0
+            for (i, offset, start, len) in flat.pieces(&r) {
+                let keep = if decay[i] { (1.0 - lr * c.weight_decay) as f32 } else { 1.0 };
+                let p = master[i].as_tensor().flatten_all()?.narrow(0, offset, len)?.to_vec1::<f32>()?;
+                let base = start - r.start;
+                for (j, p) in p.into_iter().enumerate() {
+                    let k = at + base + j;
+                    let g = grads[k] * gs;
+                    self.m[k] = b1 * self.m[k] + (1.0 - b1) * g;
+                    self.v[k] = b2 * self.v[k] + (1.0 - b2) * g * g;
+                    chunk[base + j] = p * keep - step * self.m[k] / (self.v[k].sqrt() * inv_bc2_sqrt + eps);
                 }
             }
-            for (j, keep) in keep_of.into_iter().enumerate() {
-                let (k, p) = (at + j, &mut params[r.start + j]);
-                let g = grads[k] * gs;
-                self.m[k] = b1 * self.m[k] + (1.0 - b1) * g;
-                self.v[k] = b2 * self.v[k] + (1.0 - b2) * g * g;
-                *p = *p * keep - step * self.m[k] / (self.v[k].sqrt() * inv_bc2_sqrt + eps);
-                mine.push(*p);
-            }
+            mine.extend_from_slice(&chunk);
             at += r.len();
         }
         let all = flat.all_gather(&mine, dp)?;
