@@ -9,6 +9,7 @@ pub mod maps;
 pub mod meter;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod pipeline;
 pub mod registry;
 pub mod split;
 /// Backend-independent checks of a communicator, shared by the in-process tests and the MPI runs.
