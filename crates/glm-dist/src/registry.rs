@@ -55,12 +55,6 @@ impl Group {
             ))),
         }
     }
-
-    /// The communicator itself (for code on the rank's own thread).
-    pub fn comm(&self) -> Result<Rc<dyn Communicator>> {
-        self.with(|_| Ok(()))?;
-        GROUPS.with(|g| g.borrow().get(self.index).cloned()).ok_or_else(|| Error::Comm("unregistered group".into()))
-    }
 }
 
 /// Forgets every communicator registered on this thread (end of a rank's run).

@@ -34,10 +34,6 @@ impl TpFactory {
         crate::split::check_tp(cfg, group.size())?;
         Ok(Self { group, inner })
     }
-
-    pub fn group(&self) -> Group {
-        self.group
-    }
 }
 
 fn split_error(spec: &LinearSpec, what: &str, len: usize, n: usize) -> candle_core::Error {
@@ -136,14 +132,14 @@ struct VocabParallel {
 
 impl VocabParallel {
     /// Ids local to this rank's rows (0 where outside) and a (N, 1) f32 mask of those inside.
-    fn local_ids(&self, ids: &[i64]) -> Result<(Vec<u32>, Vec<f32>)> {
+    fn local_ids(&self, ids: &[i64]) -> (Vec<u32>, Vec<f32>) {
         let (mut local, mut inside) = (Vec::with_capacity(ids.len()), Vec::with_capacity(ids.len()));
         for &id in ids {
             let mine = id >= self.start as i64 && id < self.end as i64;
             local.push(if mine { (id - self.start as i64) as u32 } else { 0 });
             inside.push(if mine { 1.0 } else { 0.0 });
         }
-        Ok((local, inside))
+        (local, inside)
     }
 }
 
@@ -151,7 +147,7 @@ impl VocabTable for VocabParallel {
     fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let host: Vec<i64> = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
         let n = host.len();
-        let (local, inside) = self.local_ids(&host)?;
+        let (local, inside) = self.local_ids(&host);
         let dev = self.weight.device();
         let rows = self.weight.index_select(&Tensor::from_vec(local, n, dev)?, 0)?; // (N, H)
         let mask = Tensor::from_vec(inside, (n, 1), dev)?.to_dtype(rows.dtype())?;
@@ -193,23 +189,14 @@ pub fn vocab_parallel_cross_entropy(
     let v = end - start;
     let z = logits.to_dtype(DType::F32)?.reshape(((), v))?; // (N, V/tp)
     let n = z.dim(0)?;
-    let t: Vec<i64> = targets.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
-    if t.len() != n {
-        return Err(Error::Layout(format!("cross_entropy: {} targets for {n} logit rows", t.len())));
-    }
+    let (t, scored) = glm_nn::loss::checked_targets(targets, n, total)?;
     let (mut local, mut inside, mut valid) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    for (i, &y) in t.iter().enumerate() {
-        if y != IGNORE_INDEX && (y < 0 || y as usize >= total) {
-            return Err(Error::Layout(format!(
-                "cross_entropy: target {y} at position {i} is outside the vocabulary (size {total})"
-            )));
-        }
+    for &y in &t {
         let mine = y >= start as i64 && y < end as i64;
         local.push(if mine { (y - start as i64) as u32 } else { 0 });
         inside.push(mine as u8);
         valid.push((y != IGNORE_INDEX) as u8);
     }
-    let scored = valid.iter().filter(|&&x| x > 0).count();
     let dev = z.device();
     if scored == 0 {
         return Ok(Tensor::zeros((), DType::F32, dev)?);

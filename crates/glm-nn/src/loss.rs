@@ -10,20 +10,7 @@ pub const IGNORE_INDEX: i64 = -100;
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let v = logits.dim(candle_core::D::Minus1)?;
     let logits = logits.reshape(((), v))?;
-    let t: Vec<i64> = targets.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
-    if t.len() != logits.dim(0)? {
-        candle_core::bail!("cross_entropy: {} targets for {} logit rows", t.len(), logits.dim(0)?)
-    }
-    let mut scored = 0usize;
-    for (i, &y) in t.iter().enumerate() {
-        if y == IGNORE_INDEX {
-            continue;
-        }
-        if y < 0 || y as usize >= v {
-            candle_core::bail!("cross_entropy: target {y} at position {i} is outside the vocabulary (size {v})")
-        }
-        scored += 1;
-    }
+    let (t, scored) = checked_targets(targets, logits.dim(0)?, v)?;
     if scored == 0 {
         return Tensor::zeros((), DType::F32, logits.device());
     }
@@ -31,6 +18,26 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let targets = Tensor::from_vec(t, n, logits.device())?;
     let per_row = crate::kernels::cross_entropy_rows(&logits, &targets, IGNORE_INDEX)?; // (N)
     per_row.sum_all()? / scored as f64
+}
+
+/// The targets of `rows` logit rows over a vocabulary of `vocab`, each `IGNORE_INDEX` or a token
+/// id, and how many are scored.
+pub fn checked_targets(targets: &Tensor, rows: usize, vocab: usize) -> Result<(Vec<i64>, usize)> {
+    let t: Vec<i64> = targets.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+    if t.len() != rows {
+        candle_core::bail!("cross_entropy: {} targets for {rows} logit rows", t.len())
+    }
+    let mut scored = 0usize;
+    for (i, &y) in t.iter().enumerate() {
+        if y == IGNORE_INDEX {
+            continue;
+        }
+        if y < 0 || y as usize >= vocab {
+            candle_core::bail!("cross_entropy: target {y} at position {i} is outside the vocabulary (size {vocab})")
+        }
+        scored += 1;
+    }
+    Ok((t, scored))
 }
 
 #[cfg(test)]

@@ -78,9 +78,9 @@ pub fn rank_run(
     t.run()?;
     let model = cfg.model()?;
     let mut full = HashMap::new();
-    let mut names: Vec<String> = t.weights().keys().cloned().collect();
-    names.sort(); // every rank gathers in the same order
     let weights = t.weights();
+    let mut names: Vec<String> = weights.keys().cloned().collect();
+    names.sort(); // every rank gathers in the same order
     for name in names {
         let local = &weights[&name];
         let stacked = tp.all_gather(&local.unsqueeze(0)?, 0).map_err(dist)?; // (tp, ..)
