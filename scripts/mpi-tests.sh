@@ -102,16 +102,24 @@ GLM=target/release/glm
 WORK=$(mktemp -d)
 trap 'rm -f "$LOG"; rm -rf "$WORK"' EXIT
 i=0
-for layout in "glm 2 1 0 0" "glm 1 2 1 0" "glm 2 2 1 1" "chatglm 2 2 0 0" "glm 4 1 0 1" "chatglm 1 4 1 0"; do
+for layout in "glm 2 1 1 0 0" "glm 1 1 2 1 0" "glm 2 1 2 1 1" "chatglm 2 1 2 0 0" "glm 4 1 1 0 1" "chatglm 1 1 4 1 0" \
+  "glm 1 2 1 0 1" "chatglm 1 4 1 0 0" "glm 2 2 2 1 1"; do
   set -- $layout
   i=$((i + 1))
-  run_mpi "equivalence $layout (arch tp dp zero dropout)" $(($2 * $3)) "$EQ" "$WORK/eq$i" $layout
+  run_mpi "equivalence $layout (arch tp pp dp zero dropout)" $(($2 * $3 * $4)) "$EQ" "$WORK/eq$i" $layout
   expect_lines "equivalence $layout: matches the single process" 1 "5 steps match the single process"
 done
 
 TRAIN=(train --max-steps 30 --save-every 2 --eval-every 0 --quiet --no-samples --tp 2)
-run_mpi_fails "glm train: world size must be tp x dp" 3 "world size 3 does not match the layout: tp 2 x pp 1 x dp 2" \
+run_mpi_fails "glm train: world size must be tp x pp x dp" 3 "world size 3 does not match the layout: tp 2 x pp 1 x dp 2" \
   "$GLM" "${TRAIN[@]}" --dp 2 --out "$WORK/mismatch"
+# The 3D grid from the CLI: 8 processes, tp 2 x pp 2 x dp 2 with ZeRO-1, resumed on another layout.
+run_mpi "glm train --tp 2 --pp 2 --dp 2 --zero 1" 8 "$GLM" train --max-steps 4 --save-every 2 --eval-every 2 --quiet \
+  --no-samples --tp 2 --pp 2 --dp 2 --zero 1 --out "$WORK/grid"
+expect_lines "glm train 3D grid: the stages reported" 1 "pipeline: 2 stages of \[2, 2\] layers"
+run_mpi "glm train 3D grid resumed at tp 1 x pp 4" 4 "$GLM" train --max-steps 6 --save-every 2 --eval-every 0 --quiet \
+  --no-samples --pp 4 --out "$WORK/grid" --resume
+expect_lines "glm train 3D grid: resumed on the new layout" 1 "resumed at step 4"
 # A rank that cannot open its data stops the whole run with its message (MPMD: rank 1 gets a bad
 # data directory).
 "$GLM" train --print-config | sed 's|^\[data\]$|[data]\ndir = "/nonexistent/shards"|' >"$WORK/bad-data.toml"

@@ -7,11 +7,15 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct ReshardArgs {
-    /// A training checkpoint directory (`runs/NAME/checkpoints/step-N`), at any TP degree.
+    /// A training checkpoint directory (`runs/NAME/checkpoints/step-N`), at any TP x PP layout.
     pub checkpoint: PathBuf,
-    /// The new tensor-parallel degree (1: one `model.safetensors`, which `glm generate` reads).
+    /// The new tensor-parallel degree (with --pp 1, 1 makes one `model.safetensors`, which
+    /// `glm generate` reads).
     #[arg(long)]
     pub tp: usize,
+    /// The new pipeline-parallel degree (stages balanced as `glm train --pp` cuts them).
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
     /// The new checkpoint directory (must not exist).
     #[arg(long)]
     pub out: PathBuf,
@@ -22,9 +26,9 @@ pub fn reshard(a: ReshardArgs) -> Result<()> {
         .with_context(|| format!("{}: bad state.json", a.checkpoint.display()))?;
     let cfg: glm_model::Config = serde_json::from_value(state["model"].clone())
         .with_context(|| format!("{}: state.json has no readable model config", a.checkpoint.display()))?;
-    let from = glm_train::ckpt::checkpoint_tp(&a.checkpoint)?;
-    glm_train::ckpt::Checkpoints::reshard(&a.checkpoint, &a.out, &cfg, a.tp)?;
-    eprintln!("{}: tp {from} -> {} ({})", a.checkpoint.display(), a.tp, a.out.display());
+    let (tp, pp) = glm_train::ckpt::checkpoint_layout(&a.checkpoint)?;
+    glm_train::ckpt::Checkpoints::reshard(&a.checkpoint, &a.out, &cfg, a.tp, a.pp)?;
+    eprintln!("{}: tp {tp} x pp {pp} -> tp {} x pp {} ({})", a.checkpoint.display(), a.tp, a.pp, a.out.display());
     Ok(())
 }
 

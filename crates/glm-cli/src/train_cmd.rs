@@ -54,13 +54,17 @@ pub struct TrainArgs {
     /// Tensor-parallel degree: each layer's heads, FFN columns and vocabulary split over N ranks.
     #[arg(long, default_value_t = 1)]
     tp: usize,
+    /// Pipeline-parallel degree: the layers cut into N stages (balanced; the embedding on the first,
+    /// the head on the last), each step's micro-batches run through them in 1F1B order.
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
     /// Data-parallel degree: each step's micro-batches shared by N ranks (the global batch stays).
     #[arg(long, default_value_t = 1)]
     dp: usize,
     /// 1: ZeRO-1, the AdamW moments sharded over the data-parallel ranks.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     zero: u8,
-    /// Where the tp x dp ranks run: `mpi` (one process per rank, launched by `mpirun -np N`; the
+    /// Where the tp x pp x dp ranks run: `mpi` (one process per rank, launched by `mpirun -np N`; the
     /// default under mpirun) or `local` (one thread per rank in this process).
     #[arg(long, value_parser = ["local", "mpi"])]
     ranks: Option<String>,
@@ -78,7 +82,7 @@ enum Launch {
 
 impl TrainArgs {
     fn launch(&self) -> Result<Launch> {
-        let layout = Layout::new(self.tp, 1, self.dp)?;
+        let layout = Layout::new(self.tp, self.pp, self.dp)?;
         let under_mpirun =
             ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some());
         Ok(match self.ranks.as_deref() {
@@ -86,9 +90,10 @@ impl TrainArgs {
             Some(_) => Launch::Mpi(layout),
             None if under_mpirun => Launch::Mpi(layout),
             None if layout.world_size() > 1 => anyhow::bail!(
-                "--tp {} --dp {} needs {} ranks: launch with `mpirun -np {} glm train ...` (a build with \
-                 --features mpi), or add --ranks local to run them as threads of this process",
+                "--tp {} --pp {} --dp {} needs {} ranks: launch with `mpirun -np {} glm train ...` (a build \
+                 with --features mpi), or add --ranks local to run them as threads of this process",
                 self.tp,
+                self.pp,
                 self.dp,
                 layout.world_size(),
                 layout.world_size()
@@ -170,19 +175,24 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     Trainer::with_dist(cfg.clone(), opts.clone(), Some(Dist::new(groups, zero))).map_err(as_dist)?;
                 let summary = run_rank(&mut trainer).map_err(|e| glm_dist::Error::Comm(e.to_string()))?;
                 // Samples need the whole model: the first rank has it when it is not split.
-                if main && layout.tp == 1 {
+                if main && whole(layout) {
                     finish(&summary, Some(&trainer), &out, a.no_samples)
                         .map_err(|e| glm_dist::Error::Comm(e.to_string()))?;
                 }
                 Ok(summary)
             })?;
-            if layout.tp > 1 {
+            if !whole(layout) {
                 finish(&summaries[0], None, &out, a.no_samples)?;
             }
             Ok(())
         }
         Launch::Mpi(layout) => run_mpi(layout, cfg, opts, zero, timeout, &out, a.no_samples),
     }
+}
+
+/// Whether every rank holds the whole model (it samples from it at the end).
+fn whole(layout: Layout) -> bool {
+    layout.tp == 1 && layout.pp == 1
 }
 
 /// One rank's run (or the single process's).
@@ -213,7 +223,7 @@ fn run_mpi(
         let mut trainer = Trainer::with_dist(cfg, opts, Some(Dist::new(groups, zero)))?;
         let summary = run_rank(&mut trainer)?;
         if rank == 0 {
-            finish(&summary, (layout.tp == 1).then_some(&trainer), out, no_samples)?;
+            finish(&summary, whole(layout).then_some(&trainer), out, no_samples)?;
         }
         Ok(())
     })();
@@ -268,8 +278,8 @@ fn finish(summary: &Summary, trainer: Option<&Trainer>, out: &std::path::Path, n
     match trainer {
         Some(t) if !no_samples => crate::samples::print_samples(t.model(), t.tokenizer(), out)?,
         None if !no_samples => eprintln!(
-            "no samples: the model is split over tensor-parallel ranks (`glm reshard CHECKPOINT --tp 1 --out DIR` \
-             makes one file for `glm generate`)"
+            "no samples: the model is split over tensor- or pipeline-parallel ranks (`glm reshard CHECKPOINT \
+             --tp 1 --pp 1 --out DIR` makes one file for `glm generate`)"
         ),
         _ => {}
     }

@@ -155,9 +155,9 @@ fn sigint_stops_with_a_checkpoint_of_the_last_step() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
 }
 
-/// `--tp/--dp` as threads (`--ranks local`): the same log as the single process, a sharded
-/// checkpoint that `glm reshard` turns into the one file `glm generate` reads; and the launch
-/// errors a user meets first.
+/// `--tp/--pp` as threads (`--ranks local`): the same log as the single process, a checkpoint
+/// sharded over TP ranks and pipeline stages that `glm reshard` turns into the one file
+/// `glm generate` reads; and the launch errors a user meets first.
 #[test]
 fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
@@ -169,12 +169,12 @@ fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Erro
     let o = glm(&[&base[..], &[one.to_str().ok_or("path")?]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let args =
-        [&base[..], &[split.to_str().ok_or("path")?, "--tp", "2", "--dp", "2", "--zero", "1", "--ranks", "local"]]
+        [&base[..], &[split.to_str().ok_or("path")?, "--tp", "2", "--pp", "2", "--zero", "1", "--ranks", "local"]]
             .concat();
     let o = glm(&args);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("tp 2 x pp 1 x dp 2"), "{err}");
+    assert!(err.contains("tp 2 x pp 2 x dp 1") && err.contains("2 stages of [2, 2] layers"), "{err}");
     let (a, b) = (steps(&one), steps(&split));
     assert_eq!(a.len(), 3);
     for (x, y) in a.iter().zip(&b) {
@@ -182,7 +182,7 @@ fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Erro
         assert!((l - m).abs() <= 1e-5 * l.abs(), "loss {m} vs the single run's {l}");
     }
     let ckpt = split.join("checkpoints/step-00000003");
-    assert!(ckpt.join("model-tp01-of-02.safetensors").exists());
+    assert!(ckpt.join("model-tp01-of-02-pp01-of-02.safetensors").exists());
     let merged = dir.path().join("merged");
     let o = glm(&["reshard", ckpt.to_str().ok_or("path")?, "--tp", "1", "--out", merged.to_str().ok_or("path")?]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -205,6 +205,10 @@ fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Erro
         &["4 ranks", "mpirun -np 4", "--ranks local"],
     )?;
     fails(&["train", "--config", c, "--out", out, "--tp", "3", "--ranks", "local"], &["3 ways", "4 heads"])?;
+    fails(
+        &["train", "--config", c, "--out", out, "--pp", "5", "--ranks", "local"],
+        &["4 layers", "5 pipeline stages"],
+    )?;
     let fresh = dir.path().join("y");
     fails(
         &["reshard", ckpt.to_str().ok_or("path")?, "--tp", "3", "--out", fresh.to_str().ok_or("path")?],

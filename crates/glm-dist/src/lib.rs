@@ -31,6 +31,9 @@ pub enum Error {
     /// An invalid layout or split (names the dimension).
     #[error("{0}")]
     Layout(String),
+    /// A pipeline stage's own computation failed (its message).
+    #[error("{0}")]
+    Stage(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

@@ -124,39 +124,79 @@ pub trait Stage {
     fn backward(&mut self, mb: usize, grad: Option<Tensor>) -> Result<Option<Tensor>>;
 }
 
+/// What one stage's run of a schedule took.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExecStats {
+    /// Seconds from the first op to the last.
+    pub wall: f64,
+    /// Seconds inside the stage's forwards and backwards (the rest is waiting and copying).
+    pub busy: f64,
+    /// Bytes this stage sent (activations forward, gradients back).
+    pub sent: usize,
+    /// Micro-batches whose activations were held at once, at most.
+    pub max_held: usize,
+}
+
+impl ExecStats {
+    /// The measured bubble: the fraction of the step this stage was not computing.
+    pub fn bubble(&self) -> f64 {
+        if self.wall > 0.0 {
+            (1.0 - self.busy / self.wall).max(0.0)
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Runs `ops` (this stage's 1F1B order) on the pipeline group `pp` (rank = stage): activations
-/// go forward and gradients back as messages of `shape` (every micro-batch the same, as in
-/// Megatron). Sends are buffered and each receive waits for one message, so the 1F1B order
-/// cannot deadlock.
+/// go forward and gradients back as messages of `shape(mb)` (known to both sides: every rank
+/// reads the same micro-batches). Sends are buffered and each receive waits for one message, so
+/// the 1F1B order cannot deadlock.
 pub fn execute(
     pp: &dyn Communicator,
     ops: &[Op],
-    shape: &Shape,
+    shape: &dyn Fn(usize) -> Shape,
     dtype: DType,
     dev: &Device,
     stage: &mut dyn Stage,
-) -> Result<()> {
+) -> Result<ExecStats> {
     let (s, p) = (pp.rank(), pp.size());
+    let start = std::time::Instant::now();
+    let mut stats = ExecStats { max_held: max_held(ops), ..Default::default() };
+    let send = |t: &Tensor, to: usize, stats: &mut ExecStats| -> Result<()> {
+        stats.sent += t.elem_count() * t.dtype().size_in_bytes();
+        pp.send(t, to)
+    };
     for &op in ops {
         match op {
             Op::Forward(mb) => {
-                let input = if s > 0 { Some(pp.recv(shape, dtype, dev, s - 1)?) } else { None };
+                let input = if s > 0 { Some(pp.recv(&shape(mb), dtype, dev, s - 1)?) } else { None };
+                let t0 = std::time::Instant::now();
                 let out = stage.forward(mb, input)?;
+                stats.busy += t0.elapsed().as_secs_f64();
                 if s + 1 < p {
-                    pp.send(&out, s + 1)?;
+                    send(&out, s + 1, &mut stats)?;
                 }
             }
             Op::Backward(mb) => {
-                let grad = if s + 1 < p { Some(pp.recv(shape, dtype, dev, s + 1)?) } else { None };
-                if let Some(g) = stage.backward(mb, grad)? {
-                    if s > 0 {
-                        pp.send(&g, s - 1)?;
+                let grad = if s + 1 < p { Some(pp.recv(&shape(mb), dtype, dev, s + 1)?) } else { None };
+                let t0 = std::time::Instant::now();
+                let g = stage.backward(mb, grad)?;
+                stats.busy += t0.elapsed().as_secs_f64();
+                match g {
+                    Some(g) if s > 0 => send(&g, s - 1, &mut stats)?,
+                    None if s > 0 => {
+                        return Err(Error::Stage(format!(
+                            "pipeline stage {s}: micro-batch {mb} gave no input gradient"
+                        )))
                     }
+                    _ => {}
                 }
             }
         }
     }
-    Ok(())
+    stats.wall = start.elapsed().as_secs_f64();
+    Ok(stats)
 }
 
 #[cfg(test)]
@@ -198,7 +238,7 @@ mod tests {
             let seen = crate::LocalComm::run(p, Duration::from_secs(20), |pp| {
                 let ops = one_f_one_b(p, pp.rank(), m)?;
                 let mut st = Affine { stage: pp.rank() as f64, seen: Vec::new() };
-                execute(pp.as_ref(), &ops, &Shape::from((2, 3)), DType::F32, &Device::Cpu, &mut st)?;
+                execute(pp.as_ref(), &ops, &|_| Shape::from((2, 3)), DType::F32, &Device::Cpu, &mut st)?;
                 Ok(st.seen)
             })?;
             for (s, seen) in seen.iter().enumerate() {

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use crate::cache::{KvCache, LayerKv};
 use crate::config::{Config, FfnKind};
+use crate::stage::StageSpec;
 use crate::weights::*;
 use crate::{Error, Result};
 
@@ -69,7 +70,7 @@ pub struct Partial {
 impl Partial {
     /// Layers not run yet.
     pub fn layers_left(&self, model: &Glm) -> usize {
-        model.layers.len().saturating_sub(self.next)
+        model.stage.layers.end.saturating_sub(self.next)
     }
 }
 
@@ -245,36 +246,72 @@ impl Block {
     }
 }
 
+/// What a pipeline stage starts from: token ids on the first stage, the previous stage's hidden
+/// states (B, T, H) on the others.
+pub enum StageInput<'a> {
+    Ids(&'a Tensor),
+    Hidden(&'a Tensor),
+}
+
 pub struct Glm {
     cfg: Config,
-    /// The word embeddings (V, H), or this rank's rows of them.
-    embedding: Arc<dyn VocabTable>,
+    /// The layers (and ends) this model holds: all of them, or one pipeline stage's.
+    stage: StageSpec,
+    /// The word embeddings (V, H), or this rank's rows of them (first stage).
+    embedding: Option<Arc<dyn VocabTable>>,
+    /// Layers `stage.layers`.
     layers: Vec<Block>,
-    final_layernorm: LayerNorm,
-    /// The output head: the embedding table itself when tied, `lm_head` otherwise.
-    head: Arc<dyn VocabTable>,
+    /// The final LayerNorm and the output head: the embedding table itself when tied, `lm_head`
+    /// otherwise (last stage).
+    ends: Option<(LayerNorm, Arc<dyn VocabTable>)>,
     rope: Rope,
+    device: Device,
+    dtype: DType,
 }
 
 impl Glm {
     /// Build from a VarBuilder whose paths are the checkpoint names (see `weights`).
     pub fn new(cfg: &Config, vb: VarBuilder, lin: &dyn LinearFactory) -> Result<Self> {
+        Self::new_stage(cfg, vb, lin, &StageSpec::whole(cfg))
+    }
+
+    /// One pipeline stage of the model: its layers, the embedding on the first stage, the final
+    /// LayerNorm and head on the last. `vb` needs only the stage's tensors.
+    pub fn new_stage(cfg: &Config, vb: VarBuilder, lin: &dyn LinearFactory, stage: &StageSpec) -> Result<Self> {
         cfg.validate()?;
+        if stage.layers.end > cfg.num_layers || stage.index >= stage.stages {
+            return Err(Error::Config(format!("{stage} does not fit a model of {} layers", cfg.num_layers)));
+        }
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let tf = vb.pp(TRANSFORMER);
         let layers =
-            (0..cfg.num_layers).map(|i| Block::new(cfg, tf.pp(LAYERS).pp(i), lin)).collect::<Result<Vec<_>>>()?;
-        let embedding = lin.vocab(&tf, WORD_EMBEDDINGS, v, h)?;
+            stage.layers.clone().map(|i| Block::new(cfg, tf.pp(LAYERS).pp(i), lin)).collect::<Result<Vec<_>>>()?;
+        let tied = cfg.tie_word_embeddings;
+        let embedding = if stage.is_first() || (stage.is_last() && tied) {
+            Some(lin.vocab(&tf, WORD_EMBEDDINGS, v, h)?)
+        } else {
+            None
+        };
+        let ends = match (&embedding, stage.is_last()) {
+            (_, false) => None,
+            (Some(e), true) if tied => Some(e.clone()),
+            _ => Some(lin.vocab(&vb, LM_HEAD, v, h)?),
+        }
+        .map(|head| Ok::<_, Error>((LayerNorm::load(tf.pp(FINAL_LAYERNORM), h, cfg.layernorm_eps)?, head)))
+        .transpose()?;
+        let dtype = embedding.as_ref().map_or(vb.dtype(), |e| e.weight().dtype());
         Ok(Self {
             cfg: cfg.clone(),
-            head: if cfg.tie_word_embeddings { embedding.clone() } else { lin.vocab(&vb, LM_HEAD, v, h)? },
-            embedding,
+            stage: stage.clone(),
+            embedding: if stage.is_first() { embedding } else { None },
             layers,
-            final_layernorm: LayerNorm::load(tf.pp(FINAL_LAYERNORM), h, cfg.layernorm_eps)?,
+            ends,
             rope: match Rope::new(cfg.head_dim(), cfg.rope_parts(), cfg.rope_base, vb.device())? {
                 rope if cfg.rope_f16_inv_freq => rope.with_f16_inv_freq()?,
                 rope => rope,
             },
+            device: vb.device().clone(),
+            dtype,
         })
     }
 
@@ -297,11 +334,24 @@ impl Glm {
     }
 
     pub fn device(&self) -> &Device {
-        self.embedding.weight().device()
+        &self.device
     }
 
     pub fn dtype(&self) -> DType {
-        self.embedding.weight().dtype()
+        self.dtype
+    }
+
+    /// The layers (and ends) this model holds.
+    pub fn stage(&self) -> &StageSpec {
+        &self.stage
+    }
+
+    fn embedding(&self) -> Result<&Arc<dyn VocabTable>> {
+        self.embedding.as_ref().ok_or_else(|| Error::Input(format!("{} holds no word embeddings", self.stage)))
+    }
+
+    fn ends(&self) -> Result<&(LayerNorm, Arc<dyn VocabTable>)> {
+        self.ends.as_ref().ok_or_else(|| Error::Input(format!("{} holds no output head", self.stage)))
     }
 
     /// Logits [B, T, V] for tokens `ids` [B, T] at `positions` ([B, T], or [B, 2, T] for 2-D RoPE),
@@ -314,14 +364,14 @@ impl Glm {
         layout: &AttnLayout,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        self.run(ids, positions, layout, cache, None, None)
+        self.run(StageInput::Ids(ids), positions, layout, cache, None, None)
     }
 
     /// `forward` with logits only at `rows` (indices into the flattened [B*T] positions): [N, V].
     /// Scoring reads a few positions of long rows, and the head is the largest product of a small
     /// model.
     pub fn forward_at(&self, ids: &Tensor, positions: &Tensor, layout: &AttnLayout, rows: &Tensor) -> Result<Tensor> {
-        self.run(ids, positions, layout, None, None, Some(rows))
+        self.run(StageInput::Ids(ids), positions, layout, None, None, Some(rows))
     }
 
     /// The training forward: `forward` plus dropout and embedding gradient shrink, no cache. With
@@ -336,7 +386,22 @@ impl Glm {
         train: &TrainOptions,
         rows: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.run(ids, positions, layout, None, Some(train), rows)
+        self.run(StageInput::Ids(ids), positions, layout, None, Some(train), rows)
+    }
+
+    /// One pipeline stage's part of `forward_train` (`train` given) or of `forward` without a
+    /// cache: from the ids (first stage) or the previous stage's hidden states, through the
+    /// stage's layers, to the hidden states (B, T, H) for the next stage, or on the last stage the
+    /// logits ((N, V) at `rows`). Split over stages, the logits are the whole model's.
+    pub fn forward_stage(
+        &self,
+        input: StageInput,
+        positions: &Tensor,
+        layout: &AttnLayout,
+        train: Option<&TrainOptions>,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.run(input, positions, layout, None, train, rows)
     }
 
     /// Next-token logits [S, V] after the last new token of each sequence of a ragged batch: the
@@ -354,7 +419,7 @@ impl Glm {
             last.push((ids.len() - 1) as u32);
         }
         let dev = self.device();
-        let x = self.embedding.embed(&Tensor::new(ids.as_slice(), dev)?)?.unsqueeze(0)?; // (1, T, H)
+        let x = self.embedding()?.embed(&Tensor::new(ids.as_slice(), dev)?)?.unsqueeze(0)?; // (1, T, H)
         let mut caches: Vec<Option<&mut KvCache>> = seqs.iter_mut().map(|s| Some(&mut *s.cache)).collect();
         let step = Step { rope: &self.rope, parts, train: None };
         self.stack(x, &step, &mut caches, Some(&Tensor::new(last, dev)?))
@@ -364,19 +429,19 @@ impl Glm {
     /// [`Glm::advance`] runs the layers.
     pub fn begin(&self, seq: &mut Sequence) -> Result<Partial> {
         let part = self.sequence_part(0, seq, 0)?;
-        let x = self.embedding.embed(&Tensor::new(seq.ids, self.device())?)?.unsqueeze(0)?;
-        Ok(Partial { x, part, next: 0 })
+        let x = self.embedding()?.embed(&Tensor::new(seq.ids, self.device())?)?.unsqueeze(0)?;
+        Ok(Partial { x, part, next: self.stage.layers.start })
     }
 
     /// Runs up to `layers` (at least one) more layers of `p`, appending to the sequence's `cache`;
     /// once the last has run, the next-token logits [1, V] after its last token. On an error the
     /// cache holds some of the tokens in some layers: clear it.
     pub fn advance(&self, p: &mut Partial, cache: &mut KvCache, layers: usize) -> Result<Option<Tensor>> {
-        let end = (p.next + layers.max(1)).min(self.layers.len());
+        let end = (p.next + layers.max(1)).min(self.stage.layers.end);
         let step = Step { rope: &self.rope, parts: vec![p.part.clone()], train: None };
         p.x = self.layers_between(p.x.clone(), &step, &mut [Some(cache)], p.next..end)?;
         p.next = end;
-        if end < self.layers.len() {
+        if end < self.stage.layers.end {
             return Ok(None);
         }
         let last = Tensor::new(&[(p.part.len - 1) as u32], self.device())?;
@@ -405,24 +470,50 @@ impl Glm {
 
     fn run(
         &self,
-        ids: &Tensor,
+        input: StageInput,
         positions: &Tensor,
         layout: &AttnLayout,
         mut cache: Option<&mut KvCache>,
         train: Option<&TrainOptions>,
         rows: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, t) = self.check_inputs(ids, positions, layout)?;
+        let (b, t) = match input {
+            StageInput::Ids(ids) => self.check_ids(ids)?,
+            StageInput::Hidden(x) => match x.dims() {
+                &[b, t, h] if h == self.cfg.hidden_size && t > 0 => (b, t),
+                d => {
+                    return Err(Error::Input(format!(
+                        "{}: hidden states {d:?}, want [B, T, {}]",
+                        self.stage, self.cfg.hidden_size
+                    )))
+                }
+            },
+        };
+        self.check_layout(b, t, positions, layout)?;
         let past = match cache.as_deref_mut() {
             Some(c) => c.prepare(&self.cfg, b)?,
             None => 0,
         };
         let step = Step { rope: &self.rope, parts: vec![self.part(0, t, positions, layout, past)?], train };
-        let mut x = self.embedding.embed(&ids.flatten_all()?)?.reshape((b, t, ()))?; // (B, T, H)
-        if let Some(alpha) = train.map(|t| t.egs_alpha).filter(|a| *a != 1.0) {
-            x = ((&x * alpha)? + (x.detach() * (1.0 - alpha))?)?; // EGS: same value, gradient scaled by alpha
+        let x = match input {
+            StageInput::Ids(ids) => {
+                let x = self.embedding()?.embed(&ids.flatten_all()?)?.reshape((b, t, ()))?; // (B, T, H)
+                match train.map(|t| t.egs_alpha).filter(|a| *a != 1.0) {
+                    // EGS: same value, gradient scaled by alpha.
+                    Some(alpha) => ((&x * alpha)? + (x.detach() * (1.0 - alpha))?)?,
+                    None => x,
+                }
+            }
+            StageInput::Hidden(_) if self.stage.is_first() => {
+                return Err(Error::Input(format!("{} starts from token ids, not hidden states", self.stage)))
+            }
+            StageInput::Hidden(x) => x.clone(),
+        };
+        let x = self.layers_between(x, &step, &mut [cache], self.stage.layers.clone())?;
+        match self.ends {
+            Some(_) => self.head(&x, rows),
+            None => Ok(x),
         }
-        self.stack(x, &step, &mut [cache], rows)
     }
 
     /// The rotary tables and mask of `len` tokens from `start` at `positions`, after `past` cached.
@@ -443,7 +534,7 @@ impl Glm {
         caches: &mut [Option<&mut KvCache>],
         rows: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let x = self.layers_between(x, step, caches, 0..self.layers.len())?;
+        let x = self.layers_between(x, step, caches, self.stage.layers.clone())?;
         self.head(&x, rows)
     }
 
@@ -455,7 +546,9 @@ impl Glm {
         caches: &mut [Option<&mut KvCache>],
         layers: std::ops::Range<usize>,
     ) -> Result<Tensor> {
-        for (i, layer) in self.layers.iter().enumerate().skip(layers.start).take(layers.len()) {
+        for i in layers {
+            let layer = i.checked_sub(self.stage.layers.start).and_then(|j| self.layers.get(j));
+            let layer = layer.ok_or_else(|| Error::Input(format!("layer {i} is not on {}", self.stage)))?;
             let mut slots: Slots =
                 caches.iter_mut().map(|c| c.as_deref_mut().and_then(|c| c.layers.get_mut(i))).collect();
             x = layer.forward(&x, step, i, &mut slots)?;
@@ -467,31 +560,47 @@ impl Glm {
     /// Under tensor parallelism the logits are this rank's vocabulary columns and the loss is
     /// computed across ranks without gathering them.
     pub fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        Ok(self.head.cross_entropy(logits, targets)?)
+        Ok(self.ends()?.1.cross_entropy(logits, targets)?)
     }
 
     /// (start, end, total): the vocabulary columns of the logits this model returns.
     pub fn vocab_rows(&self) -> (usize, usize, usize) {
-        self.head.rows()
+        let v = self.cfg.vocab_size;
+        self.ends.as_ref().map_or((0, v, v), |(_, head)| head.rows())
     }
 
     /// The final LayerNorm and the head: logits (B, T, V), or (N, V) at `rows` of the flattened
     /// positions.
     fn head(&self, x: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let mut out = self.final_layernorm.forward(x)?;
+        let (final_layernorm, head) = self.ends()?;
+        let mut out = final_layernorm.forward(x)?;
         if let Some(r) = rows {
             out = out.reshape((b * t, ()))?.index_select(r, 0)?; // (N, H)
         }
-        Ok(self.head.logits(&out)?) // (B, T, V) or (N, V); V/tp columns under tensor parallelism
+        Ok(head.logits(&out)?) // (B, T, V) or (N, V); V/tp columns under tensor parallelism
     }
 
-    fn check_inputs(&self, ids: &Tensor, positions: &Tensor, layout: &AttnLayout) -> Result<(usize, usize)> {
+    /// (B, T) of token ids, each inside the vocabulary.
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
         let (b, t) =
             ids.dims2().map_err(|_| Error::Input(format!("token ids must be [B, T], got {:?}", ids.dims())))?;
         if t == 0 {
             return Err(Error::Input("empty input: no tokens".into()));
         }
+        let host: Vec<i64> = ids.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+        if let Some((i, &id)) = host.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= self.cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {id} at row {}, column {} is outside the vocabulary (size {})",
+                i / t,
+                i % t,
+                self.cfg.vocab_size
+            )));
+        }
+        Ok((b, t))
+    }
+
+    fn check_layout(&self, b: usize, t: usize, positions: &Tensor, layout: &AttnLayout) -> Result<()> {
         let parts = self.cfg.rope_parts();
         let want: Vec<usize> = if parts == 1 { vec![b, t] } else { vec![b, parts, t] };
         if positions.dims() != want.as_slice() {
@@ -504,15 +613,6 @@ impl Glm {
         if layout.batch() != b {
             return Err(Error::Input(format!("attention layout has {} rows, input has {b}", layout.batch())));
         }
-        let host: Vec<i64> = ids.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
-        if let Some((i, &id)) = host.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= self.cfg.vocab_size) {
-            return Err(Error::Input(format!(
-                "token id {id} at row {}, column {} is outside the vocabulary (size {})",
-                i / t,
-                i % t,
-                self.cfg.vocab_size
-            )));
-        }
-        Ok((b, t))
+        Ok(())
     }
 }

@@ -237,3 +237,41 @@ fn kv_cache_grows_forks_and_decodes_batches() -> Result<()> {
     ensure!(e.contains("KV cache holds batch 2"), "{e}");
     Ok(())
 }
+
+/// The model cut into pipeline stages (each built from only its own tensors, hidden states
+/// handed on) gives the whole model's logits bit for bit, tied and untied heads, even and uneven
+/// splits; a stage refuses input it cannot start from.
+#[test]
+fn pipeline_stages_chained_give_the_whole_models_logits() -> Result<()> {
+    use glm_model::{StageInput, StageSpec};
+    for pe in [PositionEncoding::Rope1d, PositionEncoding::Rope2d] {
+        let cfg = Config { num_layers: 5, ..small(pe) };
+        let (whole, w) = model(&cfg, 11)?;
+        let tokens: Vec<u32> = vec![5, 17, 99, 150, 154, 23, 42];
+        let (x, pos, layout) = (ids(&tokens)?, positions(&cfg, tokens.len(), 4)?, AttnLayout::prefix_lm(&[4]));
+        let want = whole.forward(&x, &pos, &layout, None)?;
+        for p in [2, 3, 5] {
+            let stages = StageSpec::plan(cfg.num_layers, p)?;
+            let mut h: Option<Tensor> = None;
+            for st in &stages {
+                let mine: HashMap<String, Tensor> =
+                    w.iter().filter(|(n, _)| st.holds(&cfg, n)).map(|(n, t)| (n.clone(), t.clone())).collect();
+                let vb = candle_nn::VarBuilder::from_tensors(mine, DType::F32, &Device::Cpu);
+                let m = Glm::new_stage(&cfg, vb, &DenseFactory, st)?;
+                let input = match &h {
+                    None => StageInput::Ids(&x),
+                    Some(h) => StageInput::Hidden(h),
+                };
+                let out = m.forward_stage(input, &pos, &layout, None, None)?;
+                if !st.is_first() {
+                    let e = m.forward_stage(StageInput::Ids(&x), &pos, &layout, None, None).err();
+                    ensure!(e.is_some_and(|e| e.to_string().contains("no word embeddings")), "{st}");
+                }
+                h = Some(out);
+            }
+            let got = h.ok_or_else(|| anyhow::anyhow!("no stages"))?;
+            ensure!(max_diff(&got, &want)? == 0.0, "{pe:?} pp {p}: {}", max_diff(&got, &want)?);
+        }
+    }
+    Ok(())
+}

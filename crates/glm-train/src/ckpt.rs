@@ -9,7 +9,9 @@
 //!
 //! A tensor-parallel run of degree N writes `model-tpKK-of-NN.safetensors` and
 //! `optimizer-tpKK-of-NN.safetensors` per TP rank instead (each rank's shards, cut by
-//! `glm_dist::split`), and the manifest records N. Every rank writes its own files into the
+//! `glm_dist::split`), and the manifest records N. A pipelined run of P stages writes
+//! `model-tpKK-of-NN-ppSS-of-PP.safetensors` per (TP rank, stage): each stage's own tensors (the
+//! tied word embeddings once, in the first stage's files), and the manifest records P too. Every rank writes its own files into the
 //! temporary directory; after a barrier the first rank writes the state and the manifest and
 //! renames the directory: a crash anywhere before that leaves the previous checkpoint the latest.
 //! Loading at another degree merges and re-splits in memory, so a run resumes on any TP degree
@@ -29,6 +31,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use glm_dist::split::split_of;
+use glm_model::StageSpec;
 
 use crate::{Error, Result};
 
@@ -57,6 +60,9 @@ struct Manifest {
     /// The tensor-parallel degree of the weight files (1: `model.safetensors`).
     #[serde(default = "one")]
     tp: usize,
+    /// The pipeline degree of the weight files (1: no `-ppSS-of-PP` files).
+    #[serde(default = "one")]
+    pp: usize,
     files: BTreeMap<String, FileSum>,
 }
 
@@ -66,19 +72,47 @@ fn one() -> usize {
 
 /// The file of `base` (`model.safetensors`, `optimizer.safetensors`) TP rank `k` of `tp` writes.
 pub fn shard_file(base: &str, k: usize, tp: usize) -> String {
-    if tp <= 1 {
-        return base.to_string();
-    }
+    stage_file(base, k, tp, 0, 1)
+}
+
+/// The file of `base` that TP rank `k` of `tp` of pipeline stage `s` of `pp` writes.
+pub fn stage_file(base: &str, k: usize, tp: usize, s: usize, pp: usize) -> String {
     let stem = base.strip_suffix(".safetensors").unwrap_or(base);
-    format!("{stem}-tp{k:02}-of-{tp:02}.safetensors")
+    match (tp <= 1, pp <= 1) {
+        (true, true) => base.to_string(),
+        (false, true) => format!("{stem}-tp{k:02}-of-{tp:02}.safetensors"),
+        _ => format!("{stem}-tp{k:02}-of-{tp:02}-pp{s:02}-of-{pp:02}.safetensors"),
+    }
 }
 
 /// The tensor-parallel degree a checkpoint's weights were written at (from its manifest).
 pub fn checkpoint_tp(dir: &Path) -> Result<usize> {
+    Ok(checkpoint_layout(dir)?.0)
+}
+
+/// The (tensor, pipeline) degrees a checkpoint's weights were written at (from its manifest).
+pub fn checkpoint_layout(dir: &Path) -> Result<(usize, usize)> {
+    let m = read_manifest(dir)?;
+    Ok((m.tp.max(1), m.pp.max(1)))
+}
+
+fn read_manifest(dir: &Path) -> Result<Manifest> {
     let mp = dir.join(MANIFEST_FILE);
     let text = fs::read(&mp).map_err(|e| ctx(&mp, "no readable manifest (incomplete checkpoint?)", e))?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| ctx(&mp, "corrupt manifest", e))?;
-    Ok(m.tp.max(1))
+    serde_json::from_slice(&text).map_err(|e| ctx(&mp, "corrupt manifest", e))
+}
+
+/// Every weight file of a checkpoint written at (tp, pp).
+fn weight_files(tp: usize, pp: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in 0..pp.max(1) {
+        for k in 0..tp.max(1) {
+            for base in [MODEL_FILE, OPTIMIZER_FILE] {
+                out.push(stage_file(base, k, tp, s, pp));
+            }
+        }
+    }
+    out
 }
 
 fn ctx(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
@@ -122,8 +156,8 @@ fn write_tensors(p: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
 }
 
 /// The manifest of the files in `tmp`, written last and synced with the directory.
-fn write_manifest(tmp: &Path, step: u64, tp: usize, files: BTreeMap<String, FileSum>) -> Result<()> {
-    let manifest = Manifest { format: FORMAT.into(), version: 1, step, tp, files };
+fn write_manifest(tmp: &Path, step: u64, (tp, pp): (usize, usize), files: BTreeMap<String, FileSum>) -> Result<()> {
+    let manifest = Manifest { format: FORMAT.into(), version: 1, step, tp, pp, files };
     let text = serde_json::to_vec_pretty(&manifest).map_err(|e| ctx(tmp, "manifest", e))?;
     let p = tmp.join(MANIFEST_FILE);
     fs::write(&p, text).map_err(|e| ctx(&p, "cannot write", e))?;
@@ -181,7 +215,7 @@ impl Checkpoints {
         state: &[u8],
         keep: usize,
     ) -> Result<PathBuf> {
-        self.save_sharded(step, model, optimizer, state, keep, None, (0, 1), true)
+        self.save_sharded(step, model, optimizer, state, keep, None, (0, 1), (0, 1), true)
     }
 
     fn prune(&self, keep: usize) -> Result<()> {
@@ -195,16 +229,12 @@ impl Checkpoints {
     /// Check a checkpoint against its manifest (sizes and CRC-32 of every file).
     pub fn verify(dir: &Path) -> Result<()> {
         let mp = dir.join(MANIFEST_FILE);
-        let text = fs::read(&mp).map_err(|e| ctx(&mp, "no readable manifest (incomplete checkpoint?)", e))?;
-        let m: Manifest = serde_json::from_slice(&text).map_err(|e| ctx(&mp, "corrupt manifest", e))?;
+        let m = read_manifest(dir)?;
         if m.format != FORMAT {
             return Err(ctx(&mp, "not a training checkpoint", &m.format));
         }
         let mut wanted = vec![STATE_FILE.to_string()];
-        for k in 0..m.tp.max(1) {
-            wanted.push(shard_file(MODEL_FILE, k, m.tp));
-            wanted.push(shard_file(OPTIMIZER_FILE, k, m.tp));
-        }
+        wanted.extend(weight_files(m.tp, m.pp));
         for want in &wanted {
             let Some(sum) = m.files.get(want) else {
                 return Err(ctx(&mp, "manifest does not list", want));
@@ -251,13 +281,31 @@ impl Checkpoints {
         cfg: &glm_model::Config,
         tp: (usize, usize),
     ) -> Result<HashMap<String, Tensor>> {
-        let saved = checkpoint_tp(dir)?;
-        if saved == tp.1 {
-            return Self::load_tensors(dir, &shard_file(base, tp.0, tp.1));
+        Self::load_stage(dir, base, cfg, tp, &StageSpec::whole(cfg))
+    }
+
+    /// `load_shard` of the tensors pipeline stage `stage` holds, from a checkpoint written at any
+    /// (tp, pp) layout. The last stage's tied word embeddings come from the first stage's file.
+    pub fn load_stage(
+        dir: &Path,
+        base: &str,
+        cfg: &glm_model::Config,
+        tp: (usize, usize),
+        stage: &StageSpec,
+    ) -> Result<HashMap<String, Tensor>> {
+        let (saved_tp, saved_pp) = checkpoint_layout(dir)?;
+        let held = |name: &str| stage.holds(cfg, param_name(name));
+        if (saved_tp, saved_pp) == (tp.1, stage.stages) {
+            let mut own = Self::load_tensors(dir, &stage_file(base, tp.0, tp.1, stage.index, stage.stages))?;
+            if !stage.is_first() && stage.is_last() && cfg.tie_word_embeddings {
+                let first = Self::load_tensors(dir, &stage_file(base, tp.0, tp.1, 0, stage.stages))?;
+                own.extend(first.into_iter().filter(|(n, _)| stage.is_tied_copy(cfg, param_name(n))));
+            }
+            own.retain(|n, _| held(n));
+            return Ok(own);
         }
-        let full = Self::load_full(dir, base, cfg)?;
-        let mut out = HashMap::with_capacity(full.len());
-        for (name, t) in full {
+        let mut out = HashMap::new();
+        for (name, t) in Self::load_full(dir, base, cfg)?.into_iter().filter(|(n, _)| held(n)) {
             let split = split_of(cfg, param_name(&name));
             let s = glm_dist::split::shard(&t, split, tp.1, tp.0).map_err(|e| ctx(dir, &name, e))?;
             out.insert(name, s);
@@ -265,33 +313,37 @@ impl Checkpoints {
         Ok(out)
     }
 
-    /// The full (unsharded) tensors of `base`, merged from the checkpoint's TP files.
+    /// The full (unsharded) tensors of `base`, merged from the checkpoint's TP files and the
+    /// union of its pipeline stages' files.
     pub fn load_full(dir: &Path, base: &str, cfg: &glm_model::Config) -> Result<HashMap<String, Tensor>> {
-        let saved = checkpoint_tp(dir)?;
-        let mut parts: Vec<HashMap<String, Tensor>> =
-            (0..saved).map(|k| Self::load_tensors(dir, &shard_file(base, k, saved))).collect::<Result<_>>()?;
-        if saved == 1 {
-            return Ok(parts.remove(0));
-        }
-        let names: Vec<String> = parts[0].keys().cloned().collect();
-        let mut out = HashMap::with_capacity(names.len());
-        for name in names {
-            let pieces = parts
-                .iter_mut()
-                .enumerate()
-                .map(|(k, p)| {
-                    p.remove(&name).ok_or_else(|| ctx(dir, &shard_file(base, k, saved), format!("lacks {name}")))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let split = split_of(cfg, param_name(&name));
-            let t = glm_dist::split::merge(&pieces, split).map_err(|e| ctx(dir, &name, e))?;
-            out.insert(name, t);
+        let (saved, stages) = checkpoint_layout(dir)?;
+        let mut out = HashMap::new();
+        for s in 0..stages {
+            let file = |k: usize| stage_file(base, k, saved, s, stages);
+            let mut parts: Vec<HashMap<String, Tensor>> =
+                (0..saved).map(|k| Self::load_tensors(dir, &file(k))).collect::<Result<_>>()?;
+            if saved == 1 {
+                out.extend(parts.remove(0));
+                continue;
+            }
+            let names: Vec<String> = parts[0].keys().cloned().collect();
+            for name in names {
+                let pieces = parts
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(k, p)| p.remove(&name).ok_or_else(|| ctx(dir, &file(k), format!("lacks {name}"))))
+                    .collect::<Result<Vec<_>>>()?;
+                let split = split_of(cfg, param_name(&name));
+                let t = glm_dist::split::merge(&pieces, split).map_err(|e| ctx(dir, &name, e))?;
+                out.insert(name, t);
+            }
         }
         Ok(out)
     }
 
     /// `save` by every rank of a distributed run (`world`; None: the only process): `writer`s (one
-    /// per TP rank) write their shards, the world's first rank the state and the manifest, last.
+    /// per TP rank and stage) write their tensors, the world's first rank the state and the
+    /// manifest, last. `tp` and `pp` are this rank's (index, degree).
     #[allow(clippy::too_many_arguments)]
     pub fn save_sharded(
         &self,
@@ -302,6 +354,7 @@ impl Checkpoints {
         keep: usize,
         world: Option<&dyn glm_dist::Communicator>,
         tp: (usize, usize),
+        pp: (usize, usize),
         writer: bool,
     ) -> Result<PathBuf> {
         let main = world.is_none_or(|w| w.rank() == 0);
@@ -320,7 +373,7 @@ impl Checkpoints {
         sync("waiting for the directory")?;
         if writer {
             for (base, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
-                write_tensors(&tmp.join(shard_file(base, tp.0, tp.1)), tensors)?;
+                write_tensors(&tmp.join(stage_file(base, tp.0, tp.1, pp.0, pp.1)), tensors)?;
             }
         }
         sync("waiting for every rank's shards")?;
@@ -331,29 +384,27 @@ impl Checkpoints {
             sync_file(&p)?;
             let mut files = BTreeMap::new();
             files.insert(STATE_FILE.to_string(), checksum(&p)?);
-            for k in 0..tp.1 {
-                for base in [MODEL_FILE, OPTIMIZER_FILE] {
-                    let name = shard_file(base, k, tp.1);
-                    files.insert(name.clone(), checksum(&tmp.join(&name))?);
-                }
+            for name in weight_files(tp.1, pp.1) {
+                files.insert(name.clone(), checksum(&tmp.join(&name))?);
             }
-            self.finish(step, &tmp, files, tp.1, keep)?;
+            self.finish(step, &tmp, files, (tp.1, pp.1), keep)?;
         }
         sync("waiting for the manifest")?;
         Ok(dst)
     }
 
-    /// `src` (a checkpoint at any tensor-parallel degree) rewritten at degree `tp` into the
-    /// checkpoint directory `dst` (atomically; `tp` 1 is the single-file layout that `glm` inference
-    /// reads). Tensors are copied, never recomputed: a round trip is bit for bit.
-    pub fn reshard(src: &Path, dst: &Path, cfg: &glm_model::Config, tp: usize) -> Result<()> {
+    /// `src` (a checkpoint at any tensor/pipeline layout) rewritten at `tp` x `pp` (stages balanced
+    /// as `StageSpec::plan` cuts them) into the checkpoint directory `dst`, atomically; (1, 1) is
+    /// the single-file layout that `glm` inference reads. Tensors are copied, never recomputed:
+    /// a round trip is bit for bit.
+    pub fn reshard(src: &Path, dst: &Path, cfg: &glm_model::Config, tp: usize, pp: usize) -> Result<()> {
         Self::verify(src)?;
         if dst.exists() {
             return Err(ctx(dst, "already exists", "choose another output or remove it"));
         }
         glm_dist::split::check_tp(cfg, tp).map_err(|e| Error::Config(e.to_string()))?;
-        let text = fs::read(src.join(MANIFEST_FILE)).map_err(|e| ctx(src, "cannot read the manifest", e))?;
-        let m: Manifest = serde_json::from_slice(&text).map_err(|e| ctx(src, "corrupt manifest", e))?;
+        let stages = StageSpec::plan(cfg.num_layers, pp)?;
+        let m = read_manifest(src)?;
         let parent = dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = dst.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "resharded".into());
         let tmp = parent.join(format!(".tmp-{name}"));
@@ -364,22 +415,29 @@ impl Checkpoints {
         let mut files = BTreeMap::new();
         for base in [MODEL_FILE, OPTIMIZER_FILE] {
             let full = Self::load_full(src, base, cfg)?;
-            for k in 0..tp {
-                let mut part = HashMap::with_capacity(full.len());
-                for (n, t) in &full {
-                    let split = split_of(cfg, param_name(n));
-                    part.insert(n.clone(), glm_dist::split::shard(t, split, tp, k).map_err(|e| ctx(src, n, e))?);
+            for st in &stages {
+                let mine: Vec<(&String, &Tensor)> = full
+                    .iter()
+                    .filter(|(n, _)| st.holds(cfg, param_name(n)) && !st.is_tied_copy(cfg, param_name(n)))
+                    .collect();
+                for k in 0..tp {
+                    let mut part = HashMap::with_capacity(mine.len());
+                    for (n, t) in &mine {
+                        let split = split_of(cfg, param_name(n));
+                        let s = glm_dist::split::shard(t, split, tp, k).map_err(|e| ctx(src, n, e))?;
+                        part.insert((*n).clone(), s);
+                    }
+                    let file = stage_file(base, k, tp, st.index, pp);
+                    write_tensors(&tmp.join(&file), &part)?;
+                    files.insert(file.clone(), checksum(&tmp.join(&file))?);
                 }
-                let file = shard_file(base, k, tp);
-                write_tensors(&tmp.join(&file), &part)?;
-                files.insert(file.clone(), checksum(&tmp.join(&file))?);
             }
         }
         let state = tmp.join(STATE_FILE);
         fs::copy(src.join(STATE_FILE), &state).map_err(|e| ctx(&state, "cannot write", e))?;
         sync_file(&state)?;
         files.insert(STATE_FILE.to_string(), checksum(&state)?);
-        write_manifest(&tmp, m.step, tp, files)?;
+        write_manifest(&tmp, m.step, (tp, pp), files)?;
         fs::rename(&tmp, dst).map_err(|e| ctx(dst, "cannot rename into place", e))?;
         sync_dir(parent)
     }
@@ -390,10 +448,10 @@ impl Checkpoints {
         step: u64,
         tmp: &Path,
         files: BTreeMap<String, FileSum>,
-        tp: usize,
+        layout: (usize, usize),
         keep: usize,
     ) -> Result<PathBuf> {
-        write_manifest(tmp, step, tp, files)?;
+        write_manifest(tmp, step, layout, files)?;
         let dst = self.dir(step);
         if dst.exists() {
             // Re-saving a step (after a rollback): the old copy goes first.

@@ -18,6 +18,7 @@ use std::rc::Rc;
 
 use candle_core::{DType, Tensor, Var};
 use glm_dist::{Communicator, Group, ParallelGroups, ReduceOp};
+use glm_model::StageSpec;
 
 use crate::optim::{AdamW, AdamWConfig};
 use crate::step::{Grads, Params};
@@ -65,6 +66,33 @@ impl Dist {
 
     pub fn tp_comm(&self) -> &dyn Communicator {
         self.groups.tp.as_ref()
+    }
+
+    pub fn pp(&self) -> (usize, usize) {
+        (self.groups.pp_rank, self.groups.layout.pp)
+    }
+
+    pub fn pp_comm(&self) -> &dyn Communicator {
+        self.groups.pp.as_ref()
+    }
+
+    /// This rank's pipeline stage of a model of `num_layers` layers (balanced, see `StageSpec::plan`).
+    pub fn stage(&self, num_layers: usize) -> Result<StageSpec> {
+        let (s, p) = self.pp();
+        let mut plan = StageSpec::plan(num_layers, p)?;
+        Ok(plan.swap_remove(s))
+    }
+
+    /// Sums the gradient of the tied word embeddings between the first and last stage (Megatron's
+    /// embedding group), so both copies take the same update. Collective over those two stages.
+    pub fn sync_tied(&self, cfg: &glm_model::Config, params: &Params, grads: &mut [Tensor]) -> Result<()> {
+        let Some(group) = self.groups.embedding.as_ref().filter(|_| cfg.tie_word_embeddings) else { return Ok(()) };
+        let name = format!("{}.{}.weight", glm_model::weights::TRANSFORMER, glm_model::weights::WORD_EMBEDDINGS);
+        let i = params.names.iter().position(|n| *n == name).ok_or_else(|| {
+            Error::Dist(format!("{}: the tied word embeddings are missing from this end of the pipeline", params.stage))
+        })?;
+        grads[i] = group.all_reduce(&grads[i], ReduceOp::Sum).map_err(comm)?;
+        Ok(())
     }
 }
 
@@ -194,7 +222,7 @@ fn comm(e: glm_dist::Error) -> Error {
 pub fn shard_sq_norms(grads: &[Tensor], params: &Params, tp_rank: usize) -> Result<Vec<f64>> {
     let mut groups = vec![0f64; params.groups.len()];
     for (i, g) in grads.iter().enumerate() {
-        if params.replicated[i] && tp_rank != 0 {
+        if (params.replicated[i] && tp_rank != 0) || params.tied_copy[i] {
             continue;
         }
         groups[params.group[i]] += sq_sum(g)?;
@@ -214,7 +242,7 @@ pub fn owned_sq_norms(flat: &Flat, owned: &[f32], params: &Params, tp_rank: usiz
     let mut at = 0;
     for r in flat.owned() {
         for (i, _, start, len) in flat.pieces(&r) {
-            if params.replicated[i] && tp_rank != 0 {
+            if (params.replicated[i] && tp_rank != 0) || params.tied_copy[i] {
                 continue;
             }
             let o = at + start - r.start;
@@ -432,10 +460,13 @@ pub fn sync_grads(dist: Option<&Dist>, opt: &Optimizer, params: &Params, g: &mut
 }
 
 /// (global, per group) gradient norms, unscaled, from this rank's squared sums: summed over the
-/// tensor-parallel shards and, with ZeRO-1, the data-parallel chunks.
+/// tensor-parallel shards, the pipeline stages and, with ZeRO-1, the data-parallel chunks.
 pub fn norms(dist: Option<&Dist>, opt: &Optimizer, mut sq: Vec<f64>, scale: f64) -> Result<(f64, Vec<f64>)> {
     if let Some(d) = dist {
         d.tp_comm().all_reduce_scalars(&mut sq, ReduceOp::Sum).map_err(comm)?;
+        if d.pp().1 > 1 {
+            d.pp_comm().all_reduce_scalars(&mut sq, ReduceOp::Sum).map_err(comm)?;
+        }
         if matches!(opt, Optimizer::Sharded(..)) {
             d.dp_comm().all_reduce_scalars(&mut sq, ReduceOp::Sum).map_err(comm)?;
         }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use glm_data::shard::Shard;
 use glm_data::{objective, Batch, Batcher, Mode, ObjectiveConfig, ObjectiveIds, PositionKind, Row, TokenStream};
 use glm_model::Glm;
@@ -79,8 +79,19 @@ impl Validation {
     }
 
     pub fn run(&self, model: &Glm) -> Result<ValResult> {
-        let (loss, n, uni) = self.score(model, &self.objective)?;
-        let (bpb_loss, _, bpb_uni) = self.score(model, &self.bpb)?;
+        self.run_with(&mut |b: &Batch| {
+            let (ids, pos, targets, layout) = b.tensors(model.device())?;
+            let logits = model.forward(&ids, &pos, &layout, None)?.to_dtype(DType::F32)?;
+            Ok(model.cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64 * crate::step::scored(b) as f64)
+        })
+    }
+
+    /// `run` with `loss(batch)` giving the model's summed loss over a batch's scored tokens (a
+    /// pipeline computes it over its stages).
+    pub fn run_with(&self, loss: &mut dyn FnMut(&Batch) -> Result<f64>) -> Result<ValResult> {
+        let (loss_sum, n, uni) = self.score(loss, &self.objective)?;
+        let (bpb_loss, _, bpb_uni) = self.score(loss, &self.bpb)?;
+        let loss = loss_sum;
         let per_byte = |nats: f64| nats / self.bpb_bytes.max(1) as f64 / std::f64::consts::LN_2;
         let n = n.max(1) as f64;
         Ok(ValResult {
@@ -92,15 +103,11 @@ impl Validation {
     }
 
     /// (Σ model loss, scored tokens, Σ unigram loss) over batches.
-    fn score(&self, model: &Glm, batches: &[Batch]) -> Result<(f64, usize, f64)> {
-        let dev: &Device = model.device();
+    fn score(&self, loss: &mut dyn FnMut(&Batch) -> Result<f64>, batches: &[Batch]) -> Result<(f64, usize, f64)> {
         let (mut sum, mut count, mut uni) = (0f64, 0usize, 0f64);
         for b in batches {
-            let (ids, pos, targets, layout) = b.tensors(dev)?;
-            let logits = model.forward(&ids, &pos, &layout, None)?.to_dtype(DType::F32)?;
-            let scored = crate::step::scored(b);
-            sum += model.cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64 * scored as f64;
-            count += scored;
+            sum += loss(b)?;
+            count += crate::step::scored(b);
             for r in &b.rows {
                 uni += r.targets.iter().filter(|&&t| t >= 0).map(|&t| self.unigram[t as usize]).sum::<f64>();
             }

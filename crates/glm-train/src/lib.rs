@@ -17,6 +17,7 @@ pub mod eval;
 pub mod metrics;
 pub mod monitor;
 pub mod optim;
+pub mod pipe;
 pub mod scaler;
 pub mod schedule;
 pub mod step;

@@ -13,7 +13,7 @@ use glm_data::Batch;
 use glm_dist::split::{shard, split_of, Split};
 use glm_dist::{Group, TpFactory};
 use glm_model::weights::{param_table, ParamKind};
-use glm_model::{Config, Glm, TrainOptions};
+use glm_model::{Config, Glm, StageSpec, TrainOptions};
 use glm_nn::{DenseFactory, LinearFactory};
 
 use crate::{Error, Result};
@@ -35,6 +35,11 @@ pub struct Params {
     pub replicated: Vec<bool>,
     /// (rank, size) of the tensor-parallel group: the tensors are this rank's shards.
     pub tp: (usize, usize),
+    /// The pipeline stage whose tensors these are (the whole model without pipelining).
+    pub stage: StageSpec,
+    /// The last stage's copy of the tied word embeddings: its gradient is summed with the first
+    /// stage's, and it is counted (norms) and saved there.
+    pub tied_copy: Vec<bool>,
     pub groups: Vec<String>,
     pub dtype: DType,
 }
@@ -42,16 +47,18 @@ pub struct Params {
 impl Params {
     /// From f32 tensors by name (as `init_weights` or a checkpoint gives them).
     pub fn new(cfg: &Config, tensors: &HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
-        Self::sharded(cfg, tensors, dtype, device, (0, 1))
+        Self::sharded(cfg, tensors, dtype, device, (0, 1), &StageSpec::whole(cfg))
     }
 
-    /// Tensor-parallel rank `tp.0` of `tp.1`'s shards of the full tensors by name.
+    /// Tensor-parallel rank `tp.0` of `tp.1`'s shards of the full tensors by name, of the
+    /// parameters pipeline stage `stage` holds.
     pub fn sharded(
         cfg: &Config,
         tensors: &HashMap<String, Tensor>,
         dtype: DType,
         device: &Device,
         tp: (usize, usize),
+        stage: &StageSpec,
     ) -> Result<Self> {
         glm_dist::split::check_tp(cfg, tp.1).map_err(|e| Error::Config(e.to_string()))?;
         let table = param_table(cfg);
@@ -67,10 +74,12 @@ impl Params {
             splits: Vec::new(),
             replicated: Vec::new(),
             tp,
+            stage: stage.clone(),
+            tied_copy: Vec::new(),
             groups,
             dtype,
         };
-        for spec in &table {
+        for spec in table.iter().filter(|s| stage.holds(cfg, &s.name)) {
             let t =
                 tensors.get(&spec.name).ok_or_else(|| Error::Checkpoint(format!("missing tensor {}", spec.name)))?;
             if t.dims() != spec.shape.as_slice() {
@@ -90,6 +99,7 @@ impl Params {
             p.group.push(group_of(&spec.name, cfg.num_layers));
             p.splits.push(split);
             p.replicated.push(split == Split::Replicated);
+            p.tied_copy.push(stage.is_tied_copy(cfg, &spec.name));
             p.names.push(spec.name.clone());
             p.master.push(master);
             p.compute.push(compute);
@@ -98,7 +108,7 @@ impl Params {
     }
 
     /// A model computing with the `compute` variables: the gradients of its loss are theirs. With
-    /// a tensor-parallel group (`tp`), the model of this rank's shards.
+    /// a tensor-parallel group (`tp`), the model of this rank's shards; of this pipeline stage.
     pub fn model(&self, cfg: &Config, tp: Option<Group>) -> Result<Glm> {
         let map: HashMap<String, Tensor> =
             self.names.iter().cloned().zip(self.compute.iter().map(|v| v.as_tensor().clone())).collect();
@@ -109,7 +119,7 @@ impl Params {
             }
             _ => Box::new(DenseFactory),
         };
-        Ok(Glm::new(cfg, VarBuilder::from_tensors(map, self.dtype, &dev), factory.as_ref())?)
+        Ok(Glm::new_stage(cfg, VarBuilder::from_tensors(map, self.dtype, &dev), factory.as_ref(), &self.stage)?)
     }
 
     /// Copy the master weights into the compute copies (after an update or a load).
@@ -159,7 +169,7 @@ pub fn scored(b: &Batch) -> usize {
 }
 
 /// The flattened positions that have a target, and those targets: only they need logits.
-fn scored_rows(b: &Batch, dev: &Device) -> Result<(Tensor, Tensor)> {
+pub(crate) fn scored_rows(b: &Batch, dev: &Device) -> Result<(Tensor, Tensor)> {
     let (mut rows, mut targets) = (Vec::new(), Vec::new());
     for (i, t) in b.rows.iter().flat_map(|r| r.targets.iter()).enumerate() {
         if *t >= 0 {

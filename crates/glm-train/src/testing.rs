@@ -7,23 +7,32 @@ use std::path::Path;
 use std::rc::Rc;
 
 use candle_core::{Device, Tensor};
-use glm_dist::split::{merge, split_of};
 use glm_dist::{Communicator, Layout, ParallelGroups};
 use glm_model::{Config, FfnKind, PositionEncoding};
 use serde_json::Value;
 
+use crate::ckpt::{Checkpoints, MODEL_FILE};
 use crate::dist::Dist;
 use crate::{Error, Result, RunOptions, TrainConfig, Trainer};
 
 /// A 5-step run of a 2-layer GLM-130B-style (`glm`) or ChatGLM-style (`chatglm`: GeLU MLP, untied
-/// head) model; the model config is written into `dir`.
+/// head) model, 4 micro-batches a step; the model config is written into `dir`.
 pub fn config(arch: &str, dropout: bool, dir: &Path) -> Result<TrainConfig> {
+    sized_config(arch, dropout, dir, 2, 4)
+}
+
+/// `config` for pipelines: 5 layers (uneven over 2 and 4 stages) and 8 micro-batches a step.
+pub fn pipeline_config(arch: &str, dropout: bool, dir: &Path) -> Result<TrainConfig> {
+    sized_config(arch, dropout, dir, 5, 8)
+}
+
+fn sized_config(arch: &str, dropout: bool, dir: &Path, layers: usize, micro_batches: usize) -> Result<TrainConfig> {
     let mut c = TrainConfig { max_steps: 5, ..Default::default() };
     c.objective.seq_len = 64;
     c.batch.micro_batch = 1;
-    c.batch.global = 4;
-    c.batch.ramp_start = 4;
-    c.batch.ramp_increment = 4;
+    c.batch.global = micro_batches;
+    c.batch.ramp_start = micro_batches;
+    c.batch.ramp_increment = micro_batches;
     c.batch.ramp_samples = 0;
     c.optim.lr = 1e-3;
     // The key bias has a gradient of exactly zero in exact arithmetic (softmax ignores a shift of
@@ -37,7 +46,7 @@ pub fn config(arch: &str, dropout: bool, dir: &Path) -> Result<TrainConfig> {
     c.checkpoint.every = 0;
     c.regularization.hidden_dropout = if dropout { 0.1 } else { 0.0 };
     c.regularization.attention_dropout = if dropout { 0.1 } else { 0.0 };
-    let small = |cfg: Config| Config { num_layers: 2, hidden_size: 64, num_heads: 4, ffn_hidden_size: 128, ..cfg };
+    let small = |cfg: Config| Config { num_layers: layers, hidden_size: 64, num_heads: 4, ffn_hidden_size: 128, ..cfg };
     let model = match arch {
         "glm" => small(Config::tiny()),
         _ => Config {
@@ -62,8 +71,8 @@ pub fn opts(out: &Path, resume: bool, stop_at: Option<u64>) -> RunOptions {
     RunOptions { out: out.to_path_buf(), resume, stop_at, progress: false, device: Device::Cpu, stop: None }
 }
 
-/// One rank's part of a split run: trains, then returns the full weights gathered from the TP
-/// ranks (every rank gets them).
+/// One rank's part of a split run: trains, then returns the full weights of its final
+/// checkpoint (merged over the tensor-parallel shards and pipeline stages; every rank reads them).
 pub fn rank_run(
     world: Rc<dyn Communicator>,
     layout: Layout,
@@ -71,23 +80,11 @@ pub fn rank_run(
     cfg: &TrainConfig,
     o: &RunOptions,
 ) -> Result<HashMap<String, Tensor>> {
-    let dist = |e: glm_dist::Error| Error::Dist(e.to_string());
-    let groups = ParallelGroups::new(world, layout).map_err(dist)?;
-    let tp = Rc::clone(&groups.tp);
+    let groups = ParallelGroups::new(world, layout).map_err(|e| Error::Dist(e.to_string()))?;
     let mut t = Trainer::with_dist(cfg.clone(), o.clone(), Some(Dist::new(groups, zero)))?;
-    t.run()?;
-    let model = cfg.model()?;
-    let mut full = HashMap::new();
-    let weights = t.weights();
-    let mut names: Vec<String> = weights.keys().cloned().collect();
-    names.sort(); // every rank gathers in the same order
-    for name in names {
-        let local = &weights[&name];
-        let stacked = tp.all_gather(&local.unsqueeze(0)?, 0).map_err(dist)?; // (tp, ..)
-        let parts = (0..layout.tp).map(|k| stacked.get(k)).collect::<candle_core::Result<Vec<_>>>()?;
-        full.insert(name.clone(), merge(&parts, split_of(&model, &name)).map_err(dist)?);
-    }
-    Ok(full)
+    let summary = t.run()?;
+    let dir = summary.checkpoint.ok_or_else(|| Error::Checkpoint("the run saved no checkpoint".into()))?;
+    Checkpoints::load_full(&dir, MODEL_FILE, &cfg.model()?)
 }
 
 /// (loss, gradient norm of each group) of each step, from a run's log.
@@ -145,3 +142,7 @@ pub fn compare(
 /// The layouts the equivalence tests run: (tp, dp, ZeRO-1).
 pub const LAYOUTS: [(usize, usize, bool); 7] =
     [(2, 1, false), (1, 2, false), (1, 2, true), (2, 2, false), (2, 2, true), (4, 1, false), (1, 4, true)];
+
+/// The pipelined layouts the equivalence tests run (with `pipeline_config`): (tp, pp, dp, ZeRO-1).
+pub const PIPELINE_LAYOUTS: [(usize, usize, usize, bool); 4] =
+    [(1, 2, 1, false), (1, 4, 1, false), (1, 2, 2, true), (2, 2, 2, true)];

@@ -105,6 +105,8 @@ pub struct Trainer {
     last_val: Option<(u64, ValResult)>,
     resumed_from: Option<u64>,
     last_saved: Option<u64>,
+    /// The pipeline's timing of the latest step (this stage's).
+    pipe: Option<glm_dist::pipeline::ExecStats>,
     pb: ProgressBar,
 }
 
@@ -187,7 +189,22 @@ impl Trainer {
         }
         let weights = glm_model::init_weights(&model_cfg, cfg.seed, &Device::Cpu)?;
         let tp = dist.as_ref().map_or((0, 1), |d| d.tp());
-        let params = Params::sharded(&model_cfg, &weights, cfg.precision.dtype(), &opts.device, tp)?;
+        let stage = match &dist {
+            Some(d) => d.stage(model_cfg.num_layers)?,
+            None => glm_model::StageSpec::whole(&model_cfg),
+        };
+        if main && stage.stages > 1 {
+            let plan = glm_model::StageSpec::plan(model_cfg.num_layers, stage.stages)?;
+            let counts: Vec<usize> = plan.iter().map(|s| s.layers.len()).collect();
+            let even = counts.iter().all(|&c| c == counts[0]);
+            eprintln!(
+                "pipeline: {} stages of {counts:?} layers{} (embedding on stage 0, head on stage {})",
+                stage.stages,
+                if even { "" } else { " (uneven)" },
+                stage.stages - 1
+            );
+        }
+        let params = Params::sharded(&model_cfg, &weights, cfg.precision.dtype(), &opts.device, tp, &stage)?;
         let model = params.model(&model_cfg, dist.as_ref().map(|d| d.tp))?;
         let o = &cfg.optim;
         let adam = AdamWConfig { beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
@@ -241,6 +258,7 @@ impl Trainer {
             last_val: None,
             resumed_from: None,
             last_saved: None,
+            pipe: None,
             pb,
         };
         if t.opts.resume && !existing.is_empty() {
@@ -351,9 +369,9 @@ impl Trainer {
                 config_diff(&state.model, &self.model_cfg).join("; ")
             )));
         }
-        let tp = self.params.tp;
-        self.params.load(&Checkpoints::load_shard(dir, MODEL_FILE, &self.model_cfg, tp)?)?;
-        let moments = Checkpoints::load_shard(dir, OPTIMIZER_FILE, &self.model_cfg, tp)?;
+        let (tp, stage) = (self.params.tp, &self.params.stage);
+        self.params.load(&Checkpoints::load_stage(dir, MODEL_FILE, &self.model_cfg, tp, stage)?)?;
+        let moments = Checkpoints::load_stage(dir, OPTIMIZER_FILE, &self.model_cfg, tp, stage)?;
         let get = |n: &str| {
             moments
                 .get(n)
@@ -370,8 +388,14 @@ impl Trainer {
     fn save(&mut self) -> Result<PathBuf> {
         self.state.adam_steps = self.opt.t();
         self.state.data = self.batcher.cursor();
-        let model = self.params.master_tensors();
-        let optim = self.opt.state_tensors(&self.params, self.dist.as_ref())?.into_iter().collect();
+        // The last stage's copy of the tied embeddings is saved once, by the first stage.
+        let copies: HashSet<&String> =
+            self.params.names.iter().zip(&self.params.tied_copy).filter(|(_, c)| **c).map(|(n, _)| n).collect();
+        let own = |n: &str| !copies.iter().any(|c| n == c.as_str() || n.ends_with(&format!(".{c}")));
+        let mut model = self.params.master_tensors();
+        model.retain(|n, _| own(n));
+        let optim: std::collections::HashMap<String, candle_core::Tensor> =
+            self.opt.state_tensors(&self.params, self.dist.as_ref())?.into_iter().filter(|(n, _)| own(n)).collect();
         let state = serde_json::to_vec_pretty(&self.state).map_err(|e| Error::Checkpoint(e.to_string()))?;
         let keep = self.cfg.checkpoint.keep;
         let p = match &self.dist {
@@ -386,6 +410,7 @@ impl Trainer {
                     keep,
                     Some(d.world()),
                     d.tp(),
+                    d.pp(),
                     writer,
                 )?
             }
@@ -395,7 +420,10 @@ impl Trainer {
     }
 
     fn validate(&mut self) -> Result<ValResult> {
-        let v = self.val.run(&self.model)?;
+        let v = match &self.dist {
+            Some(d) if d.pp().1 > 1 => self.val.run_with(&mut |b| crate::pipe::score(&self.model, b, d))?,
+            _ => self.val.run(&self.model)?,
+        };
         self.metrics.eval(json!({
             "step": self.state.step, "val_loss": v.val_loss, "val_bpb": v.val_bpb,
             "unigram_loss": v.unigram_loss, "unigram_bpb": v.unigram_bpb,
@@ -532,7 +560,15 @@ impl Trainer {
             seed: glm_nn::dropout::site_seed(&[self.cfg.seed, step]),
         };
         let dp = self.dist.as_ref().map_or((0, 1), |d| d.dp());
-        let mut g = forward_backward(&self.model, &self.params, &batches, &train, scale, fault, dp)?;
+        let mut g = match &self.dist {
+            Some(d) if d.pp().1 > 1 => {
+                let (g, stats) =
+                    crate::pipe::forward_backward(&self.model, &self.params, &batches, &train, scale, fault, d)?;
+                self.pipe = Some(stats);
+                g
+            }
+            _ => forward_backward(&self.model, &self.params, &batches, &train, scale, fault, dp)?,
+        };
         if self.fault(step, 2, &f.inf_grad_at) {
             if let Some(first) = g.grads.first_mut() {
                 *first = (&*first * f64::INFINITY)?;
@@ -658,13 +694,19 @@ impl Trainer {
         let tps = (rows * self.cfg.objective.seq_len) as f64 / secs.max(1e-9);
         let norms: serde_json::Map<String, serde_json::Value> =
             self.params.groups.iter().cloned().zip(groups.iter().map(|g| json!(g))).collect();
-        self.metrics.step(json!({
+        let mut record = json!({
             "step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
             "loss_scale": self.state.scaler.as_ref().map(|s| s.scale).unwrap_or(1.0),
             "egs_alpha": self.state.egs_alpha, "lr_scale": self.state.lr_scale, "batch": rows,
             "samples": self.state.samples, "tokens": self.state.tokens, "seconds": secs, "skipped": skipped,
             "grad_norms": norms,
-        }))?;
+        });
+        if let Some(p) = self.pipe.take() {
+            // This (the first) stage's view of the 1F1B step.
+            record["pipeline"] = json!({"stage": self.params.stage.index, "bubble": p.bubble(), "busy_s": p.busy,
+                "wall_s": p.wall, "sent_bytes": p.sent, "max_held": p.max_held});
+        }
+        self.metrics.step(record)?;
         self.pb.set_position(self.state.step);
         self.pb.set_message(format!("loss {loss:.4} | {tps:.0} tok/s | lr {lr:.2e} | |g| {norm:.3}"));
         Ok(())

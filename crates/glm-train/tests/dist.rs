@@ -11,7 +11,7 @@ use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use glm_dist::{Layout, LocalComm};
 use glm_model::Config;
-use glm_train::testing::{compare, config, opts, rank_run, steps, LAYOUTS};
+use glm_train::testing::{compare, config, opts, pipeline_config, rank_run, steps, LAYOUTS, PIPELINE_LAYOUTS};
 use glm_train::{RunOptions, TrainConfig, Trainer};
 
 fn check(arch: &str, dropout: bool, layouts: &[(usize, usize, bool)]) -> Result<()> {
@@ -24,12 +24,41 @@ fn check(arch: &str, dropout: bool, layouts: &[(usize, usize, bool)]) -> Result<
     ensure!(steps(&base_out)?.len() == 5);
     for &(tp, dp, zero) in layouts {
         let out = dir.path().join(format!("tp{tp}-dp{dp}-zero{zero}"));
-        let got = run_split(&cfg, &opts(&out, false, None), tp, dp, zero)?.swap_remove(0);
+        let got = run_split(&cfg, &opts(&out, false, None), (tp, 1, dp), zero)?.swap_remove(0);
         let what = format!("{arch} dropout={dropout} tp {tp} dp {dp} zero {zero}");
         let worst = compare(&what, (&base_out, &base), (&out, &got))?;
         println!("{what}: 5 steps match (worst weight rel err {worst:.1e})");
     }
     Ok(())
+}
+
+/// Pipelined runs (5 layers over 2 and 4 stages, 8 micro-batches in 1F1B order, with TP and DP
+/// and ZeRO-1 around them) against the single run.
+fn check_pipeline(arch: &str, dropout: bool) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = pipeline_config(arch, dropout, dir.path())?;
+    let base_out = dir.path().join("single");
+    let mut t = Trainer::new(cfg.clone(), opts(&base_out, false, None))?;
+    t.run()?;
+    let base = t.weights();
+    for (tp, pp, dp, zero) in PIPELINE_LAYOUTS {
+        let out = dir.path().join(format!("tp{tp}-pp{pp}-dp{dp}-zero{zero}"));
+        let got = run_split(&cfg, &opts(&out, false, None), (tp, pp, dp), zero)?.swap_remove(0);
+        let what = format!("{arch} dropout={dropout} tp {tp} pp {pp} dp {dp} zero {zero}");
+        let worst = compare(&what, (&base_out, &base), (&out, &got))?;
+        println!("{what}: 5 steps match (worst weight rel err {worst:.1e})");
+    }
+    Ok(())
+}
+
+#[test]
+fn glm130b_style_pipelined_runs_equal_the_single_run() -> Result<()> {
+    check_pipeline("glm", true)
+}
+
+#[test]
+fn chatglm_style_pipelined_runs_equal_the_single_run() -> Result<()> {
+    check_pipeline("chatglm", false)
 }
 
 #[test]
@@ -48,17 +77,16 @@ fn dropout_masks_do_not_depend_on_the_layout() -> Result<()> {
     check("chatglm", true, &[(2, 2, false), (4, 1, true)])
 }
 
-/// Every rank's run of `cfg` split tp x dp on threads (resuming or stopping as `o` says): the
-/// full weights of each rank.
+/// Every rank's run of `cfg` split tp x pp x dp on threads (resuming or stopping as `o` says):
+/// the full weights each rank reads back.
 fn run_split(
     cfg: &TrainConfig,
     o: &RunOptions,
-    tp: usize,
-    dp: usize,
+    (tp, pp, dp): (usize, usize, usize),
     zero: bool,
 ) -> Result<Vec<HashMap<String, Tensor>>> {
-    let layout = Layout::new(tp, 1, dp)?;
-    Ok(LocalComm::run(tp * dp, Duration::from_secs(120), |world| {
+    let layout = Layout::new(tp, pp, dp)?;
+    Ok(LocalComm::run(tp * pp * dp, Duration::from_secs(120), |world| {
         rank_run(world, layout, zero, cfg, o).map_err(|e| glm_dist::Error::Comm(e.to_string()))
     })?)
 }
@@ -84,9 +112,9 @@ fn a_split_run_resumes_bit_exactly_on_its_layout() -> Result<()> {
     cfg.max_steps = 6;
     cfg.checkpoint.every = 3;
     let (a, b) = (dir.path().join("straight"), dir.path().join("resumed"));
-    let straight = run_split(&cfg, &opts(&a, false, None), 2, 2, true)?;
-    run_split(&cfg, &opts(&b, false, Some(3)), 2, 2, true)?;
-    let resumed = run_split(&cfg, &opts(&b, true, None), 2, 2, true)?;
+    let straight = run_split(&cfg, &opts(&a, false, None), (2, 2, 1), true)?;
+    run_split(&cfg, &opts(&b, false, Some(3)), (2, 2, 1), true)?;
+    let resumed = run_split(&cfg, &opts(&b, true, None), (2, 2, 1), true)?;
     ensure!(losses(&a)? == losses(&b)?, "losses differ after resuming");
     for (r, (x, y)) in straight.iter().zip(&resumed).enumerate() {
         ensure!(same_bits(x, y)?, "rank {r}: weights differ after resuming");
@@ -95,8 +123,8 @@ fn a_split_run_resumes_bit_exactly_on_its_layout() -> Result<()> {
 }
 
 #[test]
-fn reshard_round_trips_bit_for_bit_and_another_degree_resumes_the_run() -> Result<()> {
-    use glm_train::ckpt::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE};
+fn reshard_round_trips_bit_for_bit_and_another_layout_resumes_the_run() -> Result<()> {
+    use glm_train::ckpt::{checkpoint_layout, Checkpoints, MODEL_FILE, OPTIMIZER_FILE};
     let dir = tempfile::tempdir()?;
     let mut cfg = config("glm", false, dir.path())?;
     cfg.max_steps = 6;
@@ -105,29 +133,50 @@ fn reshard_round_trips_bit_for_bit_and_another_degree_resumes_the_run() -> Resul
     let single_out = dir.path().join("single");
     Trainer::new(cfg.clone(), opts(&single_out, false, None))?.run()?;
     let step3 = single_out.join("checkpoints/step-00000003");
-    // TP 1 -> 2 -> 4 -> 1.
-    let (t2, t4, t1) = (dir.path().join("tp2"), dir.path().join("tp4"), dir.path().join("tp1"));
-    Checkpoints::reshard(&step3, &t2, &model, 2)?;
-    Checkpoints::reshard(&t2, &t4, &model, 4)?;
-    Checkpoints::reshard(&t4, &t1, &model, 1)?;
-    ensure!(glm_train::ckpt::checkpoint_tp(&t4)? == 4 && t4.join("model-tp03-of-04.safetensors").exists());
-    for file in [MODEL_FILE, OPTIMIZER_FILE] {
-        let (a, b) = (Checkpoints::load_tensors(&step3, file)?, Checkpoints::load_tensors(&t1, file)?);
-        ensure!(same_bits(&a, &b)?, "{file} changed over tp 1 -> 2 -> 4 -> 1");
-        ensure!(
-            same_bits(&a, &Checkpoints::load_full(&t4, file, &model)?)?,
-            "{file}: the tp 4 shards do not merge back"
-        );
+    // (tp, pp): 1x1 -> 2x1 -> 1x2 -> 2x2 -> 4x2 -> 1x1, each merging back to the same tensors.
+    let mut from = step3.clone();
+    for (tp, pp) in [(2, 1), (1, 2), (2, 2), (4, 2), (1, 1)] {
+        let to = dir.path().join(format!("tp{tp}-pp{pp}"));
+        Checkpoints::reshard(&from, &to, &model, tp, pp)?;
+        ensure!(checkpoint_layout(&to)? == (tp, pp), "{}: layout", to.display());
+        for file in [MODEL_FILE, OPTIMIZER_FILE] {
+            let a = Checkpoints::load_tensors(&step3, file)?;
+            ensure!(
+                same_bits(&a, &Checkpoints::load_full(&to, file, &model)?)?,
+                "{file}: tp {tp} pp {pp} does not merge back"
+            );
+        }
+        from = to;
     }
-    ensure!(Checkpoints::reshard(&step3, &t2, &model, 2).is_err(), "an existing output must be refused");
-    ensure!(Checkpoints::reshard(&step3, &dir.path().join("tp3"), &model, 3).is_err(), "4 heads cannot split 3 ways");
+    ensure!(dir.path().join("tp4-pp2/model-tp03-of-04-pp01-of-02.safetensors").exists());
+    ensure!(same_bits(
+        &Checkpoints::load_tensors(&step3, MODEL_FILE)?,
+        &Checkpoints::load_tensors(&from, MODEL_FILE)?
+    )?);
+    let t2 = dir.path().join("tp2-pp1");
+    ensure!(Checkpoints::reshard(&step3, &t2, &model, 2, 1).is_err(), "an existing output must be refused");
+    ensure!(
+        Checkpoints::reshard(&step3, &dir.path().join("tp3"), &model, 3, 1).is_err(),
+        "4 heads cannot split 3 ways"
+    );
+    ensure!(
+        Checkpoints::reshard(&step3, &dir.path().join("pp3"), &model, 1, 3).is_err(),
+        "2 layers cannot make 3 stages"
+    );
     let want = steps(&single_out)?;
-    // The TP=2 checkpoint resumed at TP=2, and the TP=1 checkpoint resumed directly at TP=4 x DP=1.
-    for (name, ckpt, tp, dp) in [("from-reshard", &t2, 2, 1), ("direct", &step3, 4, 1), ("dp", &t2, 1, 2)] {
+    // Checkpoints resumed on other layouts than they were written at.
+    let runs = [
+        ("from-reshard", dir.path().join("tp2-pp1"), (2, 1, 1)),
+        ("direct", step3.clone(), (4, 1, 1)),
+        ("dp", t2.clone(), (1, 1, 2)),
+        ("pipeline-from-tp", t2, (1, 2, 1)),
+        ("tp-from-pipeline", dir.path().join("tp2-pp2"), (2, 1, 2)),
+    ];
+    for (name, ckpt, layout) in runs {
         let out = dir.path().join(name);
         std::fs::create_dir_all(out.join("checkpoints"))?;
-        copy_dir(ckpt, &out.join("checkpoints/step-00000003"))?;
-        run_split(&cfg, &opts(&out, true, None), tp, dp, false)?;
+        copy_dir(&ckpt, &out.join("checkpoints/step-00000003"))?;
+        run_split(&cfg, &opts(&out, true, None), layout, false)?;
         let got = steps(&out)?;
         ensure!(got.len() == 3, "{name}: {} steps after resuming", got.len());
         for (i, ((l, _), (wl, _))) in got.iter().zip(&want[3..]).enumerate() {
@@ -169,7 +218,7 @@ fn the_recipe_decides_the_same_on_every_rank() -> Result<()> {
     let single = dir.path().join("single");
     Trainer::new(cfg.clone(), opts(&single, false, None))?.run()?;
     let split = dir.path().join("split");
-    run_split(&cfg, &opts(&split, false, None), 2, 2, true)?;
+    run_split(&cfg, &opts(&split, false, None), (2, 1, 2), true)?;
     let events = |out: &Path| -> Result<Vec<String>> {
         let text = std::fs::read_to_string(out.join("events.jsonl"))?;
         Ok(text
