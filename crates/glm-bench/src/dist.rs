@@ -176,7 +176,7 @@ pub fn prepare_env(o: &DistBenchOpts) {
 
 /// Makes the calling thread a pool of `threads` rayon workers (itself included), so its compute
 /// stays on it; `None` when it already belongs to a pool. Keep the pool while the rank runs.
-fn rank_pool(threads: usize) -> Result<Option<rayon::ThreadPool>> {
+pub(crate) fn rank_pool(threads: usize) -> Result<Option<rayon::ThreadPool>> {
     if rayon::current_thread_index().is_some() {
         return Ok(None);
     }
@@ -254,7 +254,7 @@ fn zero_memory(tc: &TrainConfig, dir: &Path, d: usize, o: &DistBenchOpts) -> Res
 }
 
 /// A fresh work directory (runs, checkpoints), removed at the end.
-fn work_dir() -> Result<PathBuf> {
+pub(crate) fn work_dir() -> Result<PathBuf> {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let dir = std::env::temp_dir().join(format!("glm-bench-dist-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod dist;
+pub mod pipeline;
 pub mod train;
 
 use std::io::Write;

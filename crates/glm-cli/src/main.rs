@@ -122,6 +122,9 @@ enum BenchCmd {
     /// A tensor/data-parallel training step: bytes moved per collective against the analytic
     /// formula, time in communication vs compute beside the 1-rank step, ZeRO-1's optimizer memory.
     Dist(dist_cmd::DistBenchArgs),
+    /// The 1F1B pipeline's bubble, held activations and bytes between stages, measured on the
+    /// pipelined training step against the schedule's formulas.
+    Pipeline(glm_bench::pipeline::PipelineBenchOpts),
 }
 
 #[derive(Args)]
@@ -286,6 +289,13 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Serve(a)) => serve_cmd::bench_serve(a)?,
         Cmd::Bench(BenchCmd::Convert(a)) => convert_cmd::bench_convert(a)?,
         Cmd::Bench(BenchCmd::Dist(a)) => dist_cmd::bench(a)?,
+        Cmd::Bench(BenchCmd::Pipeline(a)) => {
+            let report = glm_bench::pipeline::run(&a)?;
+            println!("{}", glm_bench::pipeline::render(&report));
+            if let Some(p) = &a.json {
+                std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+            }
+        }
         Cmd::Tokenizer(c) => data_cmd::run_tokenizer(c)?,
         Cmd::Data(c) => data_cmd::run_data(c)?,
         Cmd::Train(a) => train_cmd::run(a)?,

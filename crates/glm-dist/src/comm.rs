@@ -129,6 +129,34 @@ pub trait Communicator {
         from_host(data, shape.clone(), dtype, device)
     }
 
+    /// `send_recv_bytes` of tensors: `send.0` to rank `send.1` and, in the same batched exchange, a
+    /// tensor of `recv`'s (shape, dtype, device) from rank `recv.3`.
+    fn send_recv(
+        &self,
+        send: Option<(&Tensor, usize)>,
+        recv: Option<(&Shape, DType, &Device, usize)>,
+    ) -> Result<Option<Tensor>> {
+        let bytes = send.map(|(t, _)| to_host(t).map(|v| f32_bytes(&v))).transpose()?;
+        let got = self.send_recv_bytes(bytes.as_deref().zip(send.map(|s| s.1)), recv.map(|r| r.3))?;
+        match (recv, got) {
+            (Some((shape, dtype, device, src)), Some(data)) => {
+                let data = bytes_f32(&data)?;
+                if data.len() != shape.elem_count() {
+                    return Err(Error::Comm(format!(
+                        "rank {}: received {} values from rank {src}, expected {shape:?}",
+                        self.rank(),
+                        data.len()
+                    )));
+                }
+                Ok(Some(from_host(data, shape.clone(), dtype, device)?))
+            }
+            (Some((_, _, _, src)), None) => {
+                Err(Error::Comm(format!("rank {}: no message from rank {src}", self.rank())))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Scalars reduced over the group (losses, norms, flags), in f64.
     fn all_reduce_scalars(&self, xs: &mut [f64], op: ReduceOp) -> Result<()> {
         if self.size() == 1 {

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::{Communicator, Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     /// Run micro-batch `mb` forward (after receiving its activation from the previous stage).
     Forward(usize),
@@ -124,6 +124,118 @@ pub trait Stage {
     fn backward(&mut self, mb: usize, grad: Option<Tensor>) -> Result<Option<Tensor>>;
 }
 
+/// One step of a stage's run: compute an op, or one batched exchange with its neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Compute(Op),
+    /// Posted together, waited for together: the send of a message (`Forward(mb)`: the activation
+    /// of micro-batch mb, `Backward(mb)`: its gradient) to a stage, and the receive of one from a
+    /// stage.
+    Exchange {
+        send: Option<(usize, Op)>,
+        recv: Option<(usize, Op)>,
+    },
+}
+
+/// Stage `rank`'s 1F1B order with its messages, paired as Megatron's `forward_backward_pipelining_
+/// without_interleaving` pairs them: in the steady state each forward's send goes out with the
+/// receive of a gradient (`send_forward_recv_backward`) and each backward's with the receive of
+/// the next activation (`send_backward_recv_forward`), so a stage never waits on a send its
+/// neighbour can only take after waiting on it. Deadlock-free even when a send completes only once
+/// its receive is posted (MPI's rendezvous protocol for large messages; tested by [`rendezvous`]).
+pub fn plan(stages: usize, rank: usize, m: usize) -> Result<Vec<Step>> {
+    one_f_one_b(stages, rank, m)?; // checks the stage and the bound on held activations
+    let (s, p) = (rank, stages);
+    let warmup = (p - s - 1).min(m);
+    let prev = |op: Op| (s > 0).then(|| (s - 1, op));
+    let next = |op: Op| (s + 1 < p).then(|| (s + 1, op));
+    let mut out = Vec::with_capacity(6 * m);
+    let mut exchange = |out: &mut Vec<Step>, send: Option<(usize, Op)>, recv: Option<(usize, Op)>| {
+        if send.is_some() || recv.is_some() {
+            out.push(Step::Exchange { send, recv });
+        }
+    };
+    for i in 0..warmup {
+        exchange(&mut out, None, prev(Op::Forward(i)));
+        out.push(Step::Compute(Op::Forward(i)));
+        exchange(&mut out, next(Op::Forward(i)), None);
+    }
+    let steady = m - warmup;
+    if steady > 0 {
+        exchange(&mut out, None, prev(Op::Forward(warmup)));
+    }
+    for i in 0..steady {
+        let f = warmup + i;
+        out.push(Step::Compute(Op::Forward(f)));
+        exchange(&mut out, next(Op::Forward(f)), next(Op::Backward(i)));
+        out.push(Step::Compute(Op::Backward(i)));
+        let then = if i + 1 < steady { prev(Op::Forward(f + 1)) } else { None };
+        exchange(&mut out, prev(Op::Backward(i)), then);
+    }
+    for i in steady..m {
+        exchange(&mut out, None, next(Op::Backward(i)));
+        out.push(Step::Compute(Op::Backward(i)));
+        exchange(&mut out, prev(Op::Backward(i)), None);
+    }
+    Ok(out)
+}
+
+/// Runs every stage's plan against the others where a send completes only while its receiver has
+/// the matching receive posted (and a receive only while the sender has the send posted): the
+/// strictest protocol an MPI library may use. An error names where the stages would deadlock.
+pub fn rendezvous(plans: &[Vec<Step>]) -> Result<()> {
+    let p = plans.len();
+    let mut at = vec![0usize; p];
+    // The parts of each stage's current exchange still outstanding: (send done, recv done).
+    let mut done = vec![(false, false); p];
+    let current = |at: &[usize], s: usize| plans[s].get(at[s]).copied();
+    loop {
+        let mut progressed = false;
+        for s in 0..p {
+            while let Some(Step::Compute(_)) = current(&at, s) {
+                at[s] += 1;
+                progressed = true;
+            }
+            let Some(Step::Exchange { send, recv }) = current(&at, s) else { continue };
+            if let (Some((to, msg)), false) = (send, done[s].0) {
+                if let Some(Step::Exchange { recv: Some((from, want)), .. }) = current(&at, to) {
+                    if from == s && want == msg && !done[to].1 {
+                        done[s].0 = true;
+                        done[to].1 = true;
+                        progressed = true;
+                    }
+                }
+            }
+            if let (Some((from, msg)), false) = (recv, done[s].1) {
+                if let Some(Step::Exchange { send: Some((to, have)), .. }) = current(&at, from) {
+                    if to == s && have == msg && !done[from].0 {
+                        done[s].1 = true;
+                        done[from].0 = true;
+                        progressed = true;
+                    }
+                }
+            }
+        }
+        for s in 0..p {
+            if let Some(Step::Exchange { send, recv }) = current(&at, s) {
+                if (send.is_none() || done[s].0) && (recv.is_none() || done[s].1) {
+                    at[s] += 1;
+                    done[s] = (false, false);
+                    progressed = true;
+                }
+            }
+        }
+        if (0..p).all(|s| at[s] == plans[s].len()) {
+            return Ok(());
+        }
+        if !progressed {
+            let stuck: Vec<String> =
+                (0..p).filter_map(|s| current(&at, s).map(|st| format!("stage {s} at {st:?}"))).collect();
+            return Err(Error::Layout(format!("the pipeline plans deadlock: {}", stuck.join(", "))));
+        }
+    }
+}
+
 /// What one stage's run of a schedule took.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ExecStats {
@@ -131,7 +243,7 @@ pub struct ExecStats {
     pub wall: f64,
     /// Seconds inside the stage's forwards and backwards (the rest is waiting and copying).
     pub busy: f64,
-    /// Bytes this stage sent (activations forward, gradients back).
+    /// Bytes this stage sent (activations forward, gradients back; f32 on the wire).
     pub sent: usize,
     /// Micro-batches whose activations were held at once, at most.
     pub max_held: usize,
@@ -148,49 +260,65 @@ impl ExecStats {
     }
 }
 
-/// Runs `ops` (this stage's 1F1B order) on the pipeline group `pp` (rank = stage): activations
-/// go forward and gradients back as messages of `shape(mb)` (known to both sides: every rank
-/// reads the same micro-batches). Sends are buffered and each receive waits for one message, so
-/// the 1F1B order cannot deadlock.
+/// Runs this stage's [`plan`] of `m` micro-batches on the pipeline group `pp` (rank = stage):
+/// activations go forward and gradients back as messages of `shape(mb)` (known to both sides:
+/// every rank reads the same micro-batches), each exchange batched as the plan pairs them.
 pub fn execute(
     pp: &dyn Communicator,
-    ops: &[Op],
+    m: usize,
     shape: &dyn Fn(usize) -> Shape,
     dtype: DType,
     dev: &Device,
     stage: &mut dyn Stage,
 ) -> Result<ExecStats> {
+    use std::collections::HashMap;
     let (s, p) = (pp.rank(), pp.size());
+    let steps = plan(p, s, m)?;
     let start = std::time::Instant::now();
-    let mut stats = ExecStats { max_held: max_held(ops), ..Default::default() };
-    let send = |t: &Tensor, to: usize, stats: &mut ExecStats| -> Result<()> {
-        stats.sent += t.elem_count() * t.dtype().size_in_bytes();
-        pp.send(t, to)
-    };
-    for &op in ops {
-        match op {
-            Op::Forward(mb) => {
-                let input = if s > 0 { Some(pp.recv(&shape(mb), dtype, dev, s - 1)?) } else { None };
+    let ops: Vec<Op> =
+        steps.iter().filter_map(|st| if let Step::Compute(op) = st { Some(*op) } else { None }).collect();
+    let mut stats = ExecStats { max_held: max_held(&ops), ..Default::default() };
+    // Received and produced tensors by message, until their op or their send takes them.
+    let (mut inbox, mut outbox): (HashMap<Op, Tensor>, HashMap<Op, Tensor>) = (HashMap::new(), HashMap::new());
+    let missing = |what: &str, op: Op| Error::Stage(format!("pipeline stage {s}: no {what} for {op:?}"));
+    for step in steps {
+        match step {
+            Step::Compute(op) => {
                 let t0 = std::time::Instant::now();
-                let out = stage.forward(mb, input)?;
-                stats.busy += t0.elapsed().as_secs_f64();
-                if s + 1 < p {
-                    send(&out, s + 1, &mut stats)?;
-                }
-            }
-            Op::Backward(mb) => {
-                let grad = if s + 1 < p { Some(pp.recv(&shape(mb), dtype, dev, s + 1)?) } else { None };
-                let t0 = std::time::Instant::now();
-                let g = stage.backward(mb, grad)?;
-                stats.busy += t0.elapsed().as_secs_f64();
-                match g {
-                    Some(g) if s > 0 => send(&g, s - 1, &mut stats)?,
-                    None if s > 0 => {
-                        return Err(Error::Stage(format!(
-                            "pipeline stage {s}: micro-batch {mb} gave no input gradient"
-                        )))
+                match op {
+                    Op::Forward(mb) => {
+                        let out = stage.forward(mb, inbox.remove(&op))?;
+                        if s + 1 < p {
+                            outbox.insert(op, out);
+                        }
                     }
-                    _ => {}
+                    Op::Backward(mb) => match (stage.backward(mb, inbox.remove(&op))?, s > 0) {
+                        (Some(g), true) => {
+                            outbox.insert(op, g);
+                        }
+                        (None, true) => return Err(missing("input gradient", op)),
+                        _ => {}
+                    },
+                }
+                stats.busy += t0.elapsed().as_secs_f64();
+            }
+            Step::Exchange { send, recv } => {
+                let out =
+                    send.map(|(to, op)| outbox.remove(&op).map(|t| (t, to)).ok_or_else(|| missing("message", op)));
+                let out = out.transpose()?;
+                let mb = |op: Op| match op {
+                    Op::Forward(mb) | Op::Backward(mb) => mb,
+                };
+                let want = recv.map(|(from, op)| (shape(mb(op)), from, op));
+                let got = pp.send_recv(
+                    out.as_ref().map(|(t, to)| (t, *to)),
+                    want.as_ref().map(|(sh, from, _)| (sh, dtype, dev, *from)),
+                )?;
+                if let Some((t, _)) = &out {
+                    stats.sent += t.elem_count() * 4;
+                }
+                if let (Some((_, _, op)), Some(t)) = (want, got) {
+                    inbox.insert(op, t);
                 }
             }
         }
@@ -236,9 +364,8 @@ mod tests {
         }
         for (p, m) in [(2, 4), (4, 8), (3, 2)] {
             let seen = crate::LocalComm::run(p, Duration::from_secs(20), |pp| {
-                let ops = one_f_one_b(p, pp.rank(), m)?;
                 let mut st = Affine { stage: pp.rank() as f64, seen: Vec::new() };
-                execute(pp.as_ref(), &ops, &|_| Shape::from((2, 3)), DType::F32, &Device::Cpu, &mut st)?;
+                execute(pp.as_ref(), m, &|_| Shape::from((2, 3)), DType::F32, &Device::Cpu, &mut st)?;
                 Ok(st.seen)
             })?;
             for (s, seen) in seen.iter().enumerate() {
@@ -281,6 +408,47 @@ mod tests {
             }
         }
         assert!(one_f_one_b(2, 2, 4).is_err());
+        Ok(())
+    }
+
+    /// The plans compute in 1F1B order, every message is sent once and received once, and no
+    /// two stages wait on each other even under rendezvous sends; a plan that sends before its
+    /// neighbour can receive is caught.
+    #[test]
+    fn the_plans_pair_messages_without_deadlock() -> Result<()> {
+        for p in 1..=8 {
+            for m in 1..=16 {
+                let plans: Vec<Vec<Step>> = (0..p).map(|s| plan(p, s, m)).collect::<Result<_>>()?;
+                for (s, pl) in plans.iter().enumerate() {
+                    let ops: Vec<Op> =
+                        pl.iter().filter_map(|st| if let Step::Compute(o) = st { Some(*o) } else { None }).collect();
+                    assert_eq!(ops, one_f_one_b(p, s, m)?, "p {p} m {m} stage {s}");
+                }
+                rendezvous(&plans).map_err(|e| Error::Layout(format!("p {p} m {m}: {e}")))?;
+            }
+        }
+        // Blocking sends in compute order (send each output right after computing it, then
+        // receive): stage 0 sends its second activation while stage 1 sends its first gradient.
+        let naive = |s: usize| -> Vec<Step> {
+            let mut out = Vec::new();
+            for op in one_f_one_b(2, s, 2).unwrap_or_default() {
+                let (recv, send) = match (op, s) {
+                    (Op::Forward(_), 0) => (None, Some((1, op))),
+                    (Op::Forward(_), _) => (Some((0, op)), None),
+                    (Op::Backward(_), 0) => (Some((1, op)), None),
+                    (Op::Backward(_), _) => (None, Some((0, op))),
+                };
+                if recv.is_some() {
+                    out.push(Step::Exchange { send: None, recv });
+                }
+                out.push(Step::Compute(op));
+                if send.is_some() {
+                    out.push(Step::Exchange { send, recv: None });
+                }
+            }
+            out
+        };
+        assert!(rendezvous(&[naive(0), naive(1)]).is_err());
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use glm_data::Batch;
-use glm_dist::pipeline::{execute, one_f_one_b, ExecStats, Stage};
+use glm_dist::pipeline::{execute, ExecStats, Stage};
 use glm_dist::ReduceOp;
 use glm_model::{Glm, StageInput, TrainOptions};
 
@@ -129,7 +129,6 @@ pub fn forward_backward(
     let total: usize = batches.iter().map(scored).sum();
     let mine: Vec<(usize, &Batch)> = batches.iter().enumerate().filter(|(k, b)| k % dp == d && scored(b) > 0).collect();
     let (s, p) = dist.pp();
-    let ops = one_f_one_b(p, s, mine.len()).map_err(|e| Error::Dist(e.to_string()))?;
     let hidden = model.config().hidden_size;
     let shapes: Vec<Shape> = mine.iter().map(|(_, b)| Shape::from((b.rows.len(), b.seq_len, hidden))).collect();
     let mut stage = TrainStage {
@@ -145,7 +144,8 @@ pub fn forward_backward(
         loss: 0.0,
     };
     let dev: Device = model.device().clone();
-    let stats = execute(dist.pp_comm(), &ops, &|mb| shapes[mb].clone(), params.dtype, &dev, &mut stage)
+    let m = stage.batches.len();
+    let stats = execute(dist.pp_comm(), m, &|mb| shapes[mb].clone(), params.dtype, &dev, &mut stage)
         .map_err(|e| Error::Dist(format!("pipeline stage {s} of {p}: {e}")))?;
     let mut loss = [stage.loss];
     dist.pp_comm().all_reduce_scalars(&mut loss, ReduceOp::Sum).map_err(|e| Error::Dist(e.to_string()))?;

@@ -310,6 +310,11 @@ impl Trainer {
         self.params.master_tensors()
     }
 
+    /// This pipeline stage's timing of the latest step (None without pipelining).
+    pub fn pipeline_stats(&self) -> Option<glm_dist::pipeline::ExecStats> {
+        self.pipe
+    }
+
     /// Bytes of AdamW state this rank holds (8 per parameter, or 8/dp with ZeRO-1).
     pub fn optimizer_bytes(&self) -> usize {
         self.opt.state_bytes(&self.params)
@@ -701,7 +706,7 @@ impl Trainer {
             "samples": self.state.samples, "tokens": self.state.tokens, "seconds": secs, "skipped": skipped,
             "grad_norms": norms,
         });
-        if let Some(p) = self.pipe.take() {
+        if let Some(p) = self.pipe {
             // This (the first) stage's view of the 1F1B step.
             record["pipeline"] = json!({"stage": self.params.stage.index, "bubble": p.bubble(), "busy_s": p.busy,
                 "wall_s": p.wall, "sent_bytes": p.sent, "max_held": p.max_held});
