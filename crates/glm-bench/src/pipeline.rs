@@ -202,22 +202,26 @@ pub fn render(r: &PipelineReport) -> String {
         "1F1B pipeline, {} ({} cores, {} thread(s) per rank); model {}; micro-batch {} x {} tokens\n\n",
         r.cpu, r.cores, r.threads, r.model, r.batch, r.seq
     );
-    s.push_str("| p | m | bubble (p-1)/(m+p-1) | measured bubble per stage | held per stage (bound) | sent per stage, MB (B·T·H·4 per micro-batch each way) |\n");
-    s.push_str("|---|---|---|---|---|---|\n");
+    s.push_str("| p | m | bubble (p-1)/(m+p-1) | measured bubble per stage | step s | compute s per stage | held per stage (bound) | sent per stage, MB (B·T·H·4 per micro-batch each way) |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|\n");
     for row in &r.rows {
         let st = &row.per_stage;
         let bubbles: Vec<String> = st.iter().map(|x| format!("{:.3}", x.bubble)).collect();
+        let busy: Vec<String> = st.iter().map(|x| format!("{:.2}", x.busy_s)).collect();
+        let wall = st.iter().map(|x| x.wall_s).fold(0.0, f64::max);
         let held: Vec<String> = st.iter().map(|x| format!("{} ({})", x.max_held, x.held_bound)).collect();
         let sent: Vec<String> = st
             .iter()
             .map(|x| format!("{:.2} ({:.2})", x.sent_bytes as f64 / 1e6, x.sent_formula as f64 / 1e6))
             .collect();
         s.push_str(&format!(
-            "| {} | {} | {:.3} | {} | {} | {} |\n",
+            "| {} | {} | {:.3} | {} | {:.2} | {} | {} | {} |\n",
             row.stages,
             row.micro_batches,
             row.formula,
             bubbles.join(" / "),
+            wall,
+            busy.join(" / "),
             held.join(" / "),
             sent.join(" / ")
         ));

@@ -150,7 +150,7 @@ pub fn plan(stages: usize, rank: usize, m: usize) -> Result<Vec<Step>> {
     let prev = |op: Op| (s > 0).then(|| (s - 1, op));
     let next = |op: Op| (s + 1 < p).then(|| (s + 1, op));
     let mut out = Vec::with_capacity(6 * m);
-    let mut exchange = |out: &mut Vec<Step>, send: Option<(usize, Op)>, recv: Option<(usize, Op)>| {
+    let exchange = |out: &mut Vec<Step>, send: Option<(usize, Op)>, recv: Option<(usize, Op)>| {
         if send.is_some() || recv.is_some() {
             out.push(Step::Exchange { send, recv });
         }
