@@ -472,7 +472,7 @@ fn start_block<'m>(
     let stream = TextStream::new(gen.tokenizer(), left)?;
     let block = |dec, start| Block { start, dec, out: Vec::new(), stream, scored: Vec::new() };
     if a.sampler.config().max_new_tokens == 0 {
-        a.block = Some(block(Decoder::new(gen.model(), &start.0, start.1)?, start));
+        a.block = Some(block(Decoder::with_mirror(gen.model(), gen.mirror(), &start.0, start.1)?, start));
         finish_block(gen, a, StopReason::MaxNewTokens, stats);
         return Ok(None);
     }
@@ -492,7 +492,7 @@ fn start_block<'m>(
         return Ok(None);
     }
     remove_one(st.waiting, &start);
-    let mut dec = Decoder::new(gen.model(), &start.0, start.1)?;
+    let mut dec = Decoder::with_mirror(gen.model(), gen.mirror(), &start.0, start.1)?;
     dec.begin_feed(&[gen.sop()])?;
     stats.prefill_tokens += tokens as u64;
     let logits = dec.continue_feed(layers)?;

@@ -11,7 +11,15 @@ use candle_core::{DType, Tensor};
 use glm_model::{Glm, KvCache, Partial, PositionEncoding, Sequence};
 use glm_nn::AttnLayout;
 
+use crate::mirror::{Call, Mirror};
 use crate::{Error, Result};
+
+/// Row ids (for a mirror's followers): unique within the process.
+static NEXT_ROW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_row() -> u64 {
+    NEXT_ROW.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Which blank the generated block fills.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +41,17 @@ pub struct Decoder<'m> {
     layout: AttnLayout,
     /// A feed begun and not finished ([`Decoder::begin_feed`]), with the row's length before it.
     partial: Option<(Partial, usize)>,
+    /// Tensor-parallel followers that replay this row's model calls (`crate::mirror`).
+    mirror: Option<&'m dyn Mirror>,
+    row: u64,
+}
+
+impl Drop for Decoder<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = self.mirror {
+            m.dropped(self.row);
+        }
+    }
 }
 
 impl<'m> Decoder<'m> {
@@ -40,6 +59,10 @@ impl<'m> Decoder<'m> {
     pub fn fork(&self) -> Result<Self> {
         if self.partial.is_some() {
             return Err(Error::Input("cannot fork a row in the middle of a feed".into()));
+        }
+        let row = next_row();
+        if let Some(m) = self.mirror {
+            m.call(&Call::Fork { from: self.row, to: row })?;
         }
         Ok(Self {
             model: self.model,
@@ -49,11 +72,18 @@ impl<'m> Decoder<'m> {
             cache: self.cache.fork()?,
             layout: self.layout.clone(),
             partial: None,
+            mirror: self.mirror,
+            row,
         })
     }
 
     /// A row holding `context`; nothing runs until the first `feed` (normally of `<sop>`).
     pub fn new(model: &'m Glm, context: &[u32], blank: Blank) -> Result<Self> {
+        Self::with_mirror(model, None, context, blank)
+    }
+
+    /// `new`, its model calls sent to `mirror`'s followers first (tensor-parallel decoding).
+    pub fn with_mirror(model: &'m Glm, mirror: Option<&'m dyn Mirror>, context: &[u32], blank: Blank) -> Result<Self> {
         let max = model.config().max_seq_len;
         if context.is_empty() {
             return Err(Error::EmptyPrompt);
@@ -74,6 +104,8 @@ impl<'m> Decoder<'m> {
             cache: KvCache::new(model.config()),
             layout: AttnLayout::prefix_lm(&[context.len()]),
             partial: None,
+            mirror,
+            row: next_row(),
         })
     }
 
@@ -110,6 +142,18 @@ impl<'m> Decoder<'m> {
         }
         self.tokens.extend_from_slice(ids);
         let positions = self.positions(start..self.tokens.len());
+        if let Some(m) = self.mirror {
+            let call = Call::Begin {
+                row: self.row,
+                ids: self.tokens[start..].to_vec(),
+                positions: positions.clone(),
+                context: self.context_len as u32,
+            };
+            if let Err(e) = m.call(&call) {
+                self.tokens.truncate(old_len);
+                return Err(e);
+            }
+        }
         let mut seq = Sequence {
             ids: &self.tokens[start..],
             positions: &positions,
@@ -135,10 +179,16 @@ impl<'m> Decoder<'m> {
         let Some((mut p, old_len)) = self.partial.take() else {
             return Err(Error::Input("no feed under way".into()));
         };
-        let out = self.model.advance(&mut p, &mut self.cache, layers).map_err(Error::from).and_then(|l| match l {
-            Some(l) => Ok(Some(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
-            None => Ok(None),
-        });
+        let mirrored = match self.mirror {
+            Some(m) => m.call(&Call::Advance { row: self.row, layers: layers.min(u32::MAX as usize) as u32 }),
+            None => Ok(()),
+        };
+        let out = mirrored
+            .and_then(|()| self.model.advance(&mut p, &mut self.cache, layers).map_err(Error::from))
+            .and_then(|l| match l {
+                Some(l) => Ok(Some(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)),
+                None => Ok(None),
+            });
         match out {
             Ok(None) => self.partial = Some((p, old_len)),
             Ok(Some(_)) => {}
@@ -173,13 +223,25 @@ impl<'m> Decoder<'m> {
             )));
         }
         let positions: Vec<Vec<u32>> = rows.iter().map(|d| d.positions(d.tokens.len()..d.tokens.len() + 1)).collect();
+        let mirrored = match rows.first().and_then(|d| d.mirror) {
+            Some(m) => {
+                let rows = rows.iter().zip(tokens).zip(&positions).map(|((d, &t), p)| (d.row, t, p.clone())).collect();
+                m.call(&Call::Batch { rows })
+            }
+            None => Ok(()),
+        };
         let mut seqs: Vec<Sequence> = rows
             .iter_mut()
             .zip(tokens.chunks(1))
             .zip(&positions)
             .map(|((d, ids), positions)| Sequence { ids, positions, layout: &d.layout, cache: &mut d.cache })
             .collect();
-        let out = model.forward_sequences(&mut seqs).and_then(|l| Ok(l.to_dtype(DType::F32)?.to_vec2()?));
+        let out = mirrored.and_then(|()| {
+            model
+                .forward_sequences(&mut seqs)
+                .map_err(Error::from)
+                .and_then(|l| Ok(l.to_dtype(DType::F32)?.to_vec2()?))
+        });
         drop(seqs);
         match out {
             Ok(logits) => {
@@ -198,6 +260,10 @@ impl<'m> Decoder<'m> {
     pub fn recompute(&self) -> Result<Vec<f32>> {
         let run = || -> Result<Vec<f32>> {
             let (dev, n) = (self.model.device(), self.tokens.len());
+            if let Some(m) = self.mirror {
+                let (tokens, context) = (self.tokens.clone(), self.context_len as u32);
+                m.call(&Call::Forward { tokens, positions: self.positions(0..n), context })?;
+            }
             let ids = Tensor::new(self.tokens.as_slice(), dev)?.unsqueeze(0)?;
             let positions = Tensor::new(self.positions(0..n), dev)?;
             let positions = match self.model.config().position_encoding {

@@ -74,6 +74,8 @@ pub struct Generator<'a> {
     sampleable: usize,
     /// ... except the layout's own tokens ([MASK], [gMASK], [sMASK], <sop>), never a training target.
     invalid: Vec<u32>,
+    /// Tensor-parallel followers that replay every model call (`crate::mirror`).
+    mirror: Option<&'a dyn crate::mirror::Mirror>,
 }
 
 impl<'a> Generator<'a> {
@@ -91,7 +93,17 @@ impl<'a> Generator<'a> {
         let masks = [s.mask, s.smask].into_iter().flatten().collect();
         let invalid = [s.mask, s.gmask, s.smask, s.sop].into_iter().flatten().collect();
         let sampleable = vocab.min(tok.vocab_size());
-        Ok(Self { model, tok, sop, eop, eod: s.eod, gmask: s.gmask, masks, sampleable, invalid })
+        Ok(Self { model, tok, sop, eop, eod: s.eod, gmask: s.gmask, masks, sampleable, invalid, mirror: None })
+    }
+
+    /// Every model call of this generator's rows sent to `mirror`'s followers first (the driver
+    /// of tensor-parallel decoding).
+    pub fn with_mirror(self, mirror: &'a dyn crate::mirror::Mirror) -> Self {
+        Self { mirror: Some(mirror), ..self }
+    }
+
+    pub fn mirror(&self) -> Option<&'a dyn crate::mirror::Mirror> {
+        self.mirror
     }
 
     /// The prompt's ids and the row context `prompt [gMASK]` of a left-to-right continuation.
@@ -164,7 +176,7 @@ impl<'a> Generator<'a> {
 
     /// The best block after `context <sop>` by beam search, end token not included.
     pub fn beam_block(&self, context: &[u32], blank: Blank, cfg: &crate::BeamConfig) -> Result<(Vec<u32>, StopReason)> {
-        let mut dec = Decoder::new(self.model, context, blank)?;
+        let mut dec = Decoder::with_mirror(self.model, self.mirror, context, blank)?;
         let logits = dec.feed(&[self.sop])?;
         let vocab = self.model.config().vocab_size as u32;
         let banned: Vec<u32> = self.invalid.iter().copied().chain(self.sampleable as u32..vocab).collect();
@@ -292,7 +304,7 @@ impl<'a> Generator<'a> {
         go: &mut dyn FnMut(&[u32]) -> bool,
     ) -> Result<(Vec<u32>, StopReason)> {
         let max_new = sampler.config().max_new_tokens;
-        let mut dec = Decoder::new(self.model, context, blank)?;
+        let mut dec = Decoder::with_mirror(self.model, self.mirror, context, blank)?;
         let mut out = Vec::new();
         if max_new == 0 {
             return Ok((out, StopReason::MaxNewTokens));

@@ -5,6 +5,7 @@
 //! - [`Generator::fill`]: blank filling, `left [MASK] right <sop> gen...`, each blank in turn.
 //! - [`Decoder`]: one row over the model's KV cache: one prefill of the context and `<sop>`, then
 //!   one token per step; [`Decoder::recompute`] is the cache-free reference.
+//! - [`mirror`]: tensor-parallel decoding driven from one rank, the others replaying its calls.
 //! - [`Sampler`] / [`SamplingConfig`]: greedy, or temperature -> top-k -> top-p -> softmax ->
 //!   a seeded multinomial draw (BaseStrategy), deterministic for a seed.
 //!
@@ -28,6 +29,7 @@ pub mod beam;
 mod decode;
 mod generate;
 pub mod logprobs;
+pub mod mirror;
 pub mod sampling;
 
 pub use beam::{BeamConfig, Hypothesis};
@@ -58,6 +60,9 @@ pub enum Error {
     Input(String),
     #[error("the request ran past its time limit")]
     Timeout,
+    /// The tensor-parallel ranks cannot be reached (dead, stuck or gone): nothing more can run.
+    #[error("tensor-parallel ranks: {0}")]
+    Ranks(String),
     #[error(transparent)]
     Model(#[from] glm_model::Error),
     #[error(transparent)]
