@@ -250,7 +250,7 @@ impl<'m> Decoder<'m> {
             }
             Err(e) => {
                 rows.iter_mut().for_each(|d| d.cache.clear());
-                Err(Error::from(e).context(format!("decoding a batch of {} rows", rows.len())))
+                Err(e.context(format!("decoding a batch of {} rows", rows.len())))
             }
         }
     }
