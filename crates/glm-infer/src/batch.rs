@@ -321,8 +321,10 @@ impl<'m> Engine<'m> {
                 }
                 Err(e) => {
                     let msg = e.to_string();
+                    let ranks = e.is_ranks();
                     for i in who {
-                        fail(&mut self.active[i], Error::Input(msg.clone()), &mut self.stats);
+                        let e = if ranks { Error::Ranks(msg.clone()) } else { Error::Input(msg.clone()) };
+                        fail(&mut self.active[i], e, &mut self.stats);
                     }
                 }
             }

@@ -78,6 +78,15 @@ impl Error {
     pub fn context(self, context: impl Into<String>) -> Self {
         Self::Context { context: context.into(), source: Box::new(self) }
     }
+
+    /// Whether the tensor-parallel ranks are gone (under any context).
+    pub fn is_ranks(&self) -> bool {
+        match self {
+            Self::Ranks(_) => true,
+            Self::Context { source, .. } => source.is_ranks(),
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

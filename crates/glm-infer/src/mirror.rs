@@ -35,6 +35,8 @@ pub enum Call {
     Drop { rows: Vec<u64> },
     /// Nothing to run (the driver is idle; keeps the followers' waits short).
     Idle,
+    /// Every rank joins a barrier: the driver's check that its followers are alive.
+    Ping,
     /// The driver is done: the followers return.
     Stop,
 }
@@ -45,6 +47,10 @@ pub trait Mirror {
     fn call(&self, call: &Call) -> Result<()>;
     /// Row `row` is gone; its caches go with the next call.
     fn dropped(&self, row: u64);
+    /// Whether the followers answer (a round trip); an error once they cannot.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 fn push_u64(out: &mut Vec<u32>, x: u64) {
@@ -98,6 +104,7 @@ impl Call {
             }
             Call::Idle => out.push(7),
             Call::Stop => out.push(8),
+            Call::Ping => out.push(9),
         }
     }
 
@@ -133,6 +140,7 @@ impl Call {
                 }
                 7 => Call::Idle,
                 8 => Call::Stop,
+                9 => Call::Ping,
                 t => return Err(Error::Input(format!("unknown call {t} at word {} of a call message", r.at - 1))),
             });
         }
@@ -168,28 +176,44 @@ impl Reader<'_> {
 }
 
 /// A [`Mirror`] over a communicator: each call is broadcast from rank 0 of `comm` (the driver),
-/// with the drops since the last.
+/// with the drops since the last. Once a call fails the group is gone: every later call fails
+/// at once with the first error.
 pub struct CommMirror<'c> {
     comm: &'c dyn glm_dist::Communicator,
     dropped: RefCell<Vec<u64>>,
+    broken: RefCell<Option<String>>,
 }
 
 impl<'c> CommMirror<'c> {
     pub fn new(comm: &'c dyn glm_dist::Communicator) -> Self {
-        Self { comm, dropped: RefCell::new(Vec::new()) }
+        Self { comm, dropped: RefCell::new(Vec::new()), broken: RefCell::new(None) }
+    }
+
+    fn fail(&self, e: glm_dist::Error) -> Error {
+        let msg = e.to_string();
+        self.broken.borrow_mut().get_or_insert(msg.clone());
+        Error::Ranks(msg)
     }
 }
 
 impl Mirror for CommMirror<'_> {
     fn call(&self, call: &Call) -> Result<()> {
+        if let Some(msg) = self.broken.borrow().as_ref() {
+            return Err(Error::Ranks(msg.clone()));
+        }
         let rows = std::mem::take(&mut *self.dropped.borrow_mut());
         let calls = if rows.is_empty() { vec![call.clone()] } else { vec![Call::Drop { rows }, call.clone()] };
         let mut bytes = Call::encode(&calls);
-        self.comm.broadcast_bytes(&mut bytes, 0).map_err(|e| Error::Ranks(e.to_string()))
+        self.comm.broadcast_bytes(&mut bytes, 0).map_err(|e| self.fail(e))
     }
 
     fn dropped(&self, row: u64) {
         self.dropped.borrow_mut().push(row);
+    }
+
+    fn check(&self) -> Result<()> {
+        self.call(&Call::Ping)?;
+        self.comm.barrier().map_err(|e| self.fail(e))
     }
 }
 
@@ -300,7 +324,7 @@ impl<'m> Follower<'m> {
                 });
                 Ok(None)
             }
-            Call::Idle | Call::Stop => Ok(None),
+            Call::Idle | Call::Stop | Call::Ping => Ok(None),
         }
     }
 
@@ -313,10 +337,15 @@ impl<'m> Follower<'m> {
             comm.broadcast_bytes(&mut bytes, 0)
                 .map_err(|e| Error::Ranks(format!("rank {}: following rank 0: {e}", comm.rank())))?;
             for call in Call::decode(&bytes)? {
-                if call == Call::Stop {
-                    return Ok(());
+                match call {
+                    Call::Stop => return Ok(()),
+                    Call::Ping => comm
+                        .barrier()
+                        .map_err(|e| Error::Ranks(format!("rank {}: answering rank 0: {e}", comm.rank())))?,
+                    call => {
+                        let _ = self.apply(call);
+                    }
                 }
-                let _ = self.apply(call);
             }
         }
     }
@@ -340,6 +369,7 @@ mod tests {
             Call::Forward { tokens: vec![1, 2], positions: vec![0, 1], context: 1 },
             Call::Drop { rows: vec![7, 8] },
             Call::Idle,
+            Call::Ping,
             Call::Stop,
         ];
         let bytes = Call::encode(&calls);

@@ -116,6 +116,8 @@ pub enum Error {
     Model(#[from] InferError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("the tensor-parallel ranks are gone: {0}")]
+    Ranks(String),
 }
 
 struct AppState {
@@ -132,29 +134,15 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Serves `model` on `listener` until `shutdown` resolves. The engine runs on its own thread.
-pub async fn serve(
-    model: Arc<Glm>,
-    tok: Arc<Tokenizer>,
-    opts: Options,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
+/// The server's state and the engine's end of the queue (checked options, a model that generates).
+fn state(model: &Glm, tok: Arc<Tokenizer>, opts: Options) -> Result<(Arc<AppState>, mpsc::Receiver<Job>), Error> {
     opts.validate()?;
-    glm_infer::Generator::new(&model, &tok)?; // the special tokens are there
+    glm_infer::Generator::new(model, &tok)?; // the special tokens are there
     let (tx, rx) = mpsc::channel(opts.queue);
     let metrics = Arc::new(Metrics::default());
     metrics.queue_capacity.store(opts.queue as u64, Relaxed);
     metrics.kv_budget_bytes.store(opts.kv_budget_bytes, Relaxed);
     metrics.max_batch.store(opts.max_batch as u64, Relaxed);
-    let engine_opts = EngineOptions {
-        max_batch: opts.max_batch,
-        kv_budget_bytes: opts.kv_budget_bytes,
-        prefill_chunk: opts.prefill_chunk,
-    };
-    let (m, t, mt) = (model.clone(), tok.clone(), metrics.clone());
-    let engine =
-        std::thread::Builder::new().name("glm-engine".into()).spawn(move || worker::run(m, t, engine_opts, rx, mt))?;
     let state = Arc::new(AppState {
         max_seq_len: model.config().max_seq_len,
         opts,
@@ -164,15 +152,89 @@ pub async fn serve(
         created: unix_now(),
         next_id: AtomicU64::new(0),
     });
+    Ok((state, rx))
+}
+
+fn engine_options(o: &Options) -> EngineOptions {
+    EngineOptions { max_batch: o.max_batch, kv_budget_bytes: o.kv_budget_bytes, prefill_chunk: o.prefill_chunk }
+}
+
+/// The HTTP side until `shutdown` resolves; the queue's sender goes with the router.
+async fn http(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let app = router(state);
     // No Nagle: each SSE event goes out when written, not after the client's delayed ACK (~40 ms).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Serves `model` on `listener` until `shutdown` resolves. The engine runs on its own thread.
+pub async fn serve(
+    model: Arc<Glm>,
+    tok: Arc<Tokenizer>,
+    opts: Options,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let (state, rx) = state(&model, tok.clone(), opts)?;
+    let (m, t, mt, eo) = (model.clone(), tok, state.metrics.clone(), engine_options(&state.opts));
+    let engine = std::thread::Builder::new().name("glm-engine".into()).spawn(move || worker::run(m, t, eo, rx, mt))?;
+    let served = http(state, listener, shutdown).await;
     // The router (and with it the queue's sender) is gone: the engine thread ends.
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;
     Ok(served?)
+}
+
+/// Tensor-parallel serving, rank 0's side: the HTTP server runs on a thread of its own (with its
+/// runtime) and the engine on the calling thread — the rank's, where its communicator lives —
+/// every model call sent to the follower ranks through `mirror` first, so all ranks run their
+/// shard of the same ragged batch. The followers are checked every `ping` while idle; once they
+/// are gone the running requests end with the error, the server answers 503 for `grace`, then
+/// stops and returns the error. Returns Ok when `shutdown` resolves (the followers are told to
+/// stop).
+#[allow(clippy::too_many_arguments)]
+pub fn serve_driver(
+    model: &Glm,
+    tok: Arc<Tokenizer>,
+    opts: Options,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mirror: &dyn glm_infer::mirror::Mirror,
+    ping: Duration,
+    grace: Duration,
+) -> Result<(), Error> {
+    let (state, rx) = state(model, tok.clone(), opts)?;
+    let (metrics, eo) = (state.metrics.clone(), engine_options(&state.opts));
+    let down = metrics.clone();
+    let shutdown = async move {
+        let gone = async {
+            while down.ranks_down().is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! { _ = shutdown => {}, _ = gone => {} }
+    };
+    listener.set_nonblocking(true)?;
+    let server = std::thread::Builder::new().name("glm-http".into()).spawn(move || -> std::io::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(async move { http(state, TcpListener::from_std(listener)?, shutdown).await })
+    })?;
+    worker::drive(model, &tok, eo, rx, metrics.clone(), mirror, ping);
+    let _ = mirror.call(&glm_infer::mirror::Call::Stop);
+    match server.join() {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::Io(std::io::Error::other("the HTTP thread panicked"))),
+    }
+    match metrics.ranks_down() {
+        Some(why) => Err(Error::Ranks(why)),
+        None => Ok(()),
+    }
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -238,7 +300,14 @@ async fn playground() -> Response {
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
-    Json(json!({"status": "ok", "model": s.opts.model_name})).into_response()
+    match s.metrics.ranks_down() {
+        None => Json(json!({"status": "ok", "model": s.opts.model_name})).into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "ranks_down", "model": s.opts.model_name, "error": why})),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
@@ -295,6 +364,7 @@ async fn handle(s: Arc<AppState>, ep: Endpoint, body: Result<Bytes, BytesRejecti
 fn infer_error(e: &InferError) -> ApiError {
     match e {
         InferError::Timeout => ApiError::new(504, "timeout", e.to_string()).code("timeout"),
+        InferError::Ranks(_) => ApiError::new(503, "server_error", e.to_string()).code("ranks_down"),
         InferError::EmptyPrompt | InferError::NoMask(_) | InferError::Input(_) | InferError::Sampling(_) => {
             ApiError::new(400, "invalid_request_error", e.to_string())
         }
@@ -328,6 +398,9 @@ async fn generate(
     body: Result<Bytes, BytesRejection>,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
+    if let Some(why) = s.metrics.ranks_down() {
+        return Err(ApiError::new(503, "server_error", format!("the tensor-parallel ranks are gone: {why}")));
+    }
     let body = body.map_err(|e| {
         let status = e.status().as_u16();
         let msg = if status == 413 {

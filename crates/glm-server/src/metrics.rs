@@ -45,6 +45,8 @@ pub struct Metrics {
     pub kv_budget_bytes: AtomicU64,
     pub max_batch: AtomicU64,
     engine: Mutex<EngineStats>,
+    /// Why the tensor-parallel ranks are gone (the server answers 503), once they are.
+    ranks_down: Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -52,6 +54,16 @@ impl Metrics {
         if let Ok(mut m) = self.requests.lock() {
             *m.entry((endpoint, status)).or_default() += 1;
         }
+    }
+
+    pub fn set_ranks_down(&self, why: &str) {
+        if let Ok(mut d) = self.ranks_down.lock() {
+            d.get_or_insert_with(|| why.to_string());
+        }
+    }
+
+    pub fn ranks_down(&self) -> Option<String> {
+        self.ranks_down.lock().ok().and_then(|d| d.clone())
     }
 
     pub fn engine(&self, stats: EngineStats, running: usize, reserved: u64) {

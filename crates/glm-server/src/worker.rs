@@ -5,9 +5,10 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use glm_infer::batch::{Engine, EngineOptions, Event, Prepared, Request, Sink};
+use glm_infer::mirror::Mirror;
 use glm_infer::{Error, Generator};
 use glm_model::Glm;
 use glm_tokenizer::Tokenizer;
@@ -52,7 +53,7 @@ pub fn run(
             }
         };
         let Ok(mut engine) = Engine::new(gen, opts) else { return };
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| serve(&mut engine, &mut queue, &metrics)));
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| serve(&mut engine, &mut queue, &metrics, None)));
         match r {
             Ok(()) => return,
             // A bug hit a request: its handlers see their channels close (a 500); the others
@@ -62,14 +63,70 @@ pub fn run(
     }
 }
 
-fn serve(engine: &mut Engine, queue: &mut mpsc::Receiver<Job>, metrics: &Metrics) {
+/// The driver of tensor-parallel serving: `run`'s loop on the calling thread (the rank's own,
+/// where its communicator lives), every model call sent to the follower ranks through `mirror`.
+/// While idle it checks the followers every `ping`; once they are gone the running requests have
+/// failed, `metrics.ranks_down` is set (the server answers 503) and queued requests fail.
+pub fn drive(
+    model: &Glm,
+    tok: &Tokenizer,
+    opts: EngineOptions,
+    mut queue: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+    mirror: &dyn Mirror,
+    ping: Duration,
+) {
+    let engine = Generator::new(model, tok).and_then(|g| Engine::new(g.with_mirror(mirror), opts));
+    match engine {
+        Ok(mut engine) => serve(&mut engine, &mut queue, &metrics, Some((mirror, ping))),
+        Err(e) => metrics.set_ranks_down(&e.to_string()),
+    }
+    // Gone or done: whatever still arrives fails.
+    while let Some(job) = queue.blocking_recv() {
+        let why = metrics.ranks_down().unwrap_or_else(|| "the engine has stopped".into());
+        let _ = job.events.send(Event::Done(Err(Error::Ranks(why))));
+    }
+}
+
+/// Waits for the next job: blocking, or (driving followers) polling and pinging them every
+/// `ping` while none comes. None when the queue is closed or the followers are gone.
+fn next_job(
+    queue: &mut mpsc::Receiver<Job>,
+    metrics: &Metrics,
+    health: Option<(&dyn Mirror, Duration)>,
+) -> Option<Job> {
+    let Some((mirror, ping)) = health else { return queue.blocking_recv() };
+    let mut last = Instant::now();
+    loop {
+        match queue.try_recv() {
+            Ok(j) => return Some(j),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        if last.elapsed() >= ping {
+            if let Err(e) = mirror.check() {
+                metrics.set_ranks_down(&e.to_string());
+                return None;
+            }
+            last = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn serve(
+    engine: &mut Engine,
+    queue: &mut mpsc::Receiver<Job>,
+    metrics: &Metrics,
+    health: Option<(&dyn Mirror, Duration)>,
+) {
     let mut held: Option<(Prepared, ChannelSink)> = None;
     loop {
         // Take requests while the batch has room (the queue is the waiting line).
         loop {
             if held.is_none() {
                 let job = if engine.running() == 0 {
-                    match queue.blocking_recv() {
+                    match next_job(queue, metrics, health) {
                         Some(j) => j,
                         None => return,
                     }
@@ -113,8 +170,27 @@ fn serve(engine: &mut Engine, queue: &mut mpsc::Receiver<Job>, metrics: &Metrics
             }
         }
         metrics.held.store(held.is_some() as u64, Relaxed);
+        let failed = engine.stats().failed;
         let made = engine.step();
         metrics.completion_tokens.fetch_add(made as u64, Relaxed);
         metrics.engine(engine.stats(), engine.running(), engine.reserved());
+        // A failure may be the followers': check them before taking more work.
+        if let Some((mirror, _)) = health.filter(|_| engine.stats().failed > failed) {
+            if let Err(e) = mirror.check() {
+                metrics.set_ranks_down(&e.to_string());
+                if let Some((_, mut sink)) = held.take() {
+                    sink.send(Event::Done(Err(Error::Ranks(e.to_string()))));
+                }
+                // Every call now fails at once: the running requests end with the error.
+                for _ in 0..1000 {
+                    if engine.running() == 0 {
+                        break;
+                    }
+                    engine.step();
+                }
+                metrics.engine(engine.stats(), engine.running(), engine.reserved());
+                return;
+            }
+        }
     }
 }
