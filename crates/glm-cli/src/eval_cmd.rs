@@ -1,4 +1,6 @@
 //! `glm eval`: GLM-130B's task framework (`glm-eval`) on a checkpoint, or two reports compared.
+//! With `--tp N` every tensor-parallel rank scores every task on the gathered logits (see
+//! `tp_launch`); the ranks check that their scores agree and rank 0 reports.
 
 use std::path::PathBuf;
 
@@ -7,6 +9,7 @@ use clap::Args;
 use glm_eval::{report, Report, TaskConfig};
 
 use crate::infer_cmd::ModelSource;
+use crate::tp_launch::{Rank, TpArgs};
 use crate::ModelArgs;
 
 #[derive(Args)]
@@ -53,6 +56,8 @@ pub struct EvalArgs {
     /// For --compare: absolute for Accuracy/EM/F1, relative for PPL/BPB.
     #[arg(long, default_value_t = 0.02)]
     threshold: f64,
+    #[command(flatten)]
+    dist: TpArgs,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -65,26 +70,46 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let Some(model_path) = a.model.clone() else { bail!("--model is required") };
     let tasks = TaskConfig::load_all(&a.tasks)?;
-    let source = ModelSource { model: model_path.clone(), arch: a.arch, tokenizer: a.tokenizer.clone() };
-    let (model, tok) = source.load()?;
-    let weights = if model_path.is_dir() { model_path.join("model.safetensors") } else { model_path.clone() };
-    let sha = report::sha256_file(&weights)?;
-    let opts = glm_eval::EvalOptions {
-        data_root: a.data_root.clone(),
+    let source = ModelSource { model: model_path, arch: a.arch, tokenizer: a.tokenizer.clone() };
+    let rest = Rest { data_root: a.data_root, out: a.out, markdown: a.markdown, seed: a.seed, quiet: a.quiet };
+    let opts = |rank: Rank| glm_eval::EvalOptions {
+        data_root: rest.data_root.clone(),
         limit: a.limit,
         batch: a.batch,
-        progress: !a.quiet,
+        progress: !rest.quiet && rank.main(),
         one_choice_per_row: a.one_choice_per_row,
     };
+    a.dist.run("eval", |rank| eval_on(&source, &tasks, &opts(rank), &rest, rank))
+}
+
+/// What the report needs of the arguments.
+struct Rest {
+    data_root: PathBuf,
+    out: Option<PathBuf>,
+    markdown: Option<PathBuf>,
+    seed: u64,
+    quiet: bool,
+}
+
+/// One rank's evaluation (or the single process's): every rank scores every task; rank 0 reports.
+fn eval_on(
+    source: &ModelSource,
+    tasks: &[TaskConfig],
+    opts: &glm_eval::EvalOptions,
+    a: &Rest,
+    rank: Rank,
+) -> Result<()> {
+    let model_path = source.model.clone();
+    let (model, tok) = source.load_on(rank.group)?;
     let t0 = std::time::Instant::now();
     let (mut rows, mut groups, mut files, mut task_files) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for task in &tasks {
+    for task in tasks {
         let t = std::time::Instant::now();
-        let scores = glm_eval::evaluate(&model, &tok, task, &opts).with_context(|| format!("task {}", task.name))?;
+        let scores = glm_eval::evaluate(&model, &tok, task, opts).with_context(|| format!("task {}", task.name))?;
         let (r, g, f) = report::task_rows(task, &scores);
         let n: usize = scores.iter().map(|s| s.examples).sum();
         let secs = t.elapsed().as_secs_f64();
-        if !a.quiet {
+        if !a.quiet && rank.main() {
             eprintln!("{}: {n} examples in {secs:.1} s ({:.1} examples/s)", task.name, n as f64 / secs.max(1e-9));
         }
         task_files.push(serde_json::json!({
@@ -100,9 +125,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         groups.extend(g);
         files.extend(f);
     }
+    rank.agree("evaluation", &serde_json::to_vec(&(&rows, &groups, &files))?)?;
+    if !rank.main() {
+        return Ok(());
+    }
+    let weights = if model_path.is_dir() { model_path.join("model.safetensors") } else { model_path.clone() };
     let rep = Report {
         model: model_path.display().to_string(),
-        model_sha256: sha,
+        model_sha256: report::sha256_file(&weights)?,
         seed: a.seed,
         data_root: a.data_root.display().to_string(),
         command: std::env::args().collect(),

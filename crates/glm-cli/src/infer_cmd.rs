@@ -1,4 +1,5 @@
-//! `glm quantize`, `glm generate`, `glm fill`: quantized checkpoints and generation.
+//! `glm quantize`, `glm generate`, `glm fill`: quantized checkpoints and generation, in one process
+//! or over tensor-parallel ranks (`--tp N`, see `tp_launch`).
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,7 @@ use glm_infer::{Generator, SamplingConfig};
 use glm_model::{Config, Glm};
 use glm_quant::{Bits, QuantCheckpoint};
 
+use crate::tp_launch::{Rank, TpArgs};
 use crate::ModelArgs;
 
 /// Where a model comes from: a training checkpoint directory (`runs/x/checkpoints/step-N`, config in
@@ -119,6 +121,12 @@ fn check_specials(cfg: &Config, tok: &glm_tokenizer::Tokenizer, model: &Path) ->
 
 impl ModelSource {
     pub fn load(&self) -> Result<(Glm, glm_tokenizer::Tokenizer)> {
+        self.load_on(None)
+    }
+
+    /// The model whole (`group` None), or tensor-parallel rank `group.rank()`'s part of it: only
+    /// its slices of the weights read, logits gathered to the full vocabulary on every rank.
+    pub fn load_on(&self, group: Option<glm_dist::Group>) -> Result<(Glm, glm_tokenizer::Tokenizer)> {
         use glm_convert::Format;
         let dev = candle_core::Device::Cpu;
         let format = Format::detect(&self.model).with_context(|| format!("opening {}", self.model.display()))?;
@@ -133,7 +141,10 @@ impl ModelSource {
             if src.released() {
                 check_specials(src.config(), &tok, &self.model)?;
             }
-            let model = glm_convert::load_model(src.as_ref(), candle_core::DType::F32, &dev)?;
+            let model = match group {
+                None => glm_convert::load_model(src.as_ref(), candle_core::DType::F32, &dev)?,
+                Some(g) => glm_convert::load_model_tp(src.as_ref(), candle_core::DType::F32, &dev, g)?,
+            };
             return Ok((model, tok));
         }
         let tok = tokenizer_for(&self.model, self.tokenizer.as_deref())?;
@@ -147,14 +158,27 @@ impl ModelSource {
                 check_specials(&cfg, &tok, &self.model)?;
             }
         }
-        let model = if format == Format::GlmQuant {
-            let q = QuantCheckpoint::open(&self.model)?;
-            check_arch(&q.config, &self.arch, &self.model)?;
-            q.model(candle_core::DType::F32, &dev)?
-        } else {
-            let (file, cfg) = dense_source(&self.model, &self.arch)?;
-            let ckpt = glm_checkpoint::Checkpoint::open(&[&file])?;
-            Glm::from_checkpoint(&cfg, &ckpt, candle_core::DType::F32, &dev, &glm_nn::DenseFactory)?
+        let model = match (format, group) {
+            (Format::GlmQuant, None) => {
+                let q = QuantCheckpoint::open(&self.model)?;
+                check_arch(&q.config, &self.arch, &self.model)?;
+                q.model(candle_core::DType::F32, &dev)?
+            }
+            (Format::GlmQuant, Some(g)) => {
+                check_arch(&QuantCheckpoint::config_of(&self.model)?, &self.arch, &self.model)?;
+                let q = QuantCheckpoint::open_rank(&self.model, g.size(), g.rank())?;
+                q.model_tp(candle_core::DType::F32, &dev, g)?
+            }
+            (_, None) => {
+                let (file, cfg) = dense_source(&self.model, &self.arch)?;
+                let ckpt = glm_checkpoint::Checkpoint::open(&[&file])?;
+                Glm::from_checkpoint(&cfg, &ckpt, candle_core::DType::F32, &dev, &glm_nn::DenseFactory)?
+            }
+            (_, Some(g)) => {
+                let (file, cfg) = dense_source(&self.model, &self.arch)?;
+                let src = glm_convert::open(&file, Some(&cfg))?;
+                glm_convert::load_model_tp(src.as_ref(), candle_core::DType::F32, &dev, g)?
+            }
         };
         Ok((model, tok))
     }
@@ -230,6 +254,8 @@ pub struct GenArgs {
     /// One JSON object (text, tokens, stop reason) instead of the text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    dist: TpArgs,
     /// The prompt ([gMASK] continuation) or the text with [MASK] blanks (`fill`).
     text: String,
 }
@@ -249,7 +275,12 @@ impl GenArgs {
 }
 
 pub fn generate(a: GenArgs, fill: bool) -> Result<()> {
-    let (model, tok) = a.source.load()?;
+    a.dist.run(if fill { "fill" } else { "generate" }, |rank| generate_on(&a, fill, rank))
+}
+
+/// One rank's generation (or the single process's): every rank decodes; rank 0 prints.
+fn generate_on(a: &GenArgs, fill: bool, rank: Rank) -> Result<()> {
+    let (model, tok) = a.source.load_on(rank.group)?;
     let g = Generator::new(&model, &tok)?;
     let cfg = a.sampling();
     let beam = a.beams.map(|n| glm_infer::BeamConfig {
@@ -267,23 +298,35 @@ pub fn generate(a: GenArgs, fill: bool) -> Result<()> {
         (false, Some(beam)) => g.complete_beam(&a.text, &beam)?,
         (false, None) if a.stream => {
             use std::io::Write;
-            print!("{}", a.text);
-            g.complete_stream(&a.text, &cfg, &a.stop, &mut |t| {
-                print!("{t}");
-                let _ = std::io::stdout().flush();
+            let main = rank.main();
+            if main {
+                print!("{}", a.text);
+            }
+            let out = g.complete_stream(&a.text, &cfg, &a.stop, &mut |t| {
+                if main {
+                    print!("{t}");
+                    let _ = std::io::stdout().flush();
+                }
             })?;
-            println!();
+            rank.agree("generation", format!("{:?}", out.tokens).as_bytes())?;
+            if main {
+                println!();
+            }
             return Ok(());
         }
         (false, None) if !a.stop.is_empty() => g.complete_stream(&a.text, &cfg, &a.stop, &mut |_| {})?,
         (false, None) => g.complete(&a.text, &cfg)?,
     };
-    if a.json {
+    let text = if a.json {
         let spans: Vec<&str> = out.spans.iter().map(|s| s.text.as_str()).collect();
-        let v = serde_json::json!({"text": out.text, "tokens": out.tokens, "spans": spans, "stop": format!("{:?}", out.stop)});
-        println!("{v}");
+        serde_json::json!({"text": out.text, "tokens": out.tokens, "spans": spans, "stop": format!("{:?}", out.stop)})
+            .to_string()
     } else {
-        println!("{}", out.text);
+        out.text
+    };
+    rank.agree("generation", text.as_bytes())?;
+    if rank.main() {
+        println!("{text}");
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ mod eval_cmd;
 mod infer_cmd;
 mod samples;
 mod serve_cmd;
+mod tp_launch;
 mod train_cmd;
 
 // Tensor buffers are large and short-lived: mimalloc, told to keep freed memory

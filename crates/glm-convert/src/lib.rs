@@ -5,7 +5,8 @@
 //! (`config.json` + torch or safetensors weights, whole or sharded, fp16 or the -int4/-int8
 //! layouts) and our own files, as one [`Source`]: the model's parameters, checked in full before
 //! any is read, readable a block of rows at a time. Writes our safetensors (dense or quantized) and
-//! SAT folders at any degree ([`export`]), and loads a `Glm` from any source ([`load_model`]).
+//! SAT folders at any degree ([`export`]), and loads a `Glm` from any source ([`load_model`]), or one
+//! tensor-parallel rank's model reading only its part of each tensor ([`load_model_tp`]).
 //! Weights are merged and split with GLM-130B's `tools/convert_tp.py` rules ([`glm_dist::split`]);
 //! quantized ones are never re-quantized (a row-parallel weight keeps a scale per rank slice).
 //! [`check`] reports what a downloaded folder holds, without loading it.
@@ -20,7 +21,7 @@ pub mod sat;
 pub mod source;
 
 pub use export::{convert, planned_bytes, Report, Target};
-pub use source::{load_model, open, Format, Source};
+pub use source::{load_model, load_model_tp, open, Format, Source};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -20,7 +20,9 @@ use glm_quant::{Bits, QuantFactory, QuantMatrix};
 use half::f16;
 
 use crate::{Error, Result};
-use glm_dist::split::ignored;
+use glm_dist::split::{ignored, rank_rows, split_of, Split};
+use glm_dist::{Group, TpFactory};
+use glm_nn::LinearFactory;
 
 pub const SCALE_SUFFIX: &str = "_scale";
 
@@ -441,31 +443,97 @@ pub fn agree(found: Config, given: Option<&Config>, path: &Path) -> Result<Confi
 
 /// The model a source holds, computing in `dtype` (quantized linears stay quantized).
 pub fn load_model(src: &dyn Source, dtype: DType, device: &Device) -> Result<Glm> {
+    load(src, dtype, device, None)
+}
+
+/// Rank `group.rank()`'s model under tensor parallelism (`TpFactory::for_inference`: every rank's
+/// logits are the full vocabulary), reading only the rank's part of each parameter: its rows of a
+/// row-split tensor, its columns of a column-split one a block of rows at a time. A quantized
+/// weight is read whole, one at a time, and cut exactly (`QuantMatrix::shard`); the other ranks'
+/// slices are dropped at once.
+pub fn load_model_tp(src: &dyn Source, dtype: DType, device: &Device, group: Group) -> Result<Glm> {
+    load(src, dtype, device, Some(group))
+}
+
+fn load(src: &dyn Source, dtype: DType, device: &Device, group: Option<Group>) -> Result<Glm> {
     let cfg = src.config();
+    let (tp, k) = group.map_or((1, 0), |g| (g.size(), g.rank()));
+    if tp > 1 {
+        glm_dist::split::check_tp(cfg, tp)?;
+    }
     let mut dense = HashMap::new();
     let mut quant = HashMap::new();
     for p in param_table(cfg) {
+        let split = if tp == 1 { Split::Replicated } else { split_of(cfg, &p.name) };
         if is_quant(src, &p) {
-            quant.insert(p.name.clone(), Arc::new(src.quant(&p.name)?));
+            let m = src.quant(&p.name)?;
+            let m = if tp == 1 {
+                m
+            } else {
+                m.shard(split, tp, k)
+                    .map_err(|e| Error::Input(format!("{} (tensor-parallel rank {k} of {tp}): {e}", p.name)))?
+            };
+            quant.insert(p.name.clone(), Arc::new(m));
             continue;
         }
-        let stored = src.dtype(&p.name)?;
-        let dt = stored.candle().ok_or_else(|| Error::Input(format!("{}: {stored:?} has no candle type", p.name)))?;
-        let bytes = src.read_rows(&p.name, 0, p.shape[0])?;
-        let t = if dtype == DType::F32 {
-            Tensor::from_vec(to_f32(stored, &bytes, &p.name)?, p.shape.as_slice(), &Device::Cpu)?
-        } else {
-            Tensor::from_raw_buffer(&bytes, dt, &p.shape, &Device::Cpu)?.to_dtype(dtype)?
-        };
-        let t = t.to_device(device)?;
+        let t = read_part(src, &p, split, (tp, k), dtype)?.to_device(device)?;
         dense.insert(p.name, t);
     }
     let vb = VarBuilder::from_tensors(dense, dtype, device);
-    Ok(if quant.is_empty() {
-        Glm::new(cfg, vb, &glm_nn::DenseFactory)?
-    } else {
-        Glm::new(cfg, vb, &QuantFactory::stored(quant))?
+    let inner: Box<dyn LinearFactory> =
+        if quant.is_empty() { Box::new(glm_nn::DenseFactory) } else { Box::new(QuantFactory::stored(quant)) };
+    Ok(match group {
+        None => Glm::new(cfg, vb, inner.as_ref())?,
+        Some(g) => Glm::new(cfg, vb, &TpFactory::for_inference(cfg, g, inner)?)?,
     })
+}
+
+/// Values decoded at a time when a column split is read a block of rows at a time.
+const BLOCK_BYTES: usize = 1 << 22;
+
+/// Rank `k` of `tp`'s part of a parameter that is not quantized, in `dtype`, on the CPU.
+fn read_part(src: &dyn Source, p: &ParamSpec, split: Split, (tp, k): (usize, usize), dtype: DType) -> Result<Tensor> {
+    let stored = src.dtype(&p.name)?;
+    let dt = stored.candle().ok_or_else(|| Error::Input(format!("{}: {stored:?} has no candle type", p.name)))?;
+    let decode = |bytes: Vec<u8>, shape: &[usize]| -> Result<Tensor> {
+        Ok(if dtype == DType::F32 {
+            Tensor::from_vec(to_f32(stored, &bytes, &p.name)?, shape, &Device::Cpu)?
+        } else {
+            Tensor::from_raw_buffer(&bytes, dt, shape, &Device::Cpu)?.to_dtype(dtype)?
+        })
+    };
+    let cut = |what: &str| {
+        Error::Input(format!("{}: shape {:?} cannot be split {tp} ways along its {what} ({split:?})", p.name, p.shape))
+    };
+    let rows = p.shape[0];
+    if split == Split::Cols {
+        let cols = *p.shape.get(1).ok_or_else(|| cut("columns"))?;
+        if !cols.is_multiple_of(tp) {
+            return Err(cut("columns"));
+        }
+        let per = cols / tp;
+        let block = (BLOCK_BYTES / (cols * stored.size()).max(1)).max(1);
+        let mut parts = Vec::with_capacity(rows.div_ceil(block));
+        for r0 in (0..rows).step_by(block) {
+            let r1 = (r0 + block).min(rows);
+            let mut shape = p.shape.clone();
+            shape[0] = r1 - r0;
+            parts.push(decode(src.read_rows(&p.name, r0, r1)?, &shape)?.narrow(1, k * per, per)?);
+        }
+        return Ok(Tensor::cat(&parts, 0)?.contiguous()?);
+    }
+    let unit = if split == Split::GluRows { 2 * tp } else { tp };
+    if split != Split::Replicated && !rows.is_multiple_of(unit) {
+        return Err(cut("rows"));
+    }
+    let mut bytes = Vec::new();
+    let mut shape = p.shape.clone();
+    shape[0] = 0;
+    for (a, b) in rank_rows(split, rows, tp, k) {
+        bytes.extend_from_slice(&src.read_rows(&p.name, a, b)?);
+        shape[0] += b - a;
+    }
+    decode(bytes, &shape)
 }
 
 /// Metadata our own safetensors files carry: what they are, the model's config, where they came

@@ -5,9 +5,14 @@
 //! rows). The model itself is unchanged: it asks for linears by role and computes its heads'
 //! attention.
 //!
-//! The logits a TP model returns are this rank's vocabulary columns; `cross_entropy` computes the
-//! loss over all of them with three all-reduces of one value per token (Megatron's
+//! The logits a training model returns are this rank's vocabulary columns; `cross_entropy` computes
+//! the loss over all of them with three all-reduces of one value per token (Megatron's
 //! vocab-parallel cross entropy), never gathering the logits.
+//!
+//! Inference wants the whole distribution (sampling, beams, blank filling, evaluation scores):
+//! [`TpFactory::for_inference`] makes the head all-gather its logits along the last dim, so every
+//! rank holds the same full `[.., V]` and the model's `vocab_rows` and `cross_entropy` are those of
+//! a dense model. Every rank can then run the same deterministic decoding loop on identical logits.
 
 use std::sync::Arc;
 
@@ -17,22 +22,38 @@ use glm_model::Config;
 use glm_nn::linear::linear_nd;
 use glm_nn::{Linear, LinearFactory, LinearSpec, ParallelRole, VocabTable, IGNORE_INDEX};
 
-use crate::maps::{copy_to, reduce_from};
+use crate::maps::{copy_to, gather_from, reduce_from};
 use crate::registry::Group;
 use crate::{Error, ReduceOp, Result};
 
-/// Builds rank `group.rank()`'s layers from its shards; `inner` makes the local linears (dense
-/// today; quantized for tensor-parallel INT4 serving).
+/// Builds rank `group.rank()`'s layers from its shards; `inner` makes the local linears (dense, or
+/// glm-quant's `QuantFactory` over the rank's exact slices of the quantized weights).
 pub struct TpFactory {
     group: Group,
     inner: Box<dyn LinearFactory>,
+    /// The head all-gathers its logits: full `[.., V]` on every rank (inference).
+    gather_logits: bool,
 }
 
 impl TpFactory {
     /// Checks that `cfg` splits `group.size()` ways (whole heads, vocabulary rows, FFN columns).
+    /// The head returns this rank's vocabulary columns (training: vocab-parallel cross entropy).
     pub fn new(cfg: &Config, group: Group, inner: Box<dyn LinearFactory>) -> Result<Self> {
         crate::split::check_tp(cfg, group.size())?;
-        Ok(Self { group, inner })
+        Ok(Self { group, inner, gather_logits: false })
+    }
+
+    /// `new`, with the head's logits all-gathered over the group: every rank gets the full
+    /// `[.., V]` (the same bits on each), and the model's `vocab_rows` and `cross_entropy` are a
+    /// dense model's. One all-gather of `V/tp` values per scored position, where training's loss
+    /// needs three all-reduces of one value; decoding reads one position per step.
+    pub fn for_inference(cfg: &Config, group: Group, inner: Box<dyn LinearFactory>) -> Result<Self> {
+        Ok(Self { gather_logits: true, ..Self::new(cfg, group, inner)? })
+    }
+
+    /// Whether the head gathers its logits (see [`TpFactory::for_inference`]).
+    pub fn gathers_logits(&self) -> bool {
+        self.gather_logits
     }
 }
 
@@ -84,7 +105,14 @@ impl LinearFactory for TpFactory {
         let per = vocab / n;
         let weight = vb.pp(name).get((per, hidden), "weight")?;
         let start = self.group.rank() * per;
-        Ok(Arc::new(VocabParallel { weight, start, end: start + per, total: vocab, group: self.group }))
+        Ok(Arc::new(VocabParallel {
+            weight,
+            start,
+            end: start + per,
+            total: vocab,
+            group: self.group,
+            gather: self.gather_logits,
+        }))
     }
 
     fn tp(&self) -> (usize, usize) {
@@ -122,12 +150,14 @@ impl Module for RowParallel {
 }
 
 /// Vocabulary rows start..end of `total` (Megatron's `VocabParallelEmbedding` and the tied head).
+/// With `gather`, the logits are all-gathered into the full vocabulary (inference).
 struct VocabParallel {
     weight: Tensor, // (V/tp, H)
     start: usize,
     end: usize,
     total: usize,
     group: Group,
+    gather: bool,
 }
 
 impl VocabParallel {
@@ -155,10 +185,18 @@ impl VocabTable for VocabParallel {
     }
 
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear_nd(&copy_to(x, self.group)?, &self.weight, None)
+        let local = linear_nd(&copy_to(x, self.group)?, &self.weight, None)?; // (.., V/tp)
+        if self.gather {
+            // (.., V): the ranks' columns in rank order, which is vocabulary order.
+            return Ok(gather_from(&local, self.group)?);
+        }
+        Ok(local)
     }
 
     fn rows(&self) -> (usize, usize, usize) {
+        if self.gather {
+            return (0, self.total, self.total);
+        }
         (self.start, self.end, self.total)
     }
 
@@ -167,6 +205,11 @@ impl VocabTable for VocabParallel {
     }
 
     fn cross_entropy(&self, logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        if self.gather {
+            // Full logits on every rank: the dense loss (its gradient reaches each rank's own
+            // columns through `gather_from`'s backward).
+            return glm_nn::loss::cross_entropy(logits, targets);
+        }
         Ok(vocab_parallel_cross_entropy(logits, targets, (self.start, self.end, self.total), self.group)?)
     }
 }

@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use glm_dist::split::{rank_rows, split_of, Split};
+use glm_dist::{Group, TpFactory};
 use glm_model::weights::param_table;
 use glm_model::{Config, Glm};
 use half::f16;
@@ -268,10 +269,12 @@ fn scale_groups(
     crate::group_width(bits, cols, groups).map(|_| groups).map_err(|e| e.to_string())
 }
 
-/// A loaded quantized checkpoint.
+/// A loaded quantized checkpoint (whole, or one tensor-parallel rank's slices).
 pub struct QuantCheckpoint {
     pub bits: Bits,
     pub config: Config,
+    /// (rank, tp) of the slices held.
+    shard: (usize, usize),
     dense: HashMap<String, Tensor>,
     quant: HashMap<String, Arc<QuantMatrix>>,
 }
@@ -291,6 +294,18 @@ impl QuantCheckpoint {
     }
 
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_rank(path, 1, 0)
+    }
+
+    /// Rank `rank` of `tp`'s slices of the file's tensors, and nothing else: each tensor is cut as
+    /// glm-dist's split table says (see [`crate::tp`]: the rank's rows with their scales, or its
+    /// columns with the scales whole), copying only those bytes out of the mapping (a row-parallel
+    /// weight a block of rows at a time), so the other ranks' slices are never held in memory.
+    /// Build the rank's model with [`QuantCheckpoint::model_tp`]. `tp = 1`: the whole model.
+    pub fn open_rank(path: &Path, tp: usize, rank: usize) -> Result<Self> {
+        if tp == 0 || rank >= tp {
+            return Err(io(path, format!("rank {rank} of a tensor-parallel degree of {tp}")));
+        }
         let file = std::fs::File::open(path).map_err(|e| io(path, e))?;
         // SAFETY: the file must not change while it is mapped (as for every mmap-based loader).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io(path, e))?;
@@ -303,6 +318,10 @@ impl QuantCheckpoint {
             Bits::from_u32(meta.get("bits").and_then(|b| b.parse().ok()).unwrap_or(0)).map_err(|e| io(path, e))?;
         let config = Config::from_json(meta.get("config").map(String::as_str).unwrap_or(""))
             .map_err(|e| io(path, format!("config in the header: {e}")))?;
+        if tp > 1 {
+            glm_dist::split::check_tp(&config, tp).map_err(|e| io(path, e))?;
+        }
+        let split = |name: &str| if tp == 1 { Split::Replicated } else { split_of(&config, name) };
         let st = SafeTensors::deserialize(&map).map_err(|e| io(path, e))?;
         // Once a tensor is copied out, its pages of the mapping are dropped, so the peak memory is
         // the copies plus one tensor, not the copies plus the whole file.
@@ -318,7 +337,7 @@ impl QuantCheckpoint {
                 continue;
             }
             if view.dtype() != Dtype::U8 {
-                let t = view.load(&Device::Cpu).map_err(|e| io(path, format!("{name}: {e}")))?;
+                let t = dense_slice(&view, split(&name), tp, rank).map_err(|e| io(path, format!("{name}: {e}")))?;
                 release(view.data());
                 dense.insert(name, t);
                 continue;
@@ -346,30 +365,64 @@ impl QuantCheckpoint {
                     ),
                 )
             })?;
-            let scales: Vec<f16> = sv.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
-            let data = view.data().iter().map(|&b| b as i8).collect();
-            let m = QuantMatrix { bits, rows, cols, groups, data, scales };
-            m.validate().map_err(|e| io(path, format!("{name}: {e}")))?;
+            let stored = Stored { bits, rows, cols, groups, data: view.data(), scales: sv.data() };
+            let m = stored.slice(split(&name), tp, rank).map_err(|e| {
+                let at = if tp > 1 { format!(" (tensor-parallel rank {rank} of {tp})") } else { String::new() };
+                io(path, format!("{name}{at}: {e}"))
+            })?;
             release(view.data());
             quant.insert(name, Arc::new(m));
         }
-        Ok(Self { bits, config, dense, quant })
+        Ok(Self { bits, config, shard: (rank, tp), dense, quant })
     }
 
-    /// The model, its block linears quantized, the rest computing in `dtype`.
-    pub fn model(&self, dtype: DType, device: &Device) -> Result<Glm> {
+    /// (rank, tp): whose slices this holds ((0, 1): the whole model).
+    pub fn shard(&self) -> (usize, usize) {
+        self.shard
+    }
+
+    /// The dense tensors in `dtype` on `device`, for the model's VarBuilder.
+    fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         let dense = self
             .dense
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(device)?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()
             .map_err(|e| Error::Format(e.to_string()))?;
-        let factory = QuantFactory::stored(self.quant.clone());
-        Glm::new(&self.config, VarBuilder::from_tensors(dense, dtype, device), &factory)
-            .map_err(|e| Error::Format(e.to_string()))
+        Ok(VarBuilder::from_tensors(dense, dtype, device))
     }
 
-    /// The quantized block linears, by tensor name.
+    /// Rank `group.rank()`'s model under tensor parallelism, from the slices [`QuantCheckpoint::open_rank`]
+    /// read for it: `TpFactory::for_inference` over the quantized linears, so every rank's logits
+    /// are the full vocabulary.
+    pub fn model_tp(&self, dtype: DType, device: &Device, group: Group) -> Result<Glm> {
+        if (group.rank(), group.size()) != self.shard {
+            return Err(Error::Format(format!(
+                "the checkpoint was opened for tensor-parallel rank {} of {}, the model is built for rank {} of {}",
+                self.shard.0,
+                self.shard.1,
+                group.rank(),
+                group.size()
+            )));
+        }
+        let inner = Box::new(QuantFactory::stored(self.quant.clone()));
+        let factory = TpFactory::for_inference(&self.config, group, inner).map_err(|e| Error::Format(e.to_string()))?;
+        Glm::new(&self.config, self.var_builder(dtype, device)?, &factory).map_err(|e| Error::Format(e.to_string()))
+    }
+
+    /// The model, its block linears quantized, the rest computing in `dtype`.
+    pub fn model(&self, dtype: DType, device: &Device) -> Result<Glm> {
+        if self.shard.1 > 1 {
+            return Err(Error::Format(format!(
+                "the checkpoint holds tensor-parallel rank {} of {}'s slices: build its model with model_tp",
+                self.shard.0, self.shard.1
+            )));
+        }
+        let factory = QuantFactory::stored(self.quant.clone());
+        Glm::new(&self.config, self.var_builder(dtype, device)?, &factory).map_err(|e| Error::Format(e.to_string()))
+    }
+
+    /// The quantized block linears, by tensor name (this rank's slices after `open_rank`).
     pub fn quantized(&self) -> &HashMap<String, Arc<QuantMatrix>> {
         &self.quant
     }
@@ -382,5 +435,106 @@ impl QuantCheckpoint {
     /// Bytes of the packed weights and scales held.
     pub fn quantized_bytes(&self) -> usize {
         self.quant.values().map(|m| m.data.len() + 2 * m.scales.len()).sum()
+    }
+}
+
+/// A quantized weight as the file stores it: packed bytes and f16 scale bytes, borrowed from the
+/// mapping.
+struct Stored<'a> {
+    bits: Bits,
+    rows: usize,
+    cols: usize,
+    groups: usize,
+    data: &'a [u8],
+    scales: &'a [u8],
+}
+
+/// Row-parallel weights are cut a block of rows at a time, of at most this many bytes.
+const SLICE_BLOCK_BYTES: usize = 1 << 20;
+
+impl Stored<'_> {
+    /// Rows r0..r1, copied out.
+    fn rows(&self, r0: usize, r1: usize) -> Result<QuantMatrix> {
+        let (rb, g) = (self.bits.row_bytes(self.cols), self.groups);
+        let data = self.data[r0 * rb..r1 * rb].iter().map(|&b| b as i8).collect();
+        let scales =
+            self.scales[2 * r0 * g..2 * r1 * g].chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+        QuantMatrix::from_parts(self.bits, r1 - r0, self.cols, g, data, scales)
+    }
+
+    /// Rank `k` of `tp`'s slice ([`QuantMatrix::shard`]), reading only its bytes: its rows, or its
+    /// columns a block of rows at a time.
+    fn slice(&self, split: Split, tp: usize, k: usize) -> Result<QuantMatrix> {
+        let want = self.rows * self.bits.row_bytes(self.cols);
+        if self.data.len() != want || self.scales.len() != 2 * self.rows * self.groups {
+            return Err(Error::Format(format!(
+                "{} bytes and {} scale bytes for a [{}, {}] {}-bit matrix in {} scale group(s)",
+                self.data.len(),
+                self.scales.len(),
+                self.rows,
+                self.cols,
+                self.bits.bits(),
+                self.groups
+            )));
+        }
+        match split {
+            Split::Replicated => self.rows(0, self.rows),
+            Split::Rows | Split::GluRows => {
+                let unit = if split == Split::GluRows { 2 * tp } else { tp };
+                if !self.rows.is_multiple_of(unit) {
+                    return Err(Error::Shape(format!("{} rows ({split:?}) cannot be split {tp} ways", self.rows)));
+                }
+                let parts = rank_rows(split, self.rows, tp, k)
+                    .into_iter()
+                    .map(|(a, b)| self.rows(a, b))
+                    .collect::<Result<Vec<_>>>()?;
+                QuantMatrix::concat_rows(&parts.iter().collect::<Vec<_>>())
+            }
+            Split::Cols => {
+                let block = (SLICE_BLOCK_BYTES / self.bits.row_bytes(self.cols).max(1)).max(1);
+                let parts = (0..self.rows)
+                    .step_by(block)
+                    .map(|r0| self.rows(r0, (r0 + block).min(self.rows))?.shard(split, tp, k))
+                    .collect::<Result<Vec<_>>>()?;
+                if parts.is_empty() {
+                    return self.rows(0, 0)?.shard(split, tp, k);
+                }
+                QuantMatrix::concat_rows(&parts.iter().collect::<Vec<_>>())
+            }
+        }
+    }
+}
+
+/// Rank `k` of `tp`'s part of a dense (float) tensor of the file: only its rows are copied out for
+/// a row split; a column split (none in GLM's quantized files: those are the quantized weights)
+/// is cut from the whole tensor.
+fn dense_slice(view: &safetensors::tensor::TensorView, split: Split, tp: usize, k: usize) -> Result<Tensor> {
+    let err = |e: String| Error::Format(e);
+    let dtype = match view.dtype() {
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F32 => DType::F32,
+        d => return Err(err(format!("a {d:?} tensor where a float one was expected"))),
+    };
+    let shape = view.shape().to_vec();
+    let whole = || Tensor::from_raw_buffer(view.data(), dtype, &shape, &Device::Cpu).map_err(|e| err(e.to_string()));
+    match split {
+        Split::Replicated => whole(),
+        Split::Cols => glm_dist::split::shard(&whole()?, split, tp, k).map_err(|e| err(e.to_string())),
+        Split::Rows | Split::GluRows => {
+            let rows = shape.first().copied().unwrap_or(0);
+            let unit = if split == Split::GluRows { 2 * tp } else { tp };
+            if !rows.is_multiple_of(unit) {
+                return Err(err(format!("shape {shape:?} cannot be split {tp} ways along its rows ({split:?})")));
+            }
+            let row_bytes = view.data().len() / rows.max(1);
+            let mut bytes = Vec::with_capacity(row_bytes * rows / tp);
+            for (a, b) in rank_rows(split, rows, tp, k) {
+                bytes.extend_from_slice(&view.data()[a * row_bytes..b * row_bytes]);
+            }
+            let mut local = shape.clone();
+            local[0] = rows / tp;
+            Tensor::from_raw_buffer(&bytes, dtype, &local, &Device::Cpu).map_err(|e| err(e.to_string()))
+        }
     }
 }

@@ -17,10 +17,14 @@
 //! packed weights for all tokens, rows split across threads, the weights multiplied as stored in
 //! the integer unit against activations rounded once to 16-bit fixed point (`kernels`), group by
 //! group. Its `_ref` twin dequantizes the whole matrix and multiplies in f32.
+//!
+//! Under tensor parallelism (`tp`) each rank holds exact slices of these matrices (`shard`), and
+//! `QuantCheckpoint::open_rank` reads only rank k's slices of a quantized file.
 
 pub mod checkpoint;
 pub mod kernels;
 pub mod linear;
+pub mod tp;
 
 pub use checkpoint::{quantize_checkpoint, quantize_tensors, write_quant_checkpoint, QuantCheckpoint, QuantReport};
 pub use linear::{QuantFactory, QuantLinear};
