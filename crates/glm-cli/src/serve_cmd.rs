@@ -86,6 +86,12 @@ pub struct ServeArgs {
     served_model_name: Option<String>,
     #[command(flatten)]
     limits: ServerLimits,
+    #[command(flatten)]
+    dist: crate::tp_launch::TpArgs,
+    /// Under tensor parallelism: seconds the server keeps answering 503 after its ranks are gone,
+    /// before it exits.
+    #[arg(long, default_value_t = 10)]
+    ranks_down_grace: u64,
 }
 
 async fn shutdown_signal() {
@@ -111,6 +117,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
+    if a.dist.tp > 1 {
+        return a.dist.run("serve", |rank| serve_rank(&a, rank));
+    }
     let (model, tok) = a.source.load()?;
     let name = a.served_model_name.clone().unwrap_or_else(|| model.config().name.clone());
     let opts = a.limits.options(name.clone(), &model, a.api_key.clone())?;
@@ -131,6 +140,46 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         eprintln!("glm serve: stopped");
         Ok(())
     })
+}
+
+/// One rank of `glm serve --tp N`: every rank loads its slices of the model; rank 0 serves HTTP
+/// and drives the batching engine (every model call broadcast to the others), the others follow.
+fn serve_rank(a: &ServeArgs, rank: crate::tp_launch::Rank) -> Result<()> {
+    let group = rank.group.context("tensor-parallel serving without a rank group")?;
+    let (model, tok) = a.source.load_on(Some(group))?;
+    if group.rank() != 0 {
+        return group
+            .with(|c| {
+                glm_infer::mirror::Follower::new(&model).run(c).map_err(|e| glm_dist::Error::Comm(e.to_string()))
+            })
+            .map_err(anyhow::Error::from);
+    }
+    let name = a.served_model_name.clone().unwrap_or_else(|| model.config().name.clone());
+    let opts = a.limits.options(name.clone(), &model, a.api_key.clone())?;
+    let addr = format!("{}:{}", a.host, a.port);
+    let listener = std::net::TcpListener::bind(&addr).with_context(|| format!("binding {addr}"))?;
+    eprintln!(
+        "glm serve: `{name}` from {}, tensor-parallel over {} ranks (batch {}, KV cache {} MiB, queue {}{}) \
+         listening on http://{}",
+        a.source.model.display(),
+        group.size(),
+        opts.max_batch,
+        opts.kv_budget_bytes >> 20,
+        opts.queue,
+        if opts.api_key.is_some() { ", API key required" } else { "" },
+        listener.local_addr()?
+    );
+    let grace = std::time::Duration::from_secs(a.ranks_down_grace);
+    let ping = std::time::Duration::from_secs(1);
+    group
+        .with(|c| {
+            let mirror = glm_infer::mirror::CommMirror::new(c);
+            glm_server::serve_driver(&model, Arc::new(tok), opts, listener, shutdown_signal(), &mirror, ping, grace)
+                .map_err(|e| glm_dist::Error::Comm(e.to_string()))
+        })
+        .map_err(anyhow::Error::from)?;
+    eprintln!("glm serve: stopped");
+    Ok(())
 }
 
 #[derive(Args)]

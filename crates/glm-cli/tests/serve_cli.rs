@@ -127,6 +127,15 @@ fn serve_answers_the_openai_client_and_the_playground_then_stops_on_sigterm() {
     run_script("playground in headless Chromium", Some("node".into()), &[&page, &base, "test-key", &shot], ready);
     stop(child);
 
+    // Tensor-parallel: the INT4 file served by 2 ranks (threads here; scripts/mpi-tests.sh runs
+    // them as MPI processes), rank 0 driving the others: the same client conformance.
+    let tp = ["--api-key", "test-key", "--max-tokens", "2048", "--tp", "2", "--ranks", "local"];
+    let (child, base) = serve(&d("int4.safetensors"), &tp);
+    let (code, body) = get(&format!("{base}/health")).expect("curl /health");
+    assert!(code == 200 && body.contains("\"ok\""), "{code} {body}");
+    run_script("openai client conformance, --tp 2", std::env::var("GLM_OPENAI_PYTHON").ok(), &[&script, &base, "test-key"], has_openai);
+    stop(child);
+
     // Bad options fail before serving, with a clear message.
     let (ok, err) = glm(&["serve", "--model", &d("int4.safetensors"), "--port", "0", "--max-batch", "0"]);
     assert!(!ok && err.contains("max_batch"), "{err}");

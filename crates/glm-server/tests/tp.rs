@@ -131,7 +131,7 @@ fn tp_serving_answers_as_one_process() -> Result<()> {
             let prompts = ["The capital of France is", "A", "一个简单的中文句子，"];
             // Concurrent requests: one ragged batch on every rank.
             let reqs = prompts.iter().map(|p| {
-                let body = json!({"prompt": p, "max_tokens": 10, "min_tokens": 10, "temperature": 0});
+                let body = json!({"model": "tiny", "prompt": p, "max_tokens": 10, "min_tokens": 10, "temperature": 0});
                 let base = base.clone();
                 async move { post(&base, "/v1/completions", &body).await }
             });
@@ -143,10 +143,10 @@ fn tp_serving_answers_as_one_process() -> Result<()> {
                 ensure!(got == reference(p, 10)?, "tp {tp}: {got:?} vs one process {:?}", reference(p, 10)?);
             }
             // Streaming and blank filling.
-            let body = json!({"prompt": "The quick brown fox", "max_tokens": 8, "min_tokens": 8, "temperature": 0, "stream": true});
+            let body = json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 8, "min_tokens": 8, "temperature": 0, "stream": true});
             let (code, text) = post(&base, "/v1/completions", &body).await?;
             ensure!(code == 200 && text.ends_with("data: [DONE]\n\n") && !text.contains("\"error\""), "{code} {text}");
-            let body = json!({"prompt": "The [MASK] sat on the mat.", "max_tokens": 4, "temperature": 0});
+            let body = json!({"model": "tiny", "prompt": "The [MASK] sat on the mat.", "max_tokens": 4, "temperature": 0});
             let (code, text) = post(&base, "/v1/infill", &body).await?;
             ensure!(code == 200, "infill: {code} {text}");
             Ok(())
@@ -165,14 +165,14 @@ fn a_dead_follower_ends_the_stream_with_an_error_then_503_and_every_rank_returns
     let t0 = Instant::now();
     let (base, ranks) = start(2, Fate::DieAfter(5), rx)?;
     rt.block_on(async {
-        let body = json!({"prompt": "Once upon a time", "max_tokens": 40, "min_tokens": 40, "temperature": 0, "stream": true});
+        let body = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 40, "min_tokens": 40, "temperature": 0, "stream": true});
         let (code, text) = post(&base, "/v1/completions", &body).await?;
         ensure!(code == 200, "{code} {text}");
         ensure!(text.contains("\"error\"") && text.ends_with("data: [DONE]\n\n"), "no error event: {text}");
         // The driver notices: new requests and the health check get 503.
         let mut last = (0, String::new());
         for _ in 0..100 {
-            let body = json!({"prompt": "Hello", "max_tokens": 2});
+            let body = json!({"model": "tiny", "prompt": "Hello", "max_tokens": 2});
             last = post(&base, "/v1/completions", &body).await?;
             if last.0 == 503 {
                 break;
