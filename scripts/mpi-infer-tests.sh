@@ -147,6 +147,97 @@ run_mpi_fails "generate: a degree that does not divide the heads" 3 "cannot be s
 run_mpi_fails "eval: a degree that does not divide the heads" 3 "cannot be split 3 ways: 4 heads" \
   "${EVAL[@]}" --tp 3
 
+# Serving: `glm serve --tp 2` as 2 MPI processes, rank 0 serving and driving, rank 1 following.
+# Starts it in the background and waits for its address (in $BASE); the job's pid is $SERVER.
+serve_bg() {
+  rm -f "$WORK/srv.err"
+  timeout --kill-after=10 "$MPI_TEST_LIMIT" mpirun --oversubscribe -np 2 "$GLM" serve --model "$WORK/int4.safetensors" \
+    --port 0 --tp 2 "$@" >/dev/null 2>"$WORK/srv.err" &
+  SERVER=$!
+  BASE=
+  for _ in $(seq 1 300); do
+    BASE=$(grep -o 'listening on http://[0-9.:]*' "$WORK/srv.err" 2>/dev/null | head -n 1 | cut -d' ' -f3)
+    [ -n "$BASE" ] && break
+    sleep 0.1
+  done
+}
+completion() { # base, then the JSON body; prints the status and the body
+  curl -s -w '\n%{http_code}' -X POST "$1/v1/completions" -H 'Content-Type: application/json' \
+    -H 'Authorization: Bearer test-key' -d "$2"
+}
+rank_pid() { # the pid of MPI rank $1 of the job whose mpirun is a child of $SERVER
+  local launcher p
+  launcher=$(pgrep -P "$SERVER" -x mpirun | head -n 1)
+  for p in $(pgrep -P "$launcher" -x glm); do
+    tr '\0' '\n' <"/proc/$p/environ" | grep -qx "OMPI_COMM_WORLD_RANK=$1" && echo "$p"
+  done
+}
+
+name="serve --tp 2: the one-process answers, and the openai client"
+BODY='{"model": "tiny", "prompt": "The whale swam", "max_tokens": 12, "min_tokens": 12, "temperature": 0}'
+"$GLM" serve --model "$WORK/int4.safetensors" --port 0 --api-key test-key >/dev/null 2>"$WORK/one.err" &
+ONE=$!
+for _ in $(seq 1 300); do grep -q 'listening on' "$WORK/one.err" 2>/dev/null && break; sleep 0.1; done
+ONE_BASE=$(grep -o 'listening on http://[0-9.:]*' "$WORK/one.err" | head -n 1 | cut -d' ' -f3)
+want=$(completion "$ONE_BASE" "$BODY" | head -n 1 | sed 's/"created":[0-9]*,"id":"[^"]*",//')
+kill "$ONE"; wait "$ONE" 2>/dev/null
+serve_bg --api-key test-key
+if [ -z "$BASE" ]; then
+  fail "$name" "no address: $(tail -n 3 "$WORK/srv.err" | tr '\n' ' ')"
+else
+  got=$(completion "$BASE" "$BODY" | head -n 1 | sed 's/"created":[0-9]*,"id":"[^"]*",//')
+  client=ok note="openai client not installed (GLM_OPENAI_PYTHON)"
+  if [ -n "${GLM_OPENAI_PYTHON:-}" ]; then
+    "$GLM_OPENAI_PYTHON" crates/glm-server/tests/e2e/openai_client.py "$BASE" test-key >"$OUT" 2>&1 || client="failed"
+    note=$(tail -n 1 "$OUT")
+  fi
+  # SIGTERM to rank 0 (signalling mpirun makes mpirun itself tear the job down): rank 0 stops
+  # serving, tells the follower to stop, and both exit 0.
+  kill -TERM "$(rank_pid 0)"; wait "$SERVER"; rc=$?
+  if [ "$got" != "$want" ] || [ -z "$want" ]; then
+    fail "$name" "answers differ: $got vs one process $want"
+  elif [ "$client" != ok ]; then
+    fail "$name" "the openai client failed: $(grep 'not ok' "$OUT" | head -n 3 | tr '\n' ' ')"
+  elif [ "$rc" -ne 0 ]; then
+    fail "$name" "SIGTERM to rank 0: the job exited $rc, not cleanly: $(tail -n 3 "$WORK/srv.err" | tr '\n' ' ')"
+  else
+    pass "$name ($note; SIGTERM to rank 0: clean exit)"
+  fi
+fi
+
+# A follower that stops answering (SIGSTOP) while a stream runs: the stream ends with an error
+# event, new requests and /health get 503, and the job exits within the grace period.
+name="serve --tp 2: a stuck follower ends the stream with an error, then 503, then the job exits"
+serve_bg --dist-timeout 3 --ranks-down-grace 3
+if [ -z "$BASE" ]; then
+  fail "$name" "no address"
+else
+  t0=$SECONDS
+  curl -sN -X POST "$BASE/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"model": "tiny", "prompt": "Hello", "max_tokens": 400, "min_tokens": 400, "temperature": 0, "stream": true}' \
+    >"$WORK/stream" &
+  for _ in $(seq 1 500); do [ -s "$WORK/stream" ] && break; sleep 0.01; done
+  victim=$(rank_pid 1)
+  [ -n "$victim" ] && kill -STOP "$victim"
+  wait %curl 2>/dev/null || sleep 8
+  after=$(completion "$BASE" '{"model": "tiny", "prompt": "Hello", "max_tokens": 2}' | tail -n 1)
+  health=$(curl -s -o /dev/null -w '%{http_code}' "$BASE/health")
+  wait "$SERVER"; rc=$?
+  secs=$((SECONDS - t0))
+  [ -n "$victim" ] && kill -CONT "$victim" 2>/dev/null
+  if [ -z "$victim" ]; then
+    fail "$name" "no rank 1 to stop"
+  elif ! grep -q '"error"' "$WORK/stream" || ! tail -c 20 "$WORK/stream" | grep -q 'DONE'; then
+    fail "$name" "the stream did not end with an error event: $(tail -c 300 "$WORK/stream")"
+  elif [ "$after" != 503 ] || [ "$health" != 503 ]; then
+    fail "$name" "after the failure: completions $after, health $health (503 wanted)"
+  elif [ "$rc" -eq 0 ] || [ "$secs" -ge "$MPI_TEST_LIMIT" ]; then
+    fail "$name" "the job exited $rc after $secs s"
+  else
+    pass "$name (exit $rc after $secs s)"
+  fi
+fi
+
 total=$((passed + failed))
 if [ "$failed" -eq 0 ]; then
   echo "mpi-infer-tests: $passed/$total passed"

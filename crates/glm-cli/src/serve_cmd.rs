@@ -142,16 +142,29 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     })
 }
 
+#[cfg(unix)]
+fn ignore_stop_signals() {
+    // SAFETY: setting a signal disposition to SIG_IGN.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+    }
+}
+
+#[cfg(not(unix))]
+fn ignore_stop_signals() {}
+
 /// One rank of `glm serve --tp N`: every rank loads its slices of the model; rank 0 serves HTTP
 /// and drives the batching engine (every model call broadcast to the others), the others follow.
 fn serve_rank(a: &ServeArgs, rank: crate::tp_launch::Rank) -> Result<()> {
     let group = rank.group.context("tensor-parallel serving without a rank group")?;
     let (model, tok) = a.source.load_on(Some(group))?;
     if group.rank() != 0 {
+        // Ctrl-C / SIGTERM reach every rank under mpirun: a follower keeps following until rank 0,
+        // which shuts down cleanly, tells it to stop (a dead rank 0 ends it by --dist-timeout).
+        ignore_stop_signals();
         return group
-            .with(|c| {
-                glm_infer::mirror::Follower::new(&model).run(c).map_err(|e| glm_dist::Error::Comm(e.to_string()))
-            })
+            .with(|c| glm_infer::mirror::Follower::new(&model).run(c).map_err(|e| glm_dist::Error::Comm(e.to_string())))
             .map_err(anyhow::Error::from);
     }
     let name = a.served_model_name.clone().unwrap_or_else(|| model.config().name.clone());

@@ -133,7 +133,12 @@ fn serve_answers_the_openai_client_and_the_playground_then_stops_on_sigterm() {
     let (child, base) = serve(&d("int4.safetensors"), &tp);
     let (code, body) = get(&format!("{base}/health")).expect("curl /health");
     assert!(code == 200 && body.contains("\"ok\""), "{code} {body}");
-    run_script("openai client conformance, --tp 2", std::env::var("GLM_OPENAI_PYTHON").ok(), &[&script, &base, "test-key"], has_openai);
+    run_script(
+        "openai client conformance, --tp 2",
+        std::env::var("GLM_OPENAI_PYTHON").ok(),
+        &[&script, &base, "test-key"],
+        has_openai,
+    );
     stop(child);
 
     // Bad options fail before serving, with a clear message.

@@ -321,9 +321,13 @@ impl<'m> Engine<'m> {
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    let ranks = e.is_ranks();
+                    let (ranks, input) = (e.is_ranks(), e.is_input());
                     for i in who {
-                        let e = if ranks { Error::Ranks(msg.clone()) } else { Error::Input(msg.clone()) };
+                        let e = match (ranks, input) {
+                            (true, _) => Error::Ranks(msg.clone()),
+                            (_, true) => Error::Input(msg.clone()),
+                            _ => Error::Internal(msg.clone()),
+                        };
                         fail(&mut self.active[i], e, &mut self.stats);
                     }
                 }

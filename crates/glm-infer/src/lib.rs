@@ -63,6 +63,9 @@ pub enum Error {
     /// The tensor-parallel ranks cannot be reached (dead, stuck or gone): nothing more can run.
     #[error("tensor-parallel ranks: {0}")]
     Ranks(String),
+    /// A failure of the model's computation shared by several requests (its message).
+    #[error("{0}")]
+    Internal(String),
     #[error(transparent)]
     Model(#[from] glm_model::Error),
     #[error(transparent)]
@@ -77,6 +80,15 @@ impl Error {
     /// Says what was being done when `self` happened.
     pub fn context(self, context: impl Into<String>) -> Self {
         Self::Context { context: context.into(), source: Box::new(self) }
+    }
+
+    /// Whether the request itself is at fault (under any context), rather than the model or the ranks.
+    pub fn is_input(&self) -> bool {
+        match self {
+            Self::EmptyPrompt | Self::TooLong { .. } | Self::NoMask(_) | Self::Input(_) | Self::Sampling(_) => true,
+            Self::Context { source, .. } => source.is_input(),
+            _ => false,
+        }
     }
 
     /// Whether the tensor-parallel ranks are gone (under any context).

@@ -79,12 +79,20 @@ pub fn drive(
     let engine = Generator::new(model, tok).and_then(|g| Engine::new(g.with_mirror(mirror), opts));
     match engine {
         Ok(mut engine) => serve(&mut engine, &mut queue, &metrics, Some((mirror, ping))),
-        Err(e) => metrics.set_ranks_down(&e.to_string()),
+        Err(e) => metrics.set_ranks_down(&why(&e)),
     }
     // Gone or done: whatever still arrives fails.
     while let Some(job) = queue.blocking_recv() {
         let why = metrics.ranks_down().unwrap_or_else(|| "the engine has stopped".into());
         let _ = job.events.send(Event::Done(Err(Error::Ranks(why))));
+    }
+}
+
+/// What went wrong with the ranks, without the error's own prefix.
+fn why(e: &Error) -> String {
+    match e {
+        Error::Ranks(m) => m.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -105,7 +113,7 @@ fn next_job(
         }
         if last.elapsed() >= ping {
             if let Err(e) = mirror.check() {
-                metrics.set_ranks_down(&e.to_string());
+                metrics.set_ranks_down(&why(&e));
                 return None;
             }
             last = Instant::now();
@@ -177,9 +185,9 @@ fn serve(
         // A failure may be the followers': check them before taking more work.
         if let Some((mirror, _)) = health.filter(|_| engine.stats().failed > failed) {
             if let Err(e) = mirror.check() {
-                metrics.set_ranks_down(&e.to_string());
+                metrics.set_ranks_down(&why(&e));
                 if let Some((_, mut sink)) = held.take() {
-                    sink.send(Event::Done(Err(Error::Ranks(e.to_string()))));
+                    sink.send(Event::Done(Err(Error::Ranks(why(&e)))));
                 }
                 // Every call now fails at once: the running requests end with the error.
                 for _ in 0..1000 {

@@ -57,7 +57,8 @@ fn start(
             if world.rank() == 0 {
                 let tok = Arc::new(Tokenizer::default_glm().map_err(|e| err(e.to_string()))?);
                 let opts = Options { max_tokens: 256, ..Options::new("tiny", cfg.max_seq_len) };
-                let listener = listener.lock().ok().and_then(|mut l| l.take()).ok_or_else(|| err("no listener".into()))?;
+                let listener =
+                    listener.lock().ok().and_then(|mut l| l.take()).ok_or_else(|| err("no listener".into()))?;
                 let stop = stop.lock().ok().and_then(|mut s| s.take()).ok_or_else(|| err("no stop".into()))?;
                 let mirror = CommMirror::new(world.as_ref());
                 let shutdown = async move {
