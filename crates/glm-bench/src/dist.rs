@@ -176,7 +176,7 @@ pub fn prepare_env(o: &DistBenchOpts) {
 
 /// Makes the calling thread a pool of `threads` rayon workers (itself included), so its compute
 /// stays on it; `None` when it already belongs to a pool. Keep the pool while the rank runs.
-pub(crate) fn rank_pool(threads: usize) -> Result<Option<rayon::ThreadPool>> {
+pub fn rank_pool(threads: usize) -> Result<Option<rayon::ThreadPool>> {
     if rayon::current_thread_index().is_some() {
         return Ok(None);
     }

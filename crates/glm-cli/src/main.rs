@@ -13,6 +13,7 @@ mod eval_cmd;
 mod infer_cmd;
 mod samples;
 mod serve_cmd;
+mod serve_tp;
 mod tp_launch;
 mod train_cmd;
 
@@ -80,7 +81,7 @@ enum Cmd {
     Eval(eval_cmd::EvalArgs),
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ModelArgs {
     /// A named preset.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS), conflicts_with = "config")]

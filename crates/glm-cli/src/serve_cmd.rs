@@ -46,7 +46,7 @@ pub struct ServerLimits {
 }
 
 impl ServerLimits {
-    fn options(&self, name: String, model: &Glm, api_key: Option<String>) -> Result<Options> {
+    pub(crate) fn options(&self, name: String, model: &Glm, api_key: Option<String>) -> Result<Options> {
         if !(self.timeout_s > 0.0 && self.timeout_s.is_finite()) {
             bail!("--timeout-s must be > 0, got {}", self.timeout_s);
         }
@@ -195,41 +195,45 @@ fn serve_rank(a: &ServeArgs, rank: crate::tp_launch::Rank) -> Result<()> {
     Ok(())
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ServeBenchArgs {
     /// A checkpoint (as for `glm serve`); without it, a seeded random `--preset` model.
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     #[command(flatten)]
-    arch: ModelArgs,
+    pub(crate) arch: ModelArgs,
     /// Comma-separated: f32, int8, int4 (int8/int4 quantize a dense model at load).
     #[arg(long, default_value = "f32,int4", value_delimiter = ',')]
-    precisions: Vec<String>,
+    pub(crate) precisions: Vec<String>,
     /// Comma-separated numbers of concurrent streaming clients.
     #[arg(long, default_value = "1,2,4,8", value_delimiter = ',')]
-    streams: Vec<usize>,
+    pub(crate) streams: Vec<usize>,
     /// Seconds each level runs (requests running at the end are waited for).
     #[arg(long, default_value_t = 20.0)]
-    seconds: f64,
+    pub(crate) seconds: f64,
     /// Tokens each request generates (min_tokens = max_tokens).
     #[arg(long, default_value_t = 64)]
-    tokens: usize,
+    pub(crate) tokens: usize,
     /// Skip the baseline: the same server with --max-batch 1 (requests one after another).
     #[arg(long)]
-    no_baseline: bool,
+    pub(crate) no_baseline: bool,
     /// Instead of the levels: the most streams of --streams decode while one more client sends
     /// prompts of this many tokens back to back; reports the streams' gaps between tokens and the
     /// long prompts' time to first token, with --prefill-chunk and with whole prefills (chunk 0).
     #[arg(long, default_value_t = 0)]
-    long_prompt_tokens: usize,
+    pub(crate) long_prompt_tokens: usize,
     /// JSON lines instead of the table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     #[command(flatten)]
-    limits: ServerLimits,
+    pub(crate) limits: ServerLimits,
+    /// Instead: the tensor-parallel server over this many ranks (threads of this process, rank 0
+    /// driving) beside the one-process server, one compute thread per rank in both.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) tp: usize,
 }
 
-const PROMPTS: [&str; 4] = [
+pub(crate) const PROMPTS: [&str; 4] = [
     "The history of the printing press begins",
     "In a small village by the sea, there lived",
     "机器学习是人工智能的一个分支，",
@@ -238,15 +242,15 @@ const PROMPTS: [&str; 4] = [
 
 /// What one load level measured: the streams, the long-prompt client if there was one, and the
 /// process's memory after it.
-struct Level {
-    streams: LoadReport,
+pub(crate) struct Level {
+    pub(crate) streams: LoadReport,
     long: Option<LoadReport>,
     rss: u64,
 }
 
 /// Starts a server on a free local port, runs the load levels against it, stops it. With `long`,
 /// one more client sends that prompt back to back during each level (4 tokens each).
-fn measure(
+pub(crate) fn measure(
     rt: &tokio::runtime::Runtime,
     model: Arc<Glm>,
     tok: Arc<Tokenizer>,
@@ -305,6 +309,9 @@ fn bench_setup(a: &ServeBenchArgs, precision: &str) -> Result<(glm_model::Config
 }
 
 pub fn bench_serve(a: ServeBenchArgs) -> Result<()> {
+    if a.tp > 1 {
+        return crate::serve_tp::bench(&a, a.tp);
+    }
     if a.long_prompt_tokens > 0 {
         return bench_long_prompts(a);
     }
