@@ -174,7 +174,7 @@ pub fn run(o: &PipelineBenchOpts) -> Result<PipelineReport> {
     let rows = result?;
     Ok(PipelineReport {
         model: format!("{} layers, hidden {}, {} heads, FFN {}, vocab {}", o.layers, o.hidden, o.heads, o.ffn, o.vocab),
-        cpu: cpu_name(),
+        cpu: crate::cpu_name(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         threads: o.threads,
         batch: o.batch,
@@ -182,18 +182,6 @@ pub fn run(o: &PipelineBenchOpts) -> Result<PipelineReport> {
         rows,
     })
     .and_then(|r| if r.rows.is_empty() { Err(anyhow!("nothing measured")) } else { Ok(r) })
-}
-
-fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// The report as a Markdown table.

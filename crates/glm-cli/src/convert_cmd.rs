@@ -337,7 +337,7 @@ pub fn bench_convert(a: ConvertBenchArgs) -> Result<()> {
         cfg.num_layers,
         mb,
         t.elapsed().as_secs_f64(),
-        cpu_name()
+        glm_bench::cpu_name()
     );
     let glm_convert = |args: &[&std::ffi::OsStr]| -> Result<Run> {
         let r = run_measured(std::process::Command::new(&glm).arg("convert").args(args))?;
@@ -493,17 +493,6 @@ fn warm(path: &std::path::Path) -> Result<()> {
     let mut buf = vec![0u8; 16 << 20];
     while f.read(&mut buf)? > 0 {}
     Ok(())
-}
-
-fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A temporary folder removed on drop.

@@ -150,16 +150,7 @@ fn run(a: &ServeBenchArgs, tp: usize, dir: &std::path::Path) -> Result<()> {
             }
         }
     }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .context("cpu")
-        .unwrap_or_else(|_| "unknown CPU".into());
+    let cpu = glm_bench::cpu_name();
     println!(
         "{cpu}, {} cores; 1 compute thread per rank\n",
         std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -38,12 +38,11 @@ enum Fate {
     DieAfter(usize),
 }
 
+/// The ranks' thread: each rank's closing line, or the group's error.
+type Ranks = std::thread::JoinHandle<std::result::Result<Vec<String>, glm_dist::Error>>;
+
 /// Runs a tp-rank server on threads; returns its address and the ranks' join handle.
-fn start(
-    tp: usize,
-    fate: Fate,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) -> Result<(String, std::thread::JoinHandle<std::result::Result<Vec<String>, glm_dist::Error>>)> {
+fn start(tp: usize, fate: Fate, stop: tokio::sync::oneshot::Receiver<()>) -> Result<(String, Ranks)> {
     let cfg = Config::tiny();
     let w = init_weights(&cfg, 3, &Device::Cpu)?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;

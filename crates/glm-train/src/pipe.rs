@@ -14,7 +14,7 @@ use glm_dist::ReduceOp;
 use glm_model::{Glm, StageInput, TrainOptions};
 
 use crate::dist::Dist;
-use crate::step::{scored, scored_rows, Grads, LossFault, Params};
+use crate::step::{accumulate, gathered, scored, scored_rows, weighted_loss, Grads, LossFault, Params};
 use crate::{Error, Result};
 
 /// A micro-batch between its forward and its backward on this stage.
@@ -57,14 +57,9 @@ impl TrainStage<'_> {
         };
         let out = if self.model.stage().is_last() {
             let (rows, targets) = scored_rows(b, &dev)?;
-            let logits =
-                self.model.forward_stage(from, &pos, &layout, Some(&opts), Some(&rows))?.to_dtype(DType::F32)?;
-            let mut l = (self.model.cross_entropy(&logits, &targets)? * (scored(b) as f64 / self.total as f64))?;
-            match self.fault {
-                Some(LossFault::Scale(f)) => l = (l * f)?,
-                Some(LossFault::Nan) => l = (l * f64::NAN)?,
-                None => {}
-            }
+            let logits = self.model.forward_stage(from, &pos, &layout, Some(&opts), Some(&rows))?;
+            let share = scored(b) as f64 / self.total as f64;
+            let l = weighted_loss(self.model, &logits, &targets, share, self.fault)?;
             self.loss += l.to_scalar::<f32>()? as f64;
             l
         } else {
@@ -82,15 +77,7 @@ impl TrainStage<'_> {
             // d/dy Σ y·dy = dy (in f32, so the seed's value cannot overflow in f16).
             Some(dy) => (h.out.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?)?.sum_all()?.backward()?,
         };
-        for (slot, var) in self.acc.iter_mut().zip(&self.params.compute) {
-            if let Some(g) = store.get(var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
-                *slot = Some(match slot.take() {
-                    Some(a) => (a + g)?,
-                    None => g,
-                });
-            }
-        }
+        accumulate(&mut self.acc, &store, self.params)?;
         match h.input {
             None => Ok(None),
             Some(v) => Ok(Some(match store.get(v.as_tensor()) {
@@ -149,15 +136,7 @@ pub fn forward_backward(
         .map_err(|e| Error::Dist(format!("pipeline stage {s} of {p}: {e}")))?;
     let mut loss = [stage.loss];
     dist.pp_comm().all_reduce_scalars(&mut loss, ReduceOp::Sum).map_err(|e| Error::Dist(e.to_string()))?;
-    let mut grads = stage
-        .acc
-        .into_iter()
-        .zip(&params.master)
-        .map(|(g, m)| match g {
-            Some(g) => Ok(g),
-            None => Ok(m.zeros_like()?),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let mut grads = gathered(stage.acc, params)?;
     dist.sync_tied(model.config(), params, &mut grads)?;
     Ok((Grads { grads, loss: loss[0], scored: total }, stats))
 }

@@ -221,35 +221,57 @@ pub fn forward_backward(
         let (ids, pos, _, layout) = b.tensors(&dev)?;
         let (rows, targets) = scored_rows(b, &dev)?;
         let opts = TrainOptions { seed: glm_nn::dropout::site_seed(&[train.seed, k as u64]), ..*train };
-        let logits = model.forward_train(&ids, &pos, &layout, &opts, Some(&rows))?.to_dtype(DType::F32)?;
-        let mut l = (model.cross_entropy(&logits, &targets)? * (n as f64 / total as f64))?;
-        match fault {
-            Some(LossFault::Scale(f)) => l = (l * f)?,
-            Some(LossFault::Nan) => l = (l * f64::NAN)?,
-            None => {}
-        }
+        let logits = model.forward_train(&ids, &pos, &layout, &opts, Some(&rows))?;
+        let l = weighted_loss(model, &logits, &targets, n as f64 / total as f64, fault)?;
         loss += l.to_scalar::<f32>()? as f64;
-        let store = (l * loss_scale)?.backward()?;
-        for (slot, var) in acc.iter_mut().zip(&params.compute) {
-            let g = match store.get(var.as_tensor()) {
-                Some(g) => g.to_dtype(DType::F32)?,
-                None => continue,
-            };
+        accumulate(&mut acc, &(l * loss_scale)?.backward()?, params)?;
+    }
+    Ok(Grads { grads: gathered(acc, params)?, loss, scored: total })
+}
+
+/// A micro-batch's loss (f32) weighted by its share of the step's scored tokens, with the fault.
+pub(crate) fn weighted_loss(
+    model: &Glm,
+    logits: &Tensor,
+    targets: &Tensor,
+    share: f64,
+    fault: Option<LossFault>,
+) -> Result<Tensor> {
+    let l = (model.cross_entropy(&logits.to_dtype(DType::F32)?, targets)? * share)?;
+    Ok(match fault {
+        Some(LossFault::Scale(f)) => (l * f)?,
+        Some(LossFault::Nan) => (l * f64::NAN)?,
+        None => l,
+    })
+}
+
+/// Adds a backward pass's gradients of the compute variables to `acc` (in f32, parameter order).
+pub(crate) fn accumulate(
+    acc: &mut [Option<Tensor>],
+    store: &candle_core::backprop::GradStore,
+    params: &Params,
+) -> Result<()> {
+    for (slot, var) in acc.iter_mut().zip(&params.compute) {
+        if let Some(g) = store.get(var.as_tensor()) {
+            let g = g.to_dtype(DType::F32)?;
             *slot = Some(match slot.take() {
                 Some(a) => (a + g)?,
                 None => g,
             });
         }
     }
-    let grads = acc
-        .into_iter()
+    Ok(())
+}
+
+/// The accumulated gradients, zeros for the parameters no micro-batch reached.
+pub(crate) fn gathered(acc: Vec<Option<Tensor>>, params: &Params) -> Result<Vec<Tensor>> {
+    acc.into_iter()
         .zip(&params.master)
         .map(|(g, m)| match g {
             Some(g) => Ok(g),
             None => Ok(m.zeros_like()?),
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Grads { grads, loss, scored: total })
+        .collect()
 }
 
 /// Gradient norms, unscaled by `loss_scale`: (global, per group).

@@ -127,17 +127,7 @@ pub(super) fn cores() -> usize {
     }
 }
 
-pub(super) fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
+pub(super) use crate::cpu_name;
 
 #[cfg(test)]
 mod tests {
