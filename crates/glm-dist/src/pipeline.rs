@@ -245,7 +245,8 @@ pub struct ExecStats {
     pub busy: f64,
     /// Bytes this stage sent (activations forward, gradients back; f32 on the wire).
     pub sent: usize,
-    /// Micro-batches whose activations were held at once, at most.
+    /// Micro-batches whose activations were held at once, at most (the schedule's count; a
+    /// stage that keeps them can report what it saw).
     pub max_held: usize,
 }
 

@@ -36,6 +36,8 @@ struct TrainStage<'a> {
     /// Scored tokens of the whole step (every micro-batch's loss is weighted by its share).
     total: usize,
     held: HashMap<usize, Held>,
+    /// The most micro-batches held at once, as it happened.
+    peak: usize,
     acc: Vec<Option<Tensor>>,
     loss: f64,
 }
@@ -66,6 +68,7 @@ impl TrainStage<'_> {
             self.model.forward_stage(from, &pos, &layout, Some(&opts), None)?
         };
         self.held.insert(mb, Held { input, out: out.clone() });
+        self.peak = self.peak.max(self.held.len());
         Ok(out)
     }
 
@@ -127,13 +130,23 @@ pub fn forward_backward(
         fault,
         total,
         held: HashMap::new(),
+        peak: 0,
         acc: vec![None; params.compute.len()],
         loss: 0.0,
     };
     let dev: Device = model.device().clone();
     let m = stage.batches.len();
-    let stats = execute(dist.pp_comm(), m, &|mb| shapes[mb].clone(), params.dtype, &dev, &mut stage)
+    let mut stats = execute(dist.pp_comm(), m, &|mb| shapes[mb].clone(), params.dtype, &dev, &mut stage)
         .map_err(|e| Error::Dist(format!("pipeline stage {s} of {p}: {e}")))?;
+    // What the stage held, counted as it ran, against 1F1B's bound warmup + 1.
+    let bound = (p - s).min(m);
+    if stage.peak > bound {
+        return Err(Error::Dist(format!(
+            "pipeline stage {s} of {p} held {} micro-batches, 1F1B's bound is {bound}",
+            stage.peak
+        )));
+    }
+    stats.max_held = stage.peak;
     let mut loss = [stage.loss];
     dist.pp_comm().all_reduce_scalars(&mut loss, ReduceOp::Sum).map_err(|e| Error::Dist(e.to_string()))?;
     let mut grads = gathered(stage.acc, params)?;
