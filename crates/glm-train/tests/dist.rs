@@ -163,6 +163,18 @@ fn reshard_round_trips_bit_for_bit_and_another_layout_resumes_the_run() -> Resul
         Checkpoints::reshard(&step3, &dir.path().join("pp3"), &model, 1, 3).is_err(),
         "2 layers cannot make 3 stages"
     );
+    // A missing or cut shard of a (tp, pp) checkpoint is named, never half-loaded.
+    let broken = dir.path().join("broken");
+    copy_dir(&dir.path().join("tp2-pp2"), &broken)?;
+    let gone = "model-tp01-of-02-pp01-of-02.safetensors";
+    std::fs::remove_file(broken.join(gone))?;
+    let e = Checkpoints::verify(&broken).err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(e.contains(gone), "a missing shard: {e}");
+    ensure!(Checkpoints::reshard(&broken, &dir.path().join("from-broken"), &model, 1, 1).is_err());
+    copy_dir(&dir.path().join("tp2-pp2"), &broken)?;
+    std::fs::OpenOptions::new().write(true).open(broken.join(gone))?.set_len(100)?;
+    let e = Checkpoints::verify(&broken).err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(e.contains(gone) && e.contains("truncated"), "a cut shard: {e}");
     let want = steps(&single_out)?;
     // Checkpoints resumed on other layouts than they were written at.
     let runs = [
