@@ -305,7 +305,8 @@ impl Trainer {
         &self.model
     }
 
-    /// The f32 master weights this rank holds (its tensor-parallel shards), by name.
+    /// The f32 master weights this rank holds (its tensor-parallel shards of its pipeline stage's
+    /// parameters), by name.
     pub fn weights(&self) -> std::collections::HashMap<String, candle_core::Tensor> {
         self.params.master_tensors()
     }
