@@ -2,7 +2,10 @@
 //! `metrics.jsonl` (one per step: step, loss, lr, grad_norm, tokens_per_s, loss_scale, egs_alpha,
 //! batch, per-group norms), `eval.jsonl` (validation) and `events.jsonl` (interventions, overflows,
 //! rollbacks, resumes). `plots.svg` draws them. On resume, records past the restored step are dropped
-//! (their work was lost with the process), so logs and plots describe the run that continues.
+//! (their work was lost with the process), so logs and plots describe the run that continues. The
+//! logs are append-only otherwise: a kept line is never rewritten (its bytes stay as written), a log
+//! with nothing to drop is not touched, and numbers are parsed exactly (serde_json's
+//! `float_roundtrip`), so a record read back is the value that was logged.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -26,19 +29,26 @@ struct Log {
 }
 
 impl Log {
-    /// Open `path`, keeping the records with step <= `keep_until` (none when None).
+    /// Open `path`, keeping the records with step <= `keep_until` (none when None). Kept lines keep
+    /// their bytes; the file is rewritten (atomically) only when a line goes.
     fn open(path: PathBuf, keep_until: Option<u64>) -> Result<Self> {
         let io = |e: std::io::Error| Error::Io(format!("{}: {e}", path.display()));
-        let records: Vec<Value> = match (fs::read_to_string(&path), keep_until) {
-            (Ok(text), Some(s)) => text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok()) // a torn last line is dropped
-                .filter(|v| v["step"].as_u64().is_some_and(|x| x <= s))
-                .collect(),
-            _ => Vec::new(),
-        };
-        let text: String = records.iter().map(|v| format!("{v}\n")).collect();
-        glm_checkpoint::write_atomic(&path, text.as_bytes()).map_err(io)?;
+        let old = fs::read_to_string(&path).ok();
+        let (mut kept, mut records) = (String::new(), Vec::new());
+        if let (Some(text), Some(s)) = (&old, keep_until) {
+            for line in text.lines() {
+                // A torn last line (the process died mid-write) is dropped.
+                let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+                if v["step"].as_u64().is_some_and(|x| x <= s) {
+                    kept.push_str(line);
+                    kept.push('\n');
+                    records.push(v);
+                }
+            }
+        }
+        if old.as_deref() != Some(kept.as_str()) {
+            glm_checkpoint::write_atomic(&path, kept.as_bytes()).map_err(io)?;
+        }
         let file = OpenOptions::new().append(true).open(&path).map_err(io)?;
         Ok(Self { path, file: Some(file), records })
     }
@@ -156,5 +166,40 @@ impl Metrics {
         let path = self.dir.join(PLOTS);
         glm_plot::write_svg(&path, title, &panels, 2).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
         Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resume keeps the lines before its step byte for byte (numbers included), drops the rest
+    /// and a torn last line, and leaves a log with nothing to drop untouched.
+    #[test]
+    fn resume_keeps_lines_exactly_and_only_drops_the_lost_ones() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Io(e.to_string()))?;
+        let path = dir.path().join(METRICS);
+        let lines = [
+            r#"{"step":1,"loss":9.164031982421875,"lr":1e-3}"#,
+            r#"{"loss":0.30000000000000004,"step":2,"grad_norm":1.7976931348623157e308}"#,
+            r#"{"step":3,"loss":5e-324}"#,
+        ];
+        let text = format!("{}\n{}\n{}\n{{\"step\":4,\"lo", lines[0], lines[1], lines[2]);
+        fs::write(&path, &text).map_err(|e| Error::Io(e.to_string()))?;
+        let m = Metrics::open(dir.path(), Some(2))?;
+        let after = fs::read_to_string(&path).map_err(|e| Error::Io(e.to_string()))?;
+        assert_eq!(after, format!("{}\n{}\n", lines[0], lines[1]));
+        assert_eq!(m.steps()[0]["loss"].as_f64(), Some(9.164031982421875));
+        assert_eq!(m.steps()[1]["loss"].as_f64(), Some(0.30000000000000004));
+        drop(m);
+        // Nothing to drop: not rewritten (same bytes, same inode).
+        let ino = |p: &Path| fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
+        let before = ino(&path);
+        let mut m = Metrics::open(dir.path(), Some(10))?;
+        assert_eq!(ino(&path), before);
+        m.step(serde_json::json!({"step": 3, "loss": 1.0000000000000002}))?;
+        let after = fs::read_to_string(&path).map_err(|e| Error::Io(e.to_string()))?;
+        assert_eq!(after, format!("{}\n{}\n{{\"loss\":1.0000000000000002,\"step\":3}}\n", lines[0], lines[1]));
+        Ok(())
     }
 }
