@@ -134,6 +134,7 @@ pub fn run(o: &PipelineBenchOpts) -> Result<PipelineReport> {
                     let opts = RunOptions {
                         out: out.clone(),
                         resume: false,
+                        start_if_empty: false,
                         stop_at: None,
                         progress: false,
                         device: Device::Cpu,

@@ -26,6 +26,10 @@ pub struct TrainArgs {
     /// Continue from the newest good checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// Continue from the newest good checkpoint in --out if there is one, else start a new run
+    /// there (--resume alone refuses a folder with nothing to resume).
+    #[arg(long, conflicts_with = "resume")]
+    resume_or_start: bool,
     /// Stop after this step (the schedule still runs to --max-steps); resume later.
     #[arg(long)]
     stop_at: Option<u64>,
@@ -143,8 +147,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}", cfg.preset)));
     let stop = stop_on_sigint();
-    let opts = RunOptions { out: out.clone(), resume: a.resume, stop_at: a.stop_at, progress: !a.quiet, device, stop };
+    let opts = RunOptions {
+        out: out.clone(),
+        resume: a.resume || a.resume_or_start,
+        start_if_empty: a.resume_or_start,
+        stop_at: a.stop_at,
+        progress: !a.quiet,
+        device,
+        stop,
+    };
     let model = cfg.model()?;
+    if a.resume_or_start && glm_train::ckpt::Checkpoints::new(out.join("checkpoints")).list().is_empty() {
+        eprintln!("--resume-or-start: no checkpoint in {}: starting a new run", out.join("checkpoints").display());
+    }
     let first_rank = std::env::var("OMPI_COMM_WORLD_RANK").map_or(true, |r| r == "0");
     first_rank.then(|| {
         eprintln!(

@@ -209,6 +209,11 @@ fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Erro
         &["train", "--config", c, "--out", out, "--pp", "5", "--ranks", "local"],
         &["4 layers", "5 pipeline stages"],
     )?;
+    // --resume where there is nothing to resume says so; --resume-or-start starts.
+    fails(&["train", "--config", c, "--out", out, "--resume"], &["nothing to resume", "--resume-or-start"])?;
+    let o = glm(&["train", "--config", c, "--out", out, "--resume-or-start", "--max-steps", "1", "--quiet", "--no-samples"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success() && err.contains("starting a new run"), "{err}");
     let fresh = dir.path().join("y");
     fails(
         &["reshard", ckpt.to_str().ok_or("path")?, "--tp", "3", "--out", fresh.to_str().ok_or("path")?],

@@ -30,8 +30,10 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub out: PathBuf,
-    /// Continue from the newest good checkpoint in `out` (a fresh start when there is none).
+    /// Continue from the newest good checkpoint in `out` (an error when there is none)...
     pub resume: bool,
+    /// ... or, with this too, a fresh start when there is none.
+    pub start_if_empty: bool,
     /// Stop after this step although the schedule runs to `max_steps` (to split a run in parts).
     pub stop_at: Option<u64>,
     pub progress: bool,
@@ -180,6 +182,13 @@ impl Trainer {
             d.world().barrier().map_err(|e| Error::Dist(e.to_string()))?;
         }
         let existing = ckpts.list();
+        if opts.resume && !opts.start_if_empty && existing.is_empty() {
+            return Err(Error::Config(format!(
+                "nothing to resume: {} holds no checkpoint (is --out right?); to start a new run there, drop \
+                 --resume, or pass --resume-or-start to continue a run if there is one",
+                ckpts.root.display()
+            )));
+        }
         if !opts.resume && !existing.is_empty() {
             return Err(Error::Config(format!(
                 "{} already holds checkpoints (newest: step {}); pass --resume to continue, or choose another --out",

@@ -33,7 +33,7 @@ fn small() -> TrainConfig {
 }
 
 fn opts(out: &Path, resume: bool, stop_at: Option<u64>) -> RunOptions {
-    RunOptions { out: out.to_path_buf(), resume, stop_at, progress: false, device: Device::Cpu, stop: None }
+    RunOptions { out: out.to_path_buf(), resume, start_if_empty: false, stop_at, progress: false, device: Device::Cpu, stop: None }
 }
 
 fn jsonl(path: &Path) -> Vec<Value> {
