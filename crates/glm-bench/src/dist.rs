@@ -184,7 +184,15 @@ pub fn rank_pool(threads: usize) -> Result<Option<rayon::ThreadPool>> {
 }
 
 fn run_options(out: PathBuf) -> RunOptions {
-    RunOptions { out, resume: false, start_if_empty: false, stop_at: None, progress: false, device: Device::Cpu, stop: None }
+    RunOptions {
+        out,
+        resume: false,
+        start_if_empty: false,
+        stop_at: None,
+        progress: false,
+        device: Device::Cpu,
+        stop: None,
+    }
 }
 
 /// The 1-rank run (no communicator), on the calling thread.

@@ -125,8 +125,23 @@ impl ModelSource {
     }
 
     /// The model whole (`group` None), or tensor-parallel rank `group.rank()`'s part of it: only
-    /// its slices of the weights read, logits gathered to the full vocabulary on every rank.
+    /// its slices of the weights read, logits gathered to the full vocabulary on every rank. A
+    /// tokenizer with ids the model does not have is refused here, not at the first decode.
     pub fn load_on(&self, group: Option<glm_dist::Group>) -> Result<(Glm, glm_tokenizer::Tokenizer)> {
+        let (model, tok) = self.load_parts(group)?;
+        let (ids, vocab) = (tok.vocab_size(), model.config().vocab_size);
+        if ids > vocab {
+            bail!(
+                "{}: the tokenizer{} has {ids} ids but the model's vocabulary only {vocab}: pass the model's own \
+                 tokenizer with --tokenizer",
+                self.model.display(),
+                self.tokenizer.as_ref().map_or(String::new(), |t| format!(" {}", t.display()))
+            );
+        }
+        Ok((model, tok))
+    }
+
+    fn load_parts(&self, group: Option<glm_dist::Group>) -> Result<(Glm, glm_tokenizer::Tokenizer)> {
         use glm_convert::Format;
         let dev = candle_core::Device::Cpu;
         let format = Format::detect(&self.model).with_context(|| format!("opening {}", self.model.display()))?;

@@ -81,6 +81,14 @@ fn quantize_then_generate_and_fill() {
     assert!(!ok && err.contains("junk.safetensors"), "{err}");
     let (ok, _, err) = glm(&["quantize", "--bits", "3", &ckpt, &d("x.safetensors")]);
     assert!(!ok && err.contains("8 or 4"), "{err}");
+    // A tokenizer with more ids than the model is refused at load: the embedded one (8192 ids)
+    // against a model of 8160.
+    let small = glm_model::Config { vocab_size: 8160, ..glm_model::Config::tiny() };
+    std::fs::write(d("small.json"), serde_json::to_string(&small).unwrap()).unwrap();
+    let w = glm_model::init_weights(&small, 1, &candle_core::Device::Cpu).unwrap();
+    glm_model::save_weights(&small, std::path::Path::new(&d("small.safetensors")), &w).unwrap();
+    let (ok, _, err) = glm(&["generate", "--model", &d("small.safetensors"), "--config", &d("small.json"), "x"]);
+    assert!(!ok && err.contains("8192 ids but the model's vocabulary only 8160"), "{err}");
 }
 
 #[test]

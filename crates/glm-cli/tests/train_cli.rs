@@ -211,7 +211,18 @@ fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Erro
     )?;
     // --resume where there is nothing to resume says so; --resume-or-start starts.
     fails(&["train", "--config", c, "--out", out, "--resume"], &["nothing to resume", "--resume-or-start"])?;
-    let o = glm(&["train", "--config", c, "--out", out, "--resume-or-start", "--max-steps", "1", "--quiet", "--no-samples"]);
+    let o = glm(&[
+        "train",
+        "--config",
+        c,
+        "--out",
+        out,
+        "--resume-or-start",
+        "--max-steps",
+        "1",
+        "--quiet",
+        "--no-samples",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success() && err.contains("starting a new run"), "{err}");
     let fresh = dir.path().join("y");

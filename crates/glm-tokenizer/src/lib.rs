@@ -194,6 +194,11 @@ impl Tokenizer {
         let bytes =
             std::fs::read(path).map_err(|e| TokenizerError::Io { path: path.display().to_string(), source: e })?;
         let name = path.display().to_string();
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(TokenizerError::Format(format!(
+                "{name}: empty file (a tokenizer.json or a SentencePiece .model)"
+            )));
+        }
         if bytes.first() == Some(&b'{') {
             let s = std::str::from_utf8(&bytes)
                 .map_err(|e| TokenizerError::Format(format!("{name}: not UTF-8 JSON: {e}")))?;

@@ -224,3 +224,17 @@ fn token_bytes_spell_the_text_token_by_token() {
     assert_eq!(tok.token_bytes(tok.specials().gmask.unwrap()).unwrap(), b"[gMASK]");
     assert!(tok.token_bytes(u32::MAX).is_err());
 }
+
+/// An empty (or blank) tokenizer file is named as such, not as a malformed SentencePiece model.
+#[test]
+fn an_empty_tokenizer_file_says_so() {
+    let dir = std::env::temp_dir().join(format!("glm-tok-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for (name, bytes) in [("tokenizer.json", &b""[..]), ("blank.json", &b" \n\t"[..])] {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).expect("write");
+        let e = glm_tokenizer::Tokenizer::from_file(&p).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("empty file") && e.contains(name), "{name}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -180,6 +180,11 @@ impl Checkpoints {
         self.root.join(format!("step-{step:08}"))
     }
 
+    /// The step of a checkpoint directory (`step-00000062` -> 62).
+    pub fn step_of(dir: &Path) -> Option<u64> {
+        dir.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
+    }
+
     /// Complete-looking checkpoint directories, oldest first (not yet verified).
     pub fn list(&self) -> Vec<(u64, PathBuf)> {
         let Ok(rd) = fs::read_dir(&self.root) else { return Vec::new() };
@@ -187,8 +192,8 @@ impl Checkpoints {
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().to_string();
-                let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
-                Some((step, e.path()))
+                name.strip_prefix("step-")?;
+                Some((Self::step_of(&e.path())?, e.path()))
             })
             .collect();
         out.sort();

@@ -68,7 +68,15 @@ fn sized_config(arch: &str, dropout: bool, dir: &Path, layers: usize, micro_batc
 }
 
 pub fn opts(out: &Path, resume: bool, stop_at: Option<u64>) -> RunOptions {
-    RunOptions { out: out.to_path_buf(), resume, start_if_empty: false, stop_at, progress: false, device: Device::Cpu, stop: None }
+    RunOptions {
+        out: out.to_path_buf(),
+        resume,
+        start_if_empty: false,
+        stop_at,
+        progress: false,
+        device: Device::Cpu,
+        stop: None,
+    }
 }
 
 /// One rank's part of a split run: trains, then returns the full weights of its final

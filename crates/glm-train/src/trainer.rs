@@ -367,7 +367,10 @@ impl Trainer {
         self.last_saved = Some(step);
         self.metrics = self.logs(Some(step))?;
         for (d, e) in bad {
-            self.metrics.event(json!({"step": step, "kind": "corrupt_checkpoint", "path": d, "error": e}))?;
+            // "step": when it was found (the step resumed); "checkpoint_step": the refused one's.
+            let of = Checkpoints::step_of(&d);
+            let e = json!({"step": step, "kind": "corrupt_checkpoint", "checkpoint_step": of, "path": d, "error": e});
+            self.metrics.event(e)?;
         }
         self.metrics.event(json!({"step": step, "kind": "resume", "from": dir}))?;
         Ok(())

@@ -33,7 +33,15 @@ fn small() -> TrainConfig {
 }
 
 fn opts(out: &Path, resume: bool, stop_at: Option<u64>) -> RunOptions {
-    RunOptions { out: out.to_path_buf(), resume, start_if_empty: false, stop_at, progress: false, device: Device::Cpu, stop: None }
+    RunOptions {
+        out: out.to_path_buf(),
+        resume,
+        start_if_empty: false,
+        stop_at,
+        progress: false,
+        device: Device::Cpu,
+        stop: None,
+    }
 }
 
 fn jsonl(path: &Path) -> Vec<Value> {
@@ -204,7 +212,9 @@ fn corrupt_checkpoints_are_refused_and_the_previous_one_used() -> Result<()> {
         let s = t.run()?;
         assert_eq!((s.resumed_from, s.step), (Some(4), 9));
         let events = jsonl(&run.join("events.jsonl"));
-        assert!(events.iter().any(|e| e["kind"] == "corrupt_checkpoint"), "{file}: not reported");
+        let e = events.iter().find(|e| e["kind"] == "corrupt_checkpoint");
+        // Found while resuming at step 4; the refused checkpoint is step 8's.
+        assert!(e.is_some_and(|e| e["step"] == 4 && e["checkpoint_step"] == 8), "{file}: reported as {e:?}");
     }
     Ok(())
 }
