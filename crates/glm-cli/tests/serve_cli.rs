@@ -144,6 +144,8 @@ fn serve_answers_the_openai_client_and_the_playground_then_stops_on_sigterm() {
     // Bad options fail before serving, with a clear message.
     let (ok, err) = glm(&["serve", "--model", &d("int4.safetensors"), "--port", "0", "--max-batch", "0"]);
     assert!(!ok && err.contains("max_batch"), "{err}");
+    let (ok, err) = glm(&["serve", "--model", &d("int4.safetensors"), "--port", "0", "--max-prompt-tokens", "0"]);
+    assert!(!ok && err.contains("max_prompt_tokens must be at least 1"), "{err}");
     let (ok, err) = glm(&["serve", "--model", &d("missing.safetensors"), "--port", "0"]);
     assert!(!ok && err.contains("missing.safetensors"), "{err}");
 }

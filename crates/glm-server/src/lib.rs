@@ -86,11 +86,16 @@ impl Options {
 
 impl Options {
     pub fn validate(&self) -> Result<(), Error> {
-        let zero: Vec<&str> = [("max_batch", self.max_batch), ("queue", self.queue), ("max_tokens", self.max_tokens)]
-            .into_iter()
-            .filter(|(_, v)| *v == 0)
-            .map(|(n, _)| n)
-            .collect();
+        let zero: Vec<&str> = [
+            ("max_batch", self.max_batch),
+            ("queue", self.queue),
+            ("max_tokens", self.max_tokens),
+            ("max_prompt_tokens", self.max_prompt_tokens),
+        ]
+        .into_iter()
+        .filter(|(_, v)| *v == 0)
+        .map(|(n, _)| n)
+        .collect();
         if !zero.is_empty() {
             return Err(Error::Options(format!("{} must be at least 1", zero.join(", "))));
         }
@@ -272,11 +277,18 @@ fn same_key(a: &str, b: &str) -> bool {
 
 async fn auth(State(s): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
     if let Some(key) = &s.opts.api_key {
-        let sent = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let ok = sent.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|k| same_key(k.trim(), key));
+        let header = req.headers().get(header::AUTHORIZATION);
+        let sent = header.and_then(|v| v.to_str().ok());
+        // Exactly `Bearer <key>`: no spaces around the key (clients send none), compared in
+        // constant time.
+        let ok = sent.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|k| same_key(k, key));
         if !ok {
-            let msg =
-                if sent.is_some() { "incorrect API key" } else { "missing API key: send Authorization: Bearer <key>" };
+            let msg = match (header, sent) {
+                (None, _) => "missing API key: send Authorization: Bearer <key>",
+                (Some(_), None) => "the Authorization header is not ASCII text: send Authorization: Bearer <key>",
+                (Some(_), Some(v)) if !v.starts_with("Bearer ") => "the Authorization header must be Bearer <key>",
+                _ => "incorrect API key",
+            };
             let mut r = error_response(&ApiError::new(401, "authentication_error", msg).code("invalid_api_key"));
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
