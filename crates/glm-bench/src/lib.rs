@@ -32,18 +32,8 @@ pub fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
-/// The CPU's model name (/proc/cpuinfo), for benchmark reports: the machines vary between runs.
-pub fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
+/// The CPU's model name, for benchmark reports: the machines vary between runs.
+pub use glm_nn::blas::cpu_name;
 
 const TORCH_SCRIPT: &str = include_str!("../py/torch_forward.py");
 

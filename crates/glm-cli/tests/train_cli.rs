@@ -233,3 +233,32 @@ fn split_runs_reshard_and_launch_errors() -> Result<(), Box<dyn std::error::Erro
     fails(&["reshard", out, "--tp", "2", "--out", merged.to_str().ok_or("path")?], &["x"])?;
     Ok(())
 }
+
+/// The checkpoint records what the matrix products ran on; a resume on other compute (here other
+/// thread counts) continues and says so once, in the log too; a resume on the same says nothing.
+#[test]
+fn a_resume_on_other_compute_is_noted() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("t.toml");
+    std::fs::write(&cfg, CONFIG.replace("max_steps = 30", "max_steps = 3"))?;
+    let (c, out) = (cfg.to_str().ok_or("path")?, dir.path().join("run"));
+    let out = out.to_str().ok_or("path")?;
+    let run = |threads: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_glm"))
+            .args(["train", "--config", c, "--out", out, "--quiet", "--no-samples"])
+            .args(extra)
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+    };
+    let o = run("2", &["--stop-at", "1"])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run("1", &["--resume", "--stop-at", "2"])?;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success() && err.contains("resumed on other compute") && err.contains("2 threads"), "{err}");
+    let events = std::fs::read_to_string(dir.path().join("run/events.jsonl"))?;
+    assert!(events.contains("compute_changed"), "{events}");
+    let o = run("1", &["--resume"])?;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success() && !err.contains("other compute"), "{err}");
+    Ok(())
+}

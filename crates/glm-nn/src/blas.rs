@@ -27,6 +27,10 @@ static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
 
 fn blas() -> Option<&'static Blas> {
     BLAS.get_or_init(|| {
+        // GLM_BLAS=off: candle's gemm even where OpenBLAS is installed (to rerun a run's numerics).
+        if std::env::var("GLM_BLAS").is_ok_and(|v| v == "off") {
+            return None;
+        }
         for name in ["libopenblas.so.0", "libopenblas.so"] {
             // SAFETY: loading a system BLAS runs its initializers, which are designed for dlopen;
             // the symbol has the standard CBLAS signature.
@@ -49,6 +53,33 @@ fn blas() -> Option<&'static Blas> {
 /// The BLAS library in use, if any.
 pub fn backend() -> Option<&'static str> {
     blas().map(|b| b.name)
+}
+
+/// The CPU's model name (/proc/cpuinfo).
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// What the dense matrix products of this process run on — the library (and OpenBLAS's kernel
+/// choice), the compute threads and the CPU — which decides their rounding: a run resumed on
+/// other ones continues with gradients that differ in the last digits.
+pub fn describe() -> String {
+    let lib = match backend() {
+        Some(name) => {
+            let core = std::env::var("OPENBLAS_CORETYPE").map_or(String::new(), |c| format!(" ({c})"));
+            format!("{name}{core}")
+        }
+        None => "candle gemm".to_string(),
+    };
+    format!("matmul {lib}, {} threads, {}", rayon::current_num_threads(), cpu_name())
 }
 
 /// Tune OpenBLAS through its environment before it loads; call at program start, before any thread

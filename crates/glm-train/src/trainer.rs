@@ -63,6 +63,9 @@ pub struct RunState {
     pub config_hash: String,
     pub model: Config,
     pub train_config: TrainConfig,
+    /// What the matrix products ran on (`glm_nn::blas::describe`): a resume on other ones is noted.
+    #[serde(default)]
+    pub compute: Option<String>,
 }
 
 /// What a run reports at its end.
@@ -235,6 +238,7 @@ impl Trainer {
             config_hash: cfg.hash(),
             model: model_cfg.clone(),
             train_config: cfg.clone(),
+            compute: Some(glm_nn::blas::describe()),
         };
         let pb = if opts.progress && main {
             ProgressBar::with_draw_target(Some(cfg.max_steps), ProgressDrawTarget::stderr_with_hz(4))
@@ -363,6 +367,10 @@ impl Trainer {
             self.state.config_hash = self.cfg.hash();
             self.state.train_config = self.cfg.clone();
         }
+        // Other kernels round differently: the run continues, and says so once.
+        let now = glm_nn::blas::describe();
+        let before = self.state.compute.replace(now.clone());
+        let changed = before.as_ref().filter(|b| **b != now).cloned();
         self.resumed_from = Some(step);
         self.last_saved = Some(step);
         self.metrics = self.logs(Some(step))?;
@@ -373,6 +381,18 @@ impl Trainer {
             self.metrics.event(e)?;
         }
         self.metrics.event(json!({"step": step, "kind": "resume", "from": dir}))?;
+        if let Some(before) = changed {
+            let msg = format!(
+                "resumed on other compute: the checkpoint ran on {before}, this run on {now}; the gradients will \
+                 differ in the last digits from an uninterrupted run"
+            );
+            if self.main() {
+                self.pb.suspend(|| eprintln!("note: {msg}"));
+            }
+            self.metrics.event(
+                json!({"step": step, "kind": "compute_changed", "before": before, "now": now, "message": msg}),
+            )?;
+        }
         Ok(())
     }
 
@@ -674,6 +694,7 @@ impl Trainer {
             return self.event(step, json!({"kind": "monitor", "event": ev, "action": "skip", "message": msg}), true);
         };
         self.load_checkpoint(&dir)?;
+        self.state.compute = Some(glm_nn::blas::describe());
         let m = &self.cfg.monitor;
         let window = (step.saturating_sub(m.skip_steps - 1).max(1), step);
         self.state.skip.push(window);
