@@ -26,6 +26,7 @@ pub fn reshard(a: ReshardArgs) -> Result<()> {
         .with_context(|| format!("{}: bad state.json", a.checkpoint.display()))?;
     let cfg: glm_model::Config = serde_json::from_value(state["model"].clone())
         .with_context(|| format!("{}: state.json has no readable model config", a.checkpoint.display()))?;
+    cfg.validate().with_context(|| format!("{}: state.json", a.checkpoint.display()))?;
     let (tp, pp) = glm_train::ckpt::checkpoint_layout(&a.checkpoint)?;
     glm_train::ckpt::Checkpoints::reshard(&a.checkpoint, &a.out, &cfg, a.tp, a.pp)?;
     eprintln!("{}: tp {tp} x pp {pp} -> tp {} x pp {} ({})", a.checkpoint.display(), a.tp, a.pp, a.out.display());

@@ -40,6 +40,7 @@ pub(crate) fn dense_source(path: &Path, arch: &ModelArgs) -> Result<(PathBuf, Co
         let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", state.display()))?;
         let cfg: Config = serde_json::from_value(v["model"].clone())
             .with_context(|| format!("{}: no model config", state.display()))?;
+        cfg.validate().with_context(|| format!("{}", state.display()))?;
         check_arch(&cfg, arch, path)?;
         return Ok((path.join("model.safetensors"), cfg));
     }

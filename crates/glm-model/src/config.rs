@@ -226,16 +226,22 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(format!("config `{}`: {m}", self.name)));
-        for (field, v) in [
-            ("num_layers", self.num_layers),
-            ("hidden_size", self.hidden_size),
-            ("num_heads", self.num_heads),
-            ("ffn_hidden_size", self.ffn_hidden_size),
-            ("vocab_size", self.vocab_size),
-            ("max_seq_len", self.max_seq_len),
+        // Each size read from a file or flag is bounded, far above any released GLM (GLM-130B: 70
+        // layers, hidden 12288, 96 heads, FFN 32768, 150528 ids, 2048 positions) and far below
+        // what would make a shape or an allocation overflow.
+        for (field, v, max) in [
+            ("num_layers", self.num_layers, 1 << 10),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("num_heads", self.num_heads, 1 << 12),
+            ("ffn_hidden_size", self.ffn_hidden_size, 1 << 19),
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("max_seq_len", self.max_seq_len, 1 << 17),
         ] {
             if v == 0 {
                 return bad(format!("{field} must be positive"));
+            }
+            if v > max {
+                return bad(format!("{field} = {v} is over the limit of {max}"));
             }
         }
         if !self.hidden_size.is_multiple_of(self.num_heads) {
@@ -304,6 +310,16 @@ mod tests {
         let mut j: serde_json::Value = serde_json::from_str(&Config::tiny().to_json()).unwrap();
         j["hidden_size"] = serde_json::json!(100);
         assert!(Config::from_json(&j.to_string()).unwrap_err().to_string().contains("divisible"));
+        // Sizes from a file are bounded: a header saying max_seq_len = 1e12 does not load.
+        j["hidden_size"] = serde_json::json!(128);
+        j["max_seq_len"] = serde_json::json!(1_000_000_000_000u64);
+        let e = Config::from_json(&j.to_string()).unwrap_err().to_string();
+        assert!(e.contains("max_seq_len = 1000000000000 is over the limit of 131072"), "{e}");
+        assert!(msg(Config { vocab_size: 1 << 30, ..Config::tiny() }).contains("vocab_size"));
+        assert!(msg(Config { num_layers: 100_000, ..Config::tiny() }).contains("num_layers"));
+        for name in PRESETS {
+            assert!(Config::preset(name).expect(name).validate().is_ok(), "{name} within the limits");
+        }
     }
 
     #[test]
