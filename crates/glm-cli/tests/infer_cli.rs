@@ -89,6 +89,19 @@ fn quantize_then_generate_and_fill() {
     glm_model::save_weights(&small, std::path::Path::new(&d("small.safetensors")), &w).unwrap();
     let (ok, _, err) = glm(&["generate", "--model", &d("small.safetensors"), "--config", &d("small.json"), "x"]);
     assert!(!ok && err.contains("8192 ids but the model's vocabulary only 8160"), "{err}");
+    // A quantized file whose header claims max_seq_len = 1e12 is refused at load, not served.
+    let bytes = std::fs::read(&int4).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut cfg: Value = serde_json::from_str(header["__metadata__"]["config"].as_str().unwrap()).unwrap();
+    cfg["max_seq_len"] = serde_json::json!(1_000_000_000_000u64);
+    header["__metadata__"]["config"] = Value::String(cfg.to_string());
+    let mut h = header.to_string().into_bytes();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let huge = d("huge.safetensors");
+    std::fs::write(&huge, [&(h.len() as u64).to_le_bytes()[..], &h, &bytes[8 + n..]].concat()).unwrap();
+    let (ok, _, err) = glm(&["generate", "--model", &huge, "x"]);
+    assert!(!ok && err.contains("max_seq_len = 1000000000000 is over the limit"), "{err}");
 }
 
 #[test]
