@@ -428,6 +428,20 @@ async fn api_key_guards_v1_only() -> Result<()> {
     let wrong = c.get(&url).bearer_auth("nope").send().await?;
     ensure!(wrong.status() == 401 && wrong.json::<Value>().await?["error"]["type"] == "authentication_error");
     ensure!(c.get(&url).bearer_auth("sekret").send().await?.status() == 200);
+    // Exactly `Bearer <key>`: spaces inside are part of the key (a trailing one never reaches the
+    // server: HTTP strips a field value's surrounding whitespace, RFC 9110 5.5); a header that is
+    // not ASCII or not Bearer is named as such, not as missing.
+    let msg = |r: reqwest::Response| async move {
+        let code = r.status().as_u16();
+        Ok::<_, anyhow::Error>((code, r.json::<Value>().await?["error"]["message"].as_str().unwrap_or("").to_string()))
+    };
+    let (code, m) = msg(c.get(&url).header("Authorization", "Bearer  sekret").send().await?).await?;
+    ensure!(code == 401 && m == "incorrect API key", "{code} {m}");
+    let latin1 = reqwest::header::HeaderValue::from_bytes(b"Bearer s\xe9kret")?;
+    let (code, m) = msg(c.get(&url).header("Authorization", latin1).send().await?).await?;
+    ensure!(code == 401 && m.contains("not ASCII"), "{code} {m}");
+    let (code, m) = msg(c.get(&url).header("Authorization", "Basic c2VrcmV0").send().await?).await?;
+    ensure!(code == 401 && m.contains("must be Bearer"), "{code} {m}");
     let (code, _) = s.get("/health").await?;
     ensure!(code == 200);
     s.stop().await
