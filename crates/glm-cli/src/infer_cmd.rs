@@ -244,10 +244,13 @@ pub struct GenArgs {
     /// Argmax decoding (otherwise GLM-130B's defaults: temperature 1, top-p 0.7, seed 1234).
     #[arg(long)]
     greedy: bool,
+    /// In [0, 2]; below 1e-5 greedy (as `glm serve` takes it).
     #[arg(long)]
     temperature: Option<f64>,
+    /// Keep the k likeliest tokens (0: off).
     #[arg(long)]
     top_k: Option<usize>,
+    /// Nucleus sampling, in (0, 1] (1: off; as `glm serve` takes it).
     #[arg(long)]
     top_p: Option<f64>,
     #[arg(long)]
@@ -277,16 +280,18 @@ pub struct GenArgs {
 }
 
 impl GenArgs {
-    fn sampling(&self) -> SamplingConfig {
+    fn sampling(&self) -> Result<SamplingConfig> {
         let base = if self.greedy { SamplingConfig::greedy(self.max_tokens) } else { SamplingConfig::default() };
-        SamplingConfig {
+        // The values given are checked as the server checks them (one function).
+        let top_p = glm_infer::sampling::check_user_params(self.temperature.unwrap_or(1.0), self.top_p.unwrap_or(1.0))?;
+        Ok(SamplingConfig {
             temperature: self.temperature.unwrap_or(base.temperature),
             top_k: self.top_k.unwrap_or(base.top_k),
-            top_p: self.top_p.unwrap_or(base.top_p),
+            top_p: if self.top_p.is_some() { top_p } else { base.top_p },
             seed: self.seed.unwrap_or(base.seed),
             max_new_tokens: self.max_tokens,
             min_new_tokens: self.min_tokens,
-        }
+        })
     }
 }
 
@@ -298,7 +303,7 @@ pub fn generate(a: GenArgs, fill: bool) -> Result<()> {
 fn generate_on(a: &GenArgs, fill: bool, rank: Rank) -> Result<()> {
     let (model, tok) = a.source.load_on(rank.group)?;
     let g = Generator::new(&model, &tok)?;
-    let cfg = a.sampling();
+    let cfg = a.sampling()?;
     let beam = a.beams.map(|n| glm_infer::BeamConfig {
         num_beams: n,
         length_penalty: a.length_penalty,

@@ -81,6 +81,21 @@ fn quantize_then_generate_and_fill() {
     assert!(!ok && err.contains("junk.safetensors"), "{err}");
     let (ok, _, err) = glm(&["quantize", "--bits", "3", &ckpt, &d("x.safetensors")]);
     assert!(!ok && err.contains("8 or 4"), "{err}");
+    // Sampling parameters: a tiny temperature is greedy; out-of-range values get the server's words.
+    let greedy = glm(&["generate", "--model", &int4, "--greedy", "--max-tokens", "6", "--json", "Hello"]);
+    for t in ["1e-300", "1e-40"] {
+        let (ok, out, err) =
+            glm(&["generate", "--model", &int4, "--temperature", t, "--max-tokens", "6", "--json", "Hello"]);
+        assert!(ok && out == greedy.1, "temperature {t}: {out} vs greedy {} {err}", greedy.1);
+    }
+    for (flag, v, want) in [
+        ("--top-p", "2", "top_p must be in (0, 1] (1: off), got 2"),
+        ("--top-p", "0", "top_p"),
+        ("--temperature", "3", "temperature must be in [0, 2], got 3"),
+    ] {
+        let (ok, _, err) = glm(&["generate", "--model", &int4, flag, v, "x"]);
+        assert!(!ok && err.contains(want), "{flag} {v}: {err}");
+    }
     // A tokenizer with more ids than the model is refused at load: the embedded one (8192 ids)
     // against a model of 8160.
     let small = glm_model::Config { vocab_size: 8160, ..glm_model::Config::tiny() };

@@ -38,8 +38,9 @@ impl SamplingConfig {
         Self { temperature: 0.0, top_k: 1, top_p: 0.0, seed: 0, max_new_tokens, min_new_tokens: 0 }
     }
 
+    /// Argmax: temperature below [`GREEDY_BELOW`], or top_k 1.
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < GREEDY_BELOW || self.top_k == 1
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -51,6 +52,24 @@ impl SamplingConfig {
         }
         Ok(())
     }
+}
+
+/// Temperatures below this decode greedily (argmax), as common servers treat near-zero ones: the
+/// distribution is one-hot in the limit, and dividing logits by a tinier temperature overflows f32
+/// (1e-40) or, cast to f32, divides by nothing at all (1e-300 becomes 0).
+pub const GREEDY_BELOW: f64 = 1e-5;
+
+/// The sampling parameters a user sets (`glm generate` flags, API fields), checked the same way
+/// everywhere, with the same messages: temperature in [0, 2] (below [`GREEDY_BELOW`]: greedy),
+/// top_p in (0, 1] (1: off, OpenAI's convention). Returns the config's `top_p` (0: off).
+pub fn check_user_params(temperature: f64, top_p: f64) -> Result<f64> {
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(Error::Sampling(format!("temperature must be in [0, 2], got {temperature}")));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(Error::Sampling(format!("top_p must be in (0, 1] (1: off), got {top_p}")));
+    }
+    Ok(if top_p >= 1.0 { 0.0 } else { top_p })
 }
 
 /// Index of the largest logit (the first one on ties); None when every logit is NaN or there are none.
@@ -204,6 +223,51 @@ mod tests {
         let d = distribution(&logits(), &SamplingConfig { temperature: 0.5, top_k: 0, ..cfg });
         let sq: f32 = [0.15f32, 0.5, 0.05, 0.3].iter().map(|p| p * p).sum();
         assert!(close(&d, &[0.0225 / sq, 0.25 / sq, 0.0025 / sq, 0.09 / sq]));
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy_and_small_ones_stay_finite() {
+        // Logits where sampling at T = 1 would often pick another token than the argmax.
+        // Logits 0.02 apart, shuffled: at T = 1e-3 the runner-up is e^-20 as likely as the best.
+        let l: Vec<f32> = (0..50).map(|i| ((i * 7) % 50) as f32 * 0.02).collect();
+        let best = argmax(&l).unwrap() as u32;
+        for t in [0.0, 1e-300, 1e-40, 1e-8, 9.9e-6] {
+            let cfg =
+                SamplingConfig { temperature: t, top_k: 0, top_p: 0.0, seed: 3, max_new_tokens: 1, min_new_tokens: 0 };
+            let mut s = Sampler::new(&cfg).unwrap();
+            assert!(cfg.is_greedy(), "{t}");
+            assert!((0..20).all(|_| s.sample(&l).unwrap() == best), "temperature {t}");
+        }
+        for t in [1e-5, 1e-4, 1e-3, 0.5, 1.0, 2.0] {
+            let cfg =
+                SamplingConfig { temperature: t, top_k: 0, top_p: 0.9, seed: 3, max_new_tokens: 1, min_new_tokens: 0 };
+            let d = distribution(&l, &cfg);
+            let total: f32 = d.iter().sum();
+            assert!(
+                d.iter().all(|p| p.is_finite() && *p >= 0.0) && (total - 1.0).abs() < 1e-4,
+                "temperature {t}: {total}"
+            );
+            let (mut a, mut b) = (Sampler::new(&cfg).unwrap(), Sampler::new(&cfg).unwrap());
+            let x: Vec<u32> = (0..30).map(|_| a.sample(&l).unwrap()).collect();
+            assert!(x.iter().all(|&t| b.sample(&l).unwrap() == t), "temperature {t}: not deterministic");
+            if t <= 1e-3 {
+                assert!(x.iter().all(|&t| t == best), "temperature {t}: nearly greedy");
+            }
+        }
+        // What a user may set, checked in one place.
+        assert_eq!(check_user_params(1e-300, 1.0).unwrap(), 0.0);
+        assert_eq!(check_user_params(0.7, 0.9).unwrap(), 0.9);
+        for (t, p, want) in [
+            (2.5, 1.0, "temperature"),
+            (-1.0, 1.0, "temperature"),
+            (f64::NAN, 1.0, "temperature"),
+            (1.0, 0.0, "top_p"),
+            (1.0, 2.0, "top_p"),
+            (1.0, f64::NAN, "top_p"),
+        ] {
+            let e = check_user_params(t, p).unwrap_err().to_string();
+            assert!(e.contains(want), "{t} {p}: {e}");
+        }
     }
 
     #[test]

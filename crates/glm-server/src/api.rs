@@ -155,13 +155,15 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
         return Err(ApiError::param("min_tokens", format!("min_tokens {min_tokens} > {max_name} {max_tokens}")));
     }
     let temperature = r.number("temperature")?.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::param("temperature", format!("temperature must be in [0, 2], got {temperature}")));
-    }
     let top_p = r.number("top_p")?.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::param("top_p", format!("top_p must be in (0, 1], got {top_p}")));
-    }
+    // The checks `glm generate` makes too, with the same messages (each names its parameter first).
+    let top_p = glm_infer::sampling::check_user_params(temperature, top_p).map_err(|e| {
+        let msg = match e {
+            glm_infer::Error::Sampling(m) => m,
+            other => other.to_string(),
+        };
+        ApiError::param(if msg.starts_with("temperature") { "temperature" } else { "top_p" }, msg)
+    })?;
     let top_k = r.count("top_k")?.unwrap_or(0);
     let seed = match o.get("seed") {
         None | Some(Value::Null) => None,
@@ -223,7 +225,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], limits: &Limits) -> Result<Parsed,
     let sampling = SamplingConfig {
         temperature,
         top_k,
-        top_p: if top_p >= 1.0 { 0.0 } else { top_p },
+        top_p,
         seed: seed.unwrap_or(0),
         max_new_tokens: max_tokens,
         min_new_tokens: min_tokens,

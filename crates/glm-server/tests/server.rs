@@ -107,6 +107,13 @@ async fn openai_shapes_and_exact_sse_framing() -> Result<()> {
             && full["usage"]["total_tokens"] == 12 + full["usage"]["prompt_tokens"].as_u64().unwrap_or(0)
     );
     let text = full["choices"][0]["text"].as_str().context("text")?.to_string();
+    // Tiny temperatures are greedy (not a 500, not noise): the same text as temperature 0.
+    for t in [1e-40, 1e-300] {
+        let mut r = req.clone();
+        r["temperature"] = json!(t);
+        let (code, v) = s.post("/v1/completions", r.to_string()).await?;
+        ensure!(code == 200 && v["choices"][0]["text"] == text.as_str(), "temperature {t}: {code} {v}");
+    }
     let mut sreq = req.clone();
     sreq["stream"] = json!(true);
     sreq["stream_options"] = json!({"include_usage": true});
@@ -323,6 +330,7 @@ async fn malformed_and_over_limit_requests_get_json_errors() -> Result<()> {
         ("/v1/completions", with("temperature", json!(3)), 400, "temperature"),
         ("/v1/completions", with("temperature", json!("hot")), 400, "temperature"),
         ("/v1/completions", with("top_p", json!(0)), 400, "top_p"),
+        ("/v1/completions", with("top_p", json!(2)), 400, "top_p must be in (0, 1] (1: off), got 2"),
         ("/v1/completions", with("top_k", json!(-3)), 400, "top_k"),
         ("/v1/completions", with("seed", json!("x")), 400, "seed"),
         ("/v1/completions", with("stop", json!(["a", "b", "c", "d", "e"])), 400, "stop"),
