@@ -183,7 +183,7 @@ pub fn rank_pool(threads: usize) -> Result<Option<rayon::ThreadPool>> {
     Ok(Some(rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).use_current_thread().build()?))
 }
 
-fn run_options(out: PathBuf) -> RunOptions {
+pub(crate) fn run_options(out: PathBuf) -> RunOptions {
     RunOptions {
         out,
         resume: false,

@@ -15,15 +15,14 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
-use candle_core::Device;
 use glm_dist::{Layout, LocalComm, ParallelGroups};
 use glm_model::Config;
 use glm_train::config::BatchConfig;
 use glm_train::dist::Dist;
-use glm_train::{RunOptions, TrainConfig, Trainer};
+use glm_train::{TrainConfig, Trainer};
 use serde::Serialize;
 
-use crate::dist::{rank_pool, work_dir};
+use crate::dist::{rank_pool, run_options, work_dir};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PipelineBenchOpts {
@@ -131,17 +130,9 @@ pub fn run(o: &PipelineBenchOpts) -> Result<PipelineReport> {
                     let err = |e: String| glm_dist::Error::Comm(e);
                     let _pool = rank_pool(o.threads).map_err(|e| err(e.to_string()))?;
                     let groups = ParallelGroups::new(world, Layout::new(1, p, 1)?)?;
-                    let opts = RunOptions {
-                        out: out.clone(),
-                        resume: false,
-                        start_if_empty: false,
-                        stop_at: None,
-                        progress: false,
-                        device: Device::Cpu,
-                        stop: None,
-                    };
-                    let mut t = Trainer::with_dist(tc.clone(), opts, Some(Dist::new(groups, false)))
-                        .map_err(|e| err(e.to_string()))?;
+                    let mut t =
+                        Trainer::with_dist(tc.clone(), run_options(out.clone()), Some(Dist::new(groups, false)))
+                            .map_err(|e| err(e.to_string()))?;
                     t.run().map_err(|e| err(e.to_string()))?;
                     let s = t.pipeline_stats().ok_or_else(|| err("no pipeline statistics".into()))?;
                     Ok((s, t.model().stage().clone()))

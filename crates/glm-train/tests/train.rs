@@ -10,7 +10,7 @@ use glm_model::{init_weights, Config, TrainOptions};
 use glm_train::monitor::Policy;
 use glm_train::optim::{AdamW, AdamWConfig};
 use glm_train::step::{forward_backward, grad_norms, Params};
-use glm_train::{Precision, RunOptions, TrainConfig, Trainer};
+use glm_train::{Precision, TrainConfig, Trainer};
 use serde_json::Value;
 
 /// A run small enough for a test: 64-token rows, micro-batches of 2, steps of 4 rows.
@@ -32,17 +32,7 @@ fn small() -> TrainConfig {
     c
 }
 
-fn opts(out: &Path, resume: bool, stop_at: Option<u64>) -> RunOptions {
-    RunOptions {
-        out: out.to_path_buf(),
-        resume,
-        start_if_empty: false,
-        stop_at,
-        progress: false,
-        device: Device::Cpu,
-        stop: None,
-    }
-}
+use glm_train::testing::opts;
 
 fn jsonl(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
