@@ -196,21 +196,13 @@ pub fn rendezvous(plans: &[Vec<Step>]) -> Result<()> {
                 at[s] += 1;
                 progressed = true;
             }
-            let Some(Step::Exchange { send, recv }) = current(&at, s) else { continue };
+            // Each message is matched from its sender's side (the receiver's half is marked then).
+            let Some(Step::Exchange { send, .. }) = current(&at, s) else { continue };
             if let (Some((to, msg)), false) = (send, done[s].0) {
                 if let Some(Step::Exchange { recv: Some((from, want)), .. }) = current(&at, to) {
                     if from == s && want == msg && !done[to].1 {
                         done[s].0 = true;
                         done[to].1 = true;
-                        progressed = true;
-                    }
-                }
-            }
-            if let (Some((from, msg)), false) = (recv, done[s].1) {
-                if let Some(Step::Exchange { send: Some((to, have)), .. }) = current(&at, from) {
-                    if to == s && have == msg && !done[from].0 {
-                        done[s].1 = true;
-                        done[from].0 = true;
                         progressed = true;
                     }
                 }
